@@ -1,0 +1,196 @@
+"""The logits-to-loss contract of an output layer, written down so both sides of the seam can be held to it.
+
+A fused linear + cross-entropy path and the reference both read a ``CEContract``; neither reads the
+other's code. The contract says what the loss *means* (reduction, who owns the divide, penalties) and
+where the data lives (layout, vocab slice, process groups), so a diagnosis can say which promise broke.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch.distributed import ProcessGroup
+
+from ce_guard._dist import group_size
+
+Reduction = Literal["mean", "sum", "none"]
+NormalizeBy = Literal["local_tokens", "global_tokens"]
+GradSync = Literal["average", "sum"]
+Layout = Literal["[N,V]", "[S,B,V/TP]", "[S/SP,B,V/TP]"]
+
+REDUCTIONS = ("mean", "sum", "none")
+NORMALIZE_BY = ("local_tokens", "global_tokens")
+GRAD_SYNC = ("average", "sum")
+LAYOUTS = ("[N,V]", "[S,B,V/TP]", "[S/SP,B,V/TP]")
+ACCUM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CEContract:
+    """The promises an output layer makes about its cross-entropy.
+
+    Args:
+        vocab_size: global vocabulary size V, also the V of label smoothing's uniform term.
+        reduction: ``mean`` (divide by a token count), ``sum``, or ``none`` (per-token losses).
+        normalize_by: which token count owns a ``mean``'s divide: this rank's non-ignored tokens, or
+            the non-ignored tokens summed over ``token_group``.
+        token_group: the group whose tokens a global mean counts (data parallel, or DP x CP).
+            Never the TP group: TP ranks see the same tokens and would double count them.
+        grad_sync: how the strategy combines gradients over ``token_group``. DDP and FSDP
+            ``average``, so a global mean divides by the global count over the group size; ``sum``
+            (Megatron's per-token loss) divides by the global count itself.
+        ignore_index: targets with this value add nothing to the loss, the count or the gradients.
+        label_smoothing: PyTorch's formula, ``(1-eps) * nll + eps * (lse - mean_v logit_v)``, with the
+            mean over the *global* V.
+        z_loss: coefficient on ``lse**2``, added per token before the reduction.
+        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` before everything else.
+        accum_dtype: dtype of the running max, denominator and weight-gradient accumulators.
+        layout: ``[N,V]`` (whole vocab on this rank), ``[S,B,V/TP]`` (tokens replicated over the TP
+            group, vocab sliced), or ``[S/SP,B,V/TP]`` (sequence sharded over the TP group on the way
+            in, gathered before the vocab-parallel loss).
+        vocab_start: first global vocab id held by this rank's weight slice.
+        vocab_end: one past the last id of this rank's slice; defaults to ``vocab_size``.
+        tp_group: the group the vocab is sliced over (and the sequence, for the SP layout).
+
+    Example:
+        >>> CEContract(vocab_size=32000, label_smoothing=0.1)
+        CEContract(mean over this rank's non-ignored tokens, ...)
+    """
+
+    vocab_size: int
+    reduction: Reduction = "mean"
+    normalize_by: NormalizeBy = "local_tokens"
+    token_group: ProcessGroup | None = field(default=None, compare=False)
+    grad_sync: GradSync = "average"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    accum_dtype: torch.dtype = torch.float32
+    layout: Layout = "[N,V]"
+    vocab_start: int = 0
+    vocab_end: int | None = None
+    tp_group: ProcessGroup | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.vocab_end is None:
+            object.__setattr__(self, "vocab_end", self.vocab_size)
+        _expect(isinstance(self.vocab_size, int) and self.vocab_size > 0,
+                f"`vocab_size` must be a positive int, got {self.vocab_size!r}.")
+        _expect(self.reduction in REDUCTIONS, f"`reduction` must be one of {REDUCTIONS}, got {self.reduction!r}.")
+        _expect(self.normalize_by in NORMALIZE_BY,
+                f"`normalize_by` must be one of {NORMALIZE_BY}, got {self.normalize_by!r}.")
+        _expect(self.grad_sync in GRAD_SYNC, f"`grad_sync` must be one of {GRAD_SYNC}, got {self.grad_sync!r}.")
+        _expect(self.normalize_by == "local_tokens" or self.reduction == "mean",
+                f"`normalize_by='global_tokens'` only applies to reduction='mean', got reduction={self.reduction!r}."
+                " Use normalize_by='local_tokens' for 'sum' and 'none'.")
+        _expect(self.layout in LAYOUTS, f"`layout` must be one of {LAYOUTS}, got {self.layout!r}.")
+        _expect(isinstance(self.ignore_index, int), f"`ignore_index` must be an int, got {self.ignore_index!r}.")
+        _expect(not 0 <= self.ignore_index < self.vocab_size,
+                f"`ignore_index`={self.ignore_index} is a real class id in [0, {self.vocab_size});"
+                " pick a value outside the vocabulary (PyTorch's default is -100).")
+        _expect(_finite_number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0,
+                f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r}.")
+        _expect(_finite_number(self.z_loss) and self.z_loss >= 0.0,
+                f"`z_loss` must be a finite number >= 0, got {self.z_loss!r}.")
+        _expect(self.softcap is None or (_finite_number(self.softcap) and self.softcap > 0),
+                f"`softcap` must be None or a finite number > 0, got {self.softcap!r}.")
+        _expect(self.accum_dtype in ACCUM_DTYPES,
+                f"`accum_dtype` must be one of {ACCUM_DTYPES}, got {self.accum_dtype!r}.")
+        _expect(0 <= self.vocab_start < self.vocab_end <= self.vocab_size,
+                f"vocab slice [{self.vocab_start}, {self.vocab_end}) must be non-empty and inside"
+                f" [0, {self.vocab_size}).")
+        _expect(self.layout != "[N,V]" or self.is_full_vocab,
+                f"layout '[N,V]' holds the whole vocabulary, but the slice is [{self.vocab_start},"
+                f" {self.vocab_end}) of {self.vocab_size}. Declare layout='[S,B,V/TP]' for a vocab-parallel slice.")
+
+    @property
+    def vocab_slice_size(self) -> int:
+        return self.vocab_end - self.vocab_start
+
+    @property
+    def is_full_vocab(self) -> bool:
+        return self.vocab_start == 0 and self.vocab_end == self.vocab_size
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.layout == "[S/SP,B,V/TP]"
+
+    def describe_normalization(self) -> str:
+        """Which count owns the divide, in words (the sentence a receipt states)."""
+        if self.reduction == "sum":
+            return "sum over tokens (no divide)"
+        if self.reduction == "none":
+            return "per-token losses (no reduction)"
+        if self.normalize_by == "local_tokens":
+            scope = "the gathered sequence's" if self.sequence_parallel else "this rank's"
+            return f"mean over {scope} non-ignored tokens"
+        size = group_size(self.token_group)
+        how = "divided by the group size, as gradients are averaged" if self.grad_sync == "average" else (
+            "gradients summed over the group")
+        return f"mean over global non-ignored tokens summed over a token group of {size} ({how})"
+
+    def __str__(self) -> str:
+        parts = [self.describe_normalization(), f"ignore_index={self.ignore_index}"]
+        parts.append(f"label smoothing {self.label_smoothing:g} over global V={self.vocab_size}"
+                     if self.label_smoothing else f"no label smoothing, V={self.vocab_size}")
+        parts.append(f"z-loss {self.z_loss:g}*lse^2" if self.z_loss else "no z-loss")
+        parts.append(f"softcap {self.softcap:g}" if self.softcap else "no softcap")
+        parts.append(f"{_dtype_name(self.accum_dtype)} accumulators")
+        if self.is_full_vocab and group_size(self.tp_group) == 1:
+            parts.append(f"layout {self.layout}, whole vocabulary on this rank")
+        else:
+            parts.append(f"layout {self.layout}, vocab slice [{self.vocab_start}, {self.vocab_end}) over a TP group"
+                         f" of {group_size(self.tp_group)}")
+        return "CEContract(" + ", ".join(parts) + ")"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record for receipts; process groups become their sizes."""
+        return {
+            "vocab_size": self.vocab_size,
+            "reduction": self.reduction,
+            "normalize_by": self.normalize_by,
+            "token_group_size": group_size(self.token_group),
+            "grad_sync": self.grad_sync,
+            "ignore_index": self.ignore_index,
+            "label_smoothing": self.label_smoothing,
+            "z_loss": self.z_loss,
+            "softcap": self.softcap,
+            "accum_dtype": _dtype_name(self.accum_dtype),
+            "layout": self.layout,
+            "vocab_start": self.vocab_start,
+            "vocab_end": self.vocab_end,
+            "tp_group_size": group_size(self.tp_group),
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any], **groups: ProcessGroup | None) -> "CEContract":
+        """Inverse of :meth:`to_dict`; groups are not serialisable, so pass them back in by keyword."""
+        known = {k: v for k, v in record.items() if k not in ("token_group_size", "tp_group_size")}
+        unknown = set(known) - set(cls.__dataclass_fields__)
+        _expect(not unknown, f"unknown CEContract fields {sorted(unknown)}; was the record written by a newer ce_guard?")
+        if "accum_dtype" in known:
+            known["accum_dtype"] = _dtype_from_name(known["accum_dtype"])
+        return cls(**known, **groups)
+
+
+def _expect(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _finite_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    _expect(isinstance(dtype, torch.dtype), f"`accum_dtype` {name!r} is not a torch dtype.")
+    return dtype
