@@ -1,0 +1,290 @@
+"""Turn a parity report into a named seam fault, with the numbers that point to it.
+
+Each rule tests one signature from the fault catalogue (docs/faults.md) against the report, most
+specific first: non-finite values, an empty check, padding in the gradient, a scale that one of the
+token counts or a parallel group size explains, a loss offset that log(TP), z-loss or local-V smoothing
+explains, errors piled on slice edges, then precision drift. Nothing matched is said plainly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ce_guard.parity import ParityReport
+
+SCALE_COSINE = 0.999     # a pure scale leaves the gradient's direction intact
+SCALE_TOLERANCE = 0.005  # |measured / expected - 1| for a named scale factor
+OFFSET_TOLERANCE = 0.05  # relative tolerance on a named loss offset
+
+
+class Cause(str, Enum):
+    WITHIN_BUDGET = "within_budget"
+    NO_VISIBLE_TOKENS = "no_visible_tokens"
+    NON_FINITE = "non_finite"
+    NORMALIZATION_OWNER = "normalization_owner"
+    NORMALIZATION_SCALE = "normalization_scale"
+    IGNORE_INDEX_LEAK = "ignore_index_leak"
+    LOG_TP_OFFSET = "log_tp_offset"
+    Z_LOSS_BOUNDARY = "z_loss_boundary"
+    LABEL_SMOOTHING_LOCAL_V = "label_smoothing_local_v"
+    TARGET_MASKING = "target_masking"
+    GRADIENT_APPROXIMATION = "gradient_approximation"
+    ACCUMULATOR_DTYPE = "accumulator_dtype"
+    UNEXPLAINED = "unexplained"
+
+
+# The row of the fault catalogue (docs/faults.md, FAULTS.md) each cause belongs to.
+FAULT_ROW = {
+    Cause.NORMALIZATION_OWNER: 1, Cause.NORMALIZATION_SCALE: 2, Cause.ACCUMULATOR_DTYPE: 3,
+    Cause.TARGET_MASKING: 4, Cause.IGNORE_INDEX_LEAK: 5, Cause.LABEL_SMOOTHING_LOCAL_V: 6,
+    Cause.LOG_TP_OFFSET: 7, Cause.Z_LOSS_BOUNDARY: 8, Cause.GRADIENT_APPROXIMATION: 9, Cause.NON_FINITE: 10,
+}
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """A named cause, whether it is drift, one sentence a person can act on, and the evidence."""
+
+    cause: Cause
+    drift: bool
+    summary: str
+    evidence: dict[str, float | int | str] = field(default_factory=dict)
+
+    @property
+    def fault_row(self) -> int | None:
+        return FAULT_ROW.get(self.cause)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"cause": self.cause.value, "drift": self.drift, "summary": self.summary,
+                "fault_row": self.fault_row, "evidence": dict(self.evidence)}
+
+
+def diagnose(report: ParityReport, *, group_sizes: Mapping[str, int] | None = None) -> Diagnosis:
+    """Name the likely cause of the differences in ``report``.
+
+    Args:
+        report: the output of :func:`ce_guard.parity.compare`.
+        group_sizes: sizes a scale factor k may be traced to, e.g. ``{"TP": 8, "SP": 8, "DP": 4,
+            "grad_accum": 2}``. TP and the token group's size are read from the report when absent.
+
+    Example:
+        >>> diagnose(report, group_sizes={"SP": 8}).summary
+        'dL/dh norm ratio 8.0000 (cosine 1.000000), loss ratio 8.0000, k = 8 = SP size: ...'
+    """
+    sizes = {"TP": report.tp_size, "token group": report.token_group_size, **(group_sizes or {})}
+    for rule in (_non_finite, _empty, _within_budget, _ignored_rows, _scale, _offset, _target_masking,
+                 _precision):
+        found = rule(report, sizes)
+        if found is not None:
+            return found
+    return Diagnosis(Cause.UNEXPLAINED, True,
+                     "parity outside budget and no known signature matches: " + _headline(report),
+                     _core_evidence(report))
+
+
+def _non_finite(r: ParityReport, sizes) -> Diagnosis | None:
+    bad = {k: v for k, v in r.nonfinite.items() if v}
+    if not bad:
+        return None
+    where = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in bad.items())
+    return Diagnosis(Cause.NON_FINITE, True, f"non-finite values ({where}); not averaged away",
+                     {f"nonfinite_{k}": v for k, v in bad.items()})
+
+
+def _empty(r: ParityReport, sizes) -> Diagnosis | None:
+    if r.n_visible_global > 0:
+        return None
+    leaked = abs(r.loss_fused) > 0 or bool(r.grad_hidden_norm_fused)
+    if leaked:
+        return Diagnosis(Cause.IGNORE_INDEX_LEAK, True,
+                         f"every target is ignore_index, yet the fused path returned loss {r.loss_fused:.6g} and"
+                         f" dL/dh norm {r.grad_hidden_norm_fused or 0.0:.6g}: padding reaches the loss",
+                         _core_evidence(r))
+    return Diagnosis(Cause.NO_VISIBLE_TOKENS, False, "no visible tokens in this check: nothing to compare",
+                     {"n_tokens": r.n_tokens})
+
+
+def _within_budget(r: ParityReport, sizes) -> Diagnosis | None:
+    if not r.within_budget:
+        return None
+    return Diagnosis(Cause.WITHIN_BUDGET, False, "within budget: " + _headline(r), _core_evidence(r))
+
+
+def _ignored_rows(r: ParityReport, sizes) -> Diagnosis | None:
+    if r.grad_hidden_ignored_norm is None or not r.grad_hidden_norm_ref:
+        return None
+    if r.grad_hidden_ignored_norm <= r.budget.grad_hidden_rel * r.grad_hidden_norm_ref:
+        return None
+    return Diagnosis(Cause.IGNORE_INDEX_LEAK, True,
+                     f"dL/dh is non-zero on ignored tokens (norm {r.grad_hidden_ignored_norm:.4g}, reference 0):"
+                     " padding targets are gathered as real classes",
+                     {**_core_evidence(r), "grad_hidden_ignored_norm": r.grad_hidden_ignored_norm})
+
+
+def _scale(r: ParityReport, sizes) -> Diagnosis | None:
+    ratio = r.grad_hidden_norm_ratio if r.grad_hidden_norm_ratio is not None else r.loss_ratio
+    cosine = r.grad_hidden_cosine if r.grad_hidden_cosine is not None else 1.0
+    if not (math.isfinite(ratio) and ratio > 0 and cosine >= SCALE_COSINE):
+        return None
+    if abs(ratio - 1.0) <= max(r.budget.grad_hidden_rel, SCALE_TOLERANCE):
+        return None
+    if r.loss_ref != 0 and math.isfinite(r.loss_ratio) and not _close(r.loss_ratio, ratio, SCALE_TOLERANCE):
+        return None  # loss and gradients moved differently: not one scale factor
+    evidence = {**_core_evidence(r), "scale": ratio}
+    head = (f"dL/dh norm ratio {ratio:.4f} (cosine {cosine:.6f}), loss ratio {r.loss_ratio:.4f}")
+
+    for name, count, padding in _alternative_divisors(r):
+        if count > 0 and not _close(count, r.divisor, 1e-9) and _close(ratio, r.divisor / count, SCALE_TOLERANCE):
+            k_note = _k_note(r.divisor / count, sizes)
+            evidence.update(fused_divisor=count, contract_divisor=r.divisor)
+            if padding:
+                return Diagnosis(Cause.IGNORE_INDEX_LEAK, True,
+                                 f"{head}: the fused path divides by {name} ({count:g}) where the contract says"
+                                 f" {_contract_divisor_words(r)} ({r.divisor:g}); padding is in the denominator",
+                                 evidence)
+            return Diagnosis(Cause.NORMALIZATION_OWNER, True,
+                             f"{head}{k_note}: the fused path divides by {name} ({count:g}) where the contract"
+                             f" says {_contract_divisor_words(r)} ({r.divisor:g})", evidence)
+
+    k = round(ratio) if ratio >= 1 else round(1 / ratio)
+    if k >= 2 and _close(ratio if ratio >= 1 else 1 / ratio, k, SCALE_TOLERANCE):
+        direction = "too large" if ratio > 1 else "too small"
+        matches = _groups_of_size(k, sizes)
+        owner = (f"k = {k} = {matches} size" if matches else f"k = {k} matches no parallel group or accumulation size"
+                 f" ({', '.join(f'{n}={s}' for n, s in sizes.items())})")
+        evidence.update(k=k)
+        return Diagnosis(Cause.NORMALIZATION_SCALE, True,
+                         f"{head}, {owner}: loss and gradients are {k}x {direction}; a divide by the"
+                         f" {matches or 'group'} size (or by the accumulation steps) is missing or doubled",
+                         evidence)
+    return None
+
+
+def _offset(r: ParityReport, sizes) -> Diagnosis | None:
+    offset = r.loss_offset_per_token
+    if abs(offset) <= r.budget.loss_rel * max(abs(r.loss_ref), 1e-12):
+        return None
+    evidence = {**_core_evidence(r), "loss_offset_per_token": offset}
+    contract = r.contract
+    for name, size in sizes.items():
+        if size > 1 and _close(offset, math.log(size), OFFSET_TOLERANCE):
+            return Diagnosis(Cause.LOG_TP_OFFSET, True,
+                             f"loss higher by {offset:.5f} per token = log({size}) = log({name}):"
+                             " the denominator was summed over the group twice (logits gathered, then reduced again)",
+                             evidence)
+    z = contract.get("z_loss", 0.0) or 0.0
+    if z and abs(offset) > 0 and _close(abs(offset), z * r.mean_lse_sq, OFFSET_TOLERANCE):
+        how = "missing from" if offset < 0 else "applied twice in"
+        return Diagnosis(Cause.Z_LOSS_BOUNDARY, True,
+                         f"loss offset {offset:.6g} per token = {'-' if offset < 0 else '+'}z * mean(lse^2)"
+                         f" = {z:g} * {r.mean_lse_sq:.4g}: z-loss is {how} the fused path", evidence)
+    eps = contract.get("label_smoothing", 0.0) or 0.0
+    if eps and (_close(offset, r.smoothing_local_offset, OFFSET_TOLERANCE) or r.fused_loss_tp_spread > abs(offset) / 2):
+        return Diagnosis(Cause.LABEL_SMOOTHING_LOCAL_V, True,
+                         f"loss offset {offset:.6g} per token (local-V smoothing predicts"
+                         f" {r.smoothing_local_offset:.6g}); fused loss differs across TP ranks by"
+                         f" {r.fused_loss_tp_spread:.3g}: label smoothing uses the local vocab slice",
+                         {**evidence, "smoothing_local_offset": r.smoothing_local_offset,
+                          "fused_loss_tp_spread": r.fused_loss_tp_spread})
+    return None
+
+
+def _target_masking(r: ParityReport, sizes) -> Diagnosis | None:
+    if r.tp_size < 2:
+        return None
+    edge = r.grad_weight_edge_row_share or 0.0
+    boundary = r.grad_hidden_boundary_share or 0.0
+    on_edges = edge >= 0.5
+    on_boundary = boundary >= 0.5 and r.boundary_token_fraction < 0.25
+    if not (on_edges or on_boundary):
+        return None
+    contract = r.contract
+    return Diagnosis(Cause.TARGET_MASKING, True,
+                     f"errors sit on the vocab slice's edges (dL/dW edge rows hold {edge:.0%} of the error,"
+                     f" boundary-target tokens {boundary:.0%} of the dL/dh error from {r.boundary_token_fraction:.1%}"
+                     f" of tokens) at TP={r.tp_size}, slice [{contract.get('vocab_start')}, {contract.get('vocab_end')}):"
+                     " targets outside this partition are clipped or masked off by one before the gather",
+                     {**_core_evidence(r), "grad_weight_edge_row_share": edge, "grad_hidden_boundary_share": boundary,
+                      "boundary_token_fraction": r.boundary_token_fraction})
+
+
+def _precision(r: ParityReport, sizes) -> Diagnosis | None:
+    b = r.budget
+    excess = {
+        "loss": r.loss_rel_err / b.loss_rel,
+        "dL/dh": (r.grad_hidden_rel_err or 0.0) / b.grad_hidden_rel,
+        "dL/dW": (r.grad_weight_rel_err or 0.0) / b.grad_weight_rel,
+    }
+    ratio = r.grad_hidden_norm_ratio or 1.0
+    if abs(ratio - 1.0) > 0.05 or (r.grad_hidden_cosine is not None and r.grad_hidden_cosine < 0.9):
+        return None
+    evidence = {**_core_evidence(r), **{f"excess_{k}": v for k, v in excess.items()}}
+    worst = max(excess, key=excess.get)
+    if excess["loss"] <= 1.0 and excess["dL/dh"] > 1.0 and worst == "dL/dh":
+        return Diagnosis(Cause.GRADIENT_APPROXIMATION, True,
+                         f"loss exact ({excess['loss']:.2f}x budget) but dL/dh error {r.grad_hidden_rel_err:.3g} is"
+                         f" {excess['dL/dh']:.1f}x budget with scale ratio {ratio:.4f}: the backward approximates"
+                         " (e.g. skipped small-gradient blocks)", evidence)
+    return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
+                     f"scale ratio {ratio:.4f}, cosine {r.grad_hidden_cosine if r.grad_hidden_cosine is not None else 1:.6f},"
+                     f" errors above budget (loss {excess['loss']:.1f}x, dL/dh {excess['dL/dh']:.1f}x,"
+                     f" dL/dW {excess['dL/dW']:.1f}x), worst on {worst}: accumulators (running max, denominator or"
+                     " weight gradient) are kept in a narrower dtype than the contract declares", evidence)
+
+
+def _alternative_divisors(r: ParityReport) -> list[tuple[str, float, bool]]:
+    """Counts a fused path might divide by instead of the contract's: (words, count, counts padding?)."""
+    group = max(r.token_group_size, 1)
+    return [
+        ("this rank's non-ignored tokens", float(r.n_visible), False),
+        ("this rank's own sequence shard's non-ignored tokens", float(r.n_visible_shard), False),
+        ("the global non-ignored tokens", float(r.n_visible_global), False),
+        ("the global non-ignored tokens over the group size", r.n_visible_global / group, False),
+        ("all tokens including ignored ones", float(r.n_tokens), True),
+    ]
+
+
+def _contract_divisor_words(r: ParityReport) -> str:
+    normalize = r.contract.get("normalize_by")
+    if normalize == "global_tokens":
+        return "global non-ignored tokens" + (" over the group size" if r.contract.get("grad_sync") == "average" else "")
+    return "this rank's non-ignored tokens"
+
+
+def _k_note(k: float, sizes: Mapping[str, int]) -> str:
+    rounded = round(k if k >= 1 else 1 / k)
+    if rounded >= 2 and _close(k if k >= 1 else 1 / k, rounded, SCALE_TOLERANCE):
+        matches = _groups_of_size(rounded, sizes)
+        return f", k = {rounded}" + (f" = {matches} size" if matches else "")
+    return ""
+
+
+def _groups_of_size(k: int, sizes: Mapping[str, int]) -> str:
+    return " = ".join(name for name, size in sizes.items() if size == k)
+
+
+def _headline(r: ParityReport) -> str:
+    parts = [f"loss rel err {r.loss_rel_err:.3g} (budget {r.budget.loss_rel:.3g})"]
+    if r.grad_hidden_rel_err is not None:
+        parts.append(f"dL/dh rel err {r.grad_hidden_rel_err:.3g} (budget {r.budget.grad_hidden_rel:.3g},"
+                     f" norm ratio {r.grad_hidden_norm_ratio:.4f})")
+    if r.grad_weight_rel_err is not None:
+        parts.append(f"dL/dW rel err {r.grad_weight_rel_err:.3g} (budget {r.budget.grad_weight_rel:.3g})")
+    return ", ".join(parts)
+
+
+def _core_evidence(r: ParityReport) -> dict[str, float | int]:
+    evidence = {"loss_fused": r.loss_fused, "loss_ref": r.loss_ref, "loss_rel_err": r.loss_rel_err,
+                "n_visible": r.n_visible, "n_visible_global": r.n_visible_global, "divisor": r.divisor}
+    for key in ("grad_hidden_norm_ratio", "grad_hidden_cosine", "grad_hidden_rel_err", "grad_weight_rel_err"):
+        value = getattr(r, key)
+        if value is not None:
+            evidence[key] = value
+    return evidence
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= rel * max(abs(b), 1e-12)

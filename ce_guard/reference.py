@@ -1,0 +1,345 @@
+"""The trusted cross-entropy path: chunked, fp32 throughout, every collective explicit.
+
+Shares no math with any fused path. It reads only the contract and the tensors, and returns the loss,
+the per-token losses and the gradients w.r.t. hidden and the weight slice *directly* (no autograd):
+the callback compares gradients the training backward produced, so the reference must hand back
+numbers, not a graph. ``[N, V]`` logits are never materialised: each step holds one
+``(token_chunk, vocab_chunk)`` fp32 block at a time, so peak extra memory is ``~5 * chunk_elements * 4`` bytes
+plus fp32 copies of one hidden chunk and one weight block.
+
+Two passes per call:
+  1. statistics: per token, fp32 running max / denominator over local vocab blocks, the target logit
+     (only where the target is inside this rank's slice) and the logit sum; then one all-reduce each
+     over the TP group (MAX, SUM, SUM, SUM) and one SUM of the visible-token count over the token group;
+  2. gradients: recompute each logit block, form dL/dlogits, accumulate dL/dh and dL/dW in fp32, and
+     all-reduce dL/dh over the TP group (each rank holds only its vocab slice's contribution).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from ce_guard import _dist
+from ce_guard.contract import CEContract
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M fp32 logits per block: 16 MiB each, ~50 MiB live per step
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    """What the contract says the seam should have produced, in fp32.
+
+    ``loss`` is a scalar for ``mean``/``sum`` and a per-token tensor for ``none`` (shape of targets).
+    ``grad_hidden`` has hidden's shape (this rank's tokens; full, i.e. summed over the TP group);
+    ``grad_weight`` has the weight slice's shape; both are ``None`` when gradients were not asked for.
+    Per-token tensors (``per_token_loss``, ``lse``, ``mean_logit*``, ``targets``) cover this rank's local
+    tokens, flat.
+    """
+
+    loss: torch.Tensor
+    per_token_loss: torch.Tensor
+    lse: torch.Tensor
+    mean_logit: torch.Tensor        # mean over the global vocab, per token
+    mean_logit_local: torch.Tensor  # mean over this rank's slice, per token
+    targets: torch.Tensor
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    n_tokens: int          # tokens in the reference's view (the gathered sequence under SP)
+    n_visible: int         # non-ignored tokens in that view
+    n_visible_shard: int   # non-ignored tokens this rank brought (differs from n_visible only under SP)
+    n_visible_global: int  # non-ignored tokens summed over the token group
+    divisor: float         # what the mean divided by (1.0 for sum / none)
+    tp_size: int
+    token_group_size: int
+    nonfinite_inputs: dict[str, int]
+
+
+def reference_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    contract: CEContract,
+    *,
+    grad_output: torch.Tensor | float | None = 1.0,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    token_chunk: int = 1024,
+) -> ReferenceResult:
+    """Cross-entropy of ``hidden @ weight.T`` against ``targets`` exactly as ``contract`` defines it.
+
+    Args:
+        hidden: ``[..., D]`` activations entering the output layer (this rank's shard under SP).
+        weight: ``[V_local, D]`` this rank's vocab slice ``[contract.vocab_start, contract.vocab_end)``.
+        targets: integer ids of hidden's leading shape; ``contract.ignore_index`` marks padding.
+        contract: the promises to hold the seam to.
+        grad_output: upstream gradient of the loss: a scalar for ``mean``/``sum``; for ``none`` a tensor
+            of targets' shape (or a scalar applied to every token); ``None`` skips the gradient pass.
+        chunk_elements: upper bound on the logits held at once (token chunk x vocab chunk).
+        token_chunk: tokens per chunk; the vocab chunk is ``chunk_elements // token_chunk``.
+
+    Returns:
+        A :class:`ReferenceResult`.
+
+    Raises:
+        ValueError: shapes, dtypes, targets or chunk sizes that break the contract.
+
+    Example:
+        >>> c = CEContract(vocab_size=10)
+        >>> r = reference_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, -100]), c)
+        >>> r.loss.shape, r.grad_hidden.shape
+        (torch.Size([]), torch.Size([4, 8]))
+    """
+    _validate(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk)
+    tp, token_group = contract.tp_group, contract.token_group
+    tp_size = _dist.group_size(tp)
+    nonfinite = {"hidden": int((~torch.isfinite(hidden)).sum()), "weight": int((~torch.isfinite(weight)).sum())}
+
+    local_shape = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N_local, D)
+    y = targets.reshape(-1)                    # (N_local,)
+    if contract.sequence_parallel:            # [S/SP,B,D] -> gather the sequence: (S*B, D) in rank order
+        h = _dist.all_gather_dim0(hidden, tp).reshape(-1, hidden.shape[-1])
+        y = _dist.all_gather_dim0(targets, tp).reshape(-1)
+    n, d = h.shape
+    vocab_chunk = max(1, chunk_elements // min(token_chunk, max(n, 1)))
+
+    with _exact_fp32_matmul():
+        lse, target_logit, logit_sum, logit_sum_local = _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk)
+        visible = y != contract.ignore_index
+        # Per token, fp32: (1-eps) * nll + eps * (lse - mean_v z_v) + z * lse^2; ignored tokens are 0.
+        eps = contract.label_smoothing
+        per_token = (1.0 - eps) * (lse - target_logit) + eps * (lse - logit_sum / contract.vocab_size)
+        per_token = per_token + contract.z_loss * lse.square()
+        per_token = torch.where(visible, per_token, torch.zeros_like(per_token))
+
+        n_visible = int(visible.sum())
+        count = torch.tensor([n_visible], dtype=torch.float64, device=h.device)
+        _dist.all_reduce(count, dist.ReduceOp.SUM, token_group)  # non-ignored tokens over the token group
+        n_visible_global = int(count.item())
+        divisor = _divisor(contract, n_visible, n_visible_global, _dist.group_size(token_group))
+
+        if contract.reduction == "none":
+            loss = per_token
+        elif contract.reduction == "sum":
+            loss = per_token.sum()
+        else:
+            loss = per_token.sum() / divisor if divisor > 0 else per_token.sum() * 0.0
+
+        grad_hidden = grad_weight = None
+        if grad_output is not None:
+            token_weight = _upstream_per_token(grad_output, contract, visible, divisor, tp, y.device)
+            grad_h, grad_weight = _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chunk)
+            _dist.all_reduce(grad_h, dist.ReduceOp.SUM, tp)  # each rank held its vocab slice's share
+            grad_hidden = _local_rows(grad_h, contract, local_shape, tp).reshape(hidden.shape)
+
+    local = slice(None) if not contract.sequence_parallel else _local_token_range(local_shape, tp)
+    if contract.reduction == "none":
+        loss = loss[local].reshape(local_shape)
+    return ReferenceResult(
+        loss=loss,
+        per_token_loss=per_token[local],
+        lse=lse[local],
+        mean_logit=(logit_sum / contract.vocab_size)[local],
+        mean_logit_local=(logit_sum_local / contract.vocab_slice_size)[local],
+        targets=y[local],
+        grad_hidden=grad_hidden,
+        grad_weight=grad_weight,
+        n_tokens=n,
+        n_visible=n_visible,
+        n_visible_shard=int((targets != contract.ignore_index).sum()),
+        n_visible_global=n_visible_global,
+        divisor=float(divisor),
+        tp_size=tp_size,
+        token_group_size=_dist.group_size(token_group),
+        nonfinite_inputs=nonfinite,
+    )
+
+
+def _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk):
+    """Pass 1: per-token lse, target logit and logit sum over the *global* vocab, all fp32.
+
+    Also returns this rank's own logit sum: a diagnosis needs it to test "smoothing used the local V".
+    """
+    n = h.shape[0]
+    device = h.device
+    run_max = torch.full((n,), -math.inf, dtype=torch.float32, device=device)
+    denom = torch.zeros(n, dtype=torch.float32, device=device)
+    target_logit = torch.zeros(n, dtype=torch.float32, device=device)
+    logit_sum = torch.zeros(n, dtype=torch.float32, device=device)
+    for rows in _chunks(n, token_chunk):
+        h_chunk = h[rows].float()                                              # (T, D)
+        local_target = y[rows] - contract.vocab_start                          # (T,) index into this slice
+        for cols in _chunks(weight.shape[0], vocab_chunk):
+            z = _logits(h_chunk, weight[cols], contract)                      # (T, Vb) fp32
+            block_max = torch.maximum(run_max[rows], z.amax(dim=1))
+            denom[rows] = denom[rows] * torch.exp(run_max[rows] - block_max) + torch.exp(
+                z - block_max[:, None]).sum(dim=1)
+            run_max[rows] = block_max
+            logit_sum[rows] += z.sum(dim=1)
+            in_block = (local_target >= cols.start) & (local_target < cols.stop)  # also drops ignore_index
+            idx = (local_target - cols.start).clamp(0, z.shape[1] - 1)
+            target_logit[rows] += torch.where(in_block, z.gather(1, idx[:, None]).squeeze(1), 0.0)
+
+    # Vocab-parallel: max over the TP group, then rescale each rank's denominator to the global max.
+    tp = contract.tp_group
+    global_max = _dist.all_reduce(run_max.clone(), dist.ReduceOp.MAX, tp)
+    denom = denom * torch.exp(run_max - global_max)
+    _dist.all_reduce(denom, dist.ReduceOp.SUM, tp)
+    _dist.all_reduce(target_logit, dist.ReduceOp.SUM, tp)  # only the owning rank contributed a non-zero
+    logit_sum_local = logit_sum.clone()
+    _dist.all_reduce(logit_sum, dist.ReduceOp.SUM, tp)
+    return global_max + torch.log(denom), target_logit, logit_sum, logit_sum_local
+
+
+def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chunk):
+    """Pass 2: dL/dh (this rank's vocab share) and dL/dW (this rank's slice), accumulated in fp32."""
+    eps, vocab = contract.label_smoothing, contract.vocab_size
+    grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+    for rows in _chunks(h.shape[0], token_chunk):
+        h_chunk = h[rows].float()                                              # (T, D)
+        local_target = y[rows] - contract.vocab_start
+        w_tok = token_weight[rows, None]                                       # (T, 1)
+        for cols in _chunks(weight.shape[0], vocab_chunk):
+            w_block = weight[cols].float()                                     # (Vb, D)
+            raw = h_chunk @ w_block.T                                          # (T, Vb)
+            z = _softcap(raw, contract.softcap)
+            p = torch.exp(z - lse[rows, None])
+            # d/dz of (1-eps)(lse - z_y) + eps(lse - mean z) + c lse^2 = p (1 + 2 c lse) - (1-eps) 1[v=y] - eps/V
+            dz = p * (1.0 + 2.0 * contract.z_loss * lse[rows, None]) - eps / vocab
+            in_block = (local_target >= cols.start) & (local_target < cols.stop)
+            idx = (local_target - cols.start).clamp(0, dz.shape[1] - 1)
+            dz.scatter_add_(1, idx[:, None], (in_block.float() * -(1.0 - eps))[:, None])
+            if contract.softcap is not None:
+                dz = dz * (1.0 - (z / contract.softcap).square())            # d tanh-cap / d raw
+            dz = dz * w_tok                                                    # upstream and 1/divisor; 0 if ignored
+            grad_h[rows] += dz @ w_block
+            grad_w[cols] += dz.T @ h_chunk
+    return grad_h, grad_w
+
+
+def _logits(h_chunk: torch.Tensor, w_block: torch.Tensor, contract: CEContract) -> torch.Tensor:
+    return _softcap(h_chunk @ w_block.float().T, contract.softcap)
+
+
+def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
+def _divisor(contract: CEContract, n_visible: int, n_visible_global: int, token_group_size: int) -> float:
+    """The count that owns a mean's divide, as the contract states it."""
+    if contract.reduction != "mean":
+        return 1.0
+    if contract.normalize_by == "local_tokens":
+        return float(n_visible)
+    if contract.grad_sync == "average":  # the strategy averages gradients, so undo its 1/|group|
+        return n_visible_global / token_group_size
+    return float(n_visible_global)
+
+
+def _upstream_per_token(grad_output, contract, visible, divisor, tp, device) -> torch.Tensor:
+    """dLoss/dper_token_loss for every token in the reference's view: (N,) fp32, 0 where ignored."""
+    if contract.reduction == "none":
+        g = torch.as_tensor(grad_output, dtype=torch.float32, device=device).reshape(-1)
+        if g.numel() == 1:  # one upstream value for every token, as for loss.sum()
+            g = g.expand(visible.numel() // _dist.group_size(tp) if contract.sequence_parallel else visible.numel())
+        if contract.sequence_parallel:
+            g = _dist.all_gather_dim0(g, tp)
+        if g.numel() != visible.numel():
+            raise ValueError(f"`grad_output` for reduction='none' must have one value per token"
+                             f" ({visible.numel()}), got {g.numel()}.")
+    else:
+        g = torch.full(visible.shape, float(grad_output), dtype=torch.float32, device=device)
+        if contract.reduction == "mean":
+            g = g / divisor if divisor > 0 else g * 0.0
+    return torch.where(visible, g, torch.zeros_like(g))
+
+
+def _local_token_range(local_shape: torch.Size, tp) -> slice:
+    per_rank = math.prod(local_shape)
+    start = _dist.group_rank(tp) * per_rank
+    return slice(start, start + per_rank)
+
+
+def _local_rows(grad_h: torch.Tensor, contract: CEContract, local_shape: torch.Size, tp) -> torch.Tensor:
+    """Under SP the gradient covers the gathered sequence; keep this rank's shard."""
+    return grad_h[_local_token_range(local_shape, tp)] if contract.sequence_parallel else grad_h
+
+
+def _chunks(total: int, size: int) -> Iterator[slice]:
+    for start in range(0, total, size):
+        yield slice(start, min(start + size, total))
+
+
+@contextmanager
+def _exact_fp32_matmul() -> Iterator[None]:
+    """A user's ``set_float32_matmul_precision('high')`` would let TF32 into the reference: undo it here."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _validate(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk) -> None:
+    if not isinstance(contract, CEContract):
+        raise TypeError(f"`contract` must be a CEContract, got {type(contract).__name__}.")
+    if not (hidden.is_floating_point() and weight.is_floating_point()):
+        raise ValueError(f"`hidden` and `weight` must be floating point, got {hidden.dtype} and {weight.dtype}.")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"`hidden` ({hidden.dtype}) and `weight` ({weight.dtype}) must share a dtype, as the"
+                         " output layer's matmul does; cast one of them before the check.")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(f"`targets` must be an integer tensor of class ids, got {targets.dtype}.")
+    if hidden.dim() < 2 or hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"`hidden` must be [..., D] with leading shape equal to targets' {tuple(targets.shape)},"
+                         f" got {tuple(hidden.shape)}.")
+    if weight.dim() != 2 or weight.shape != (contract.vocab_slice_size, hidden.shape[-1]):
+        raise ValueError(f"`weight` must be this rank's vocab slice [{contract.vocab_start}, {contract.vocab_end}) as"
+                         f" ({contract.vocab_slice_size}, {hidden.shape[-1]}), got {tuple(weight.shape)}.")
+    if hidden.device != weight.device or hidden.device != targets.device:
+        raise ValueError(f"`hidden`, `weight` and `targets` must be on one device, got {hidden.device},"
+                         f" {weight.device} and {targets.device}.")
+    if contract.layout != "[N,V]" and hidden.dim() != 3:
+        raise ValueError(f"layout {contract.layout} expects hidden as [S, B, D], got {tuple(hidden.shape)}.")
+    bad = (targets != contract.ignore_index) & ((targets < 0) | (targets >= contract.vocab_size))
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"targets must be in [0, {contract.vocab_size}) or ignore_index={contract.ignore_index};"
+                         f" found {int(targets[first])} at {first} ({int(bad.sum())} such targets).")
+    if chunk_elements < 1 or token_chunk < 1:
+        raise ValueError(f"`chunk_elements` and `token_chunk` must be >= 1, got {chunk_elements} and {token_chunk}.")
+    if grad_output is not None and contract.reduction != "none" and not _is_scalar(grad_output):
+        raise ValueError(f"`grad_output` must be a scalar for reduction={contract.reduction!r}.")
+    tp_size = _dist.group_size(contract.tp_group)
+    if tp_size == 1 and not contract.is_full_vocab:
+        raise ValueError(f"the weight slice [{contract.vocab_start}, {contract.vocab_end}) is not the whole vocabulary"
+                         f" ({contract.vocab_size}) but the TP group has one rank; pass the TP group in the contract.")
+    if tp_size > 1:
+        _check_partition_tiles(contract, weight.device)
+
+
+def _is_scalar(x) -> bool:
+    return isinstance(x, (int, float)) or (isinstance(x, torch.Tensor) and x.numel() == 1)
+
+
+def _check_partition_tiles(contract: CEContract, device: torch.device) -> None:
+    """The TP ranks' slices must tile [0, V) in rank order; otherwise every formula downstream is wrong."""
+    tp = contract.tp_group
+    mine = torch.tensor([[contract.vocab_start, contract.vocab_end]], dtype=torch.int64, device=device)
+    slices = _dist.all_gather_dim0(mine, tp).tolist()
+    expected_start = 0
+    for rank, (start, end) in enumerate(slices):
+        if start != expected_start:
+            raise ValueError(f"vocab slices over the TP group {slices} do not tile [0, {contract.vocab_size}):"
+                             f" rank {rank} starts at {start}, expected {expected_start}.")
+        expected_start = end
+    if expected_start != contract.vocab_size:
+        raise ValueError(f"vocab slices over the TP group {slices} end at {expected_start}, not at"
+                         f" vocab_size={contract.vocab_size}.")

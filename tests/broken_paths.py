@@ -1,0 +1,152 @@
+"""A plain vocab-parallel CE (Megatron's recipe, autograd for gradients) with the seam faults as switches.
+
+Tests use it as "some user's fused path": independent of ce_guard's reference and fused layer, so a
+diagnosis test exercises the guard, not a shared formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from ce_guard import _dist
+from ce_guard.contract import CEContract
+from ce_guard.parity import SeamOutputs
+
+FAULTS = ("local_normalization", "grad_scale", "bf16_accumulators", "unmasked_targets", "off_by_one",
+          "smoothing_local_vocab", "log_tp_offset", "ignore_in_denominator", "ignored_as_class_zero",
+          "missing_z_loss", "coarse_backward", "nan")
+
+
+def _tp_sum(t: torch.Tensor, group) -> torch.Tensor:
+    return dist_fn.all_reduce(t, op=dist.ReduceOp.SUM, group=group) if _dist.group_size(group) > 1 else t
+
+
+def _tp_max(t: torch.Tensor, group) -> torch.Tensor:
+    if _dist.group_size(group) == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
+class _CoarseGrad(torch.autograd.Function):
+    """Identity forward; backward drops gradient entries under a threshold (Cut CE's filter, exaggerated)."""
+
+    @staticmethod
+    def forward(ctx, z, threshold):
+        ctx.threshold = threshold
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.where(g.abs() < ctx.threshold, torch.zeros_like(g), g), None
+
+
+def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | None = None, *, scale: int = 2,
+                 chunks: int = 8, grad_output: torch.Tensor | None = None) -> SeamOutputs:
+    """Run the vocab-parallel CE with ``fault`` and return loss and autograd gradients."""
+    assert fault is None or fault in FAULTS, fault
+    tp = contract.tp_group
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    hh, yy = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if contract.sequence_parallel:
+        hh = torch.cat(dist_fn.all_gather(h, group=tp), dim=0).reshape(-1, h.shape[-1])
+        yy = _dist.all_gather_dim0(targets, tp).reshape(-1)
+    acc = torch.bfloat16 if fault == "bf16_accumulators" else torch.float32
+    if fault == "bf16_accumulators":  # logits and all running sums in bf16, dW summed chunk by chunk in bf16
+        z = _bf16_chunked_logits(hh, w, chunks)
+    else:
+        z = (hh @ w.T).float()                                                    # (N, V/TP)
+    if fault == "coarse_backward":
+        z = _CoarseGrad.apply(z, 2e-2 / max(z.shape[0], 1))
+    if contract.softcap is not None:
+        z = contract.softcap * torch.tanh(z / contract.softcap)
+    z = z.to(acc)
+    local_max = z.detach().amax(dim=1)
+    gmax = _tp_max(local_max, tp)
+    if fault == "bf16_accumulators":  # running denominator over vocab blocks, rounded to bf16 at each step
+        running = torch.zeros(z.shape[0], dtype=torch.bfloat16)
+        for block in torch.arange(z.shape[1]).chunk(chunks):
+            running = running + torch.exp(z[:, block] - gmax[:, None].to(acc)).sum(dim=1).to(acc)
+        sum_exp = _tp_sum(running.float(), tp)
+    else:
+        sum_exp = _tp_sum(torch.exp(z - gmax[:, None]).sum(dim=1).float(), tp)
+    if fault == "log_tp_offset":
+        sum_exp = _tp_sum(sum_exp, tp)                                            # summed over TP twice
+    lse = gmax.float() + torch.log(sum_exp)
+
+    visible = yy != contract.ignore_index
+    local_t = yy - contract.vocab_start
+    if fault == "unmasked_targets":
+        owned = visible
+        local_t = local_t.clamp(0, z.shape[1] - 1)
+    elif fault == "off_by_one":
+        owned = visible & (local_t >= 0) & (local_t <= z.shape[1])
+        local_t = local_t.clamp(0, z.shape[1] - 1)
+    elif fault == "ignored_as_class_zero":
+        owned = (local_t >= 0) & (local_t < z.shape[1]) | ~visible
+        local_t = torch.where(visible, local_t, -contract.vocab_start).clamp(0, z.shape[1] - 1)
+    else:
+        owned = visible & (local_t >= 0) & (local_t < z.shape[1])
+        local_t = local_t.clamp(0, z.shape[1] - 1)
+    target_logit = _tp_sum(torch.where(owned, z.gather(1, local_t[:, None]).squeeze(1).float(), 0.0), tp)
+    eps = contract.label_smoothing
+    if fault == "smoothing_local_vocab":
+        smooth = lse - z.float().mean(dim=1)                                    # local V, local mean
+    else:
+        smooth = lse - _tp_sum(z.float().sum(dim=1), tp) / contract.vocab_size
+    per_token = (1 - eps) * (lse - target_logit) + eps * smooth
+    if fault != "missing_z_loss":
+        per_token = per_token + contract.z_loss * lse.square()
+    keep = visible | (fault == "ignored_as_class_zero")
+    per_token = torch.where(keep, per_token, 0.0)
+
+    n_vis = int(visible.sum())
+    count = n_vis if fault != "ignore_in_denominator" else yy.numel()
+    if contract.reduction == "mean" and contract.normalize_by == "global_tokens" and fault != "local_normalization":
+        total = torch.tensor([float(count)])
+        _dist.all_reduce(total, dist.ReduceOp.SUM, contract.token_group)
+        count = float(total) / (_dist.group_size(contract.token_group) if contract.grad_sync == "average" else 1)
+    if contract.reduction == "none":
+        loss = per_token.reshape(targets.shape) if not contract.sequence_parallel else per_token
+    elif contract.reduction == "sum":
+        loss = per_token.sum()
+    else:
+        loss = per_token.sum() / max(count, 1)
+    if fault == "grad_scale":
+        loss = loss * scale
+    if fault == "nan":
+        loss = loss + torch.tensor(math.nan)
+    if contract.reduction == "none":
+        loss.backward(grad_output if grad_output is not None else torch.ones_like(loss))
+    else:
+        loss.backward()
+    return SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=w.grad)
+
+
+def _bf16_chunked_logits(h: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
+    """bf16 logits whose weight gradient is accumulated chunk by chunk in bf16 (Liger's default)."""
+    return _Bf16ChunkedLinear.apply(h, w, chunks)
+
+
+class _Bf16ChunkedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, chunks):
+        ctx.save_for_backward(h, w)
+        ctx.chunks = chunks
+        return (h.bfloat16() @ w.bfloat16().T).float()
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        g16 = g.bfloat16()
+        grad_h = (g16 @ w.bfloat16()).to(h.dtype)
+        grad_w = torch.zeros(w.shape, dtype=torch.bfloat16)
+        for rows in torch.arange(h.shape[0]).chunk(ctx.chunks):
+            grad_w += g16[rows].T @ h[rows].bfloat16()
+        return grad_h, grad_w.to(w.dtype), None
