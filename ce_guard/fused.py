@@ -180,6 +180,10 @@ def _mean_divisor(targets: torch.Tensor, m: _ChunkMath) -> torch.Tensor:
     return torch.where(count > 0, divisor, 1.0)
 
 
+def _loss_dtype(m: _ChunkMath) -> torch.dtype:
+    return torch.promote_types(m.accum_dtype, torch.float32)
+
+
 def _chunks(n_tokens: int, token_chunk: int) -> range:
     return range(0, n_tokens, token_chunk)
 
@@ -267,16 +271,32 @@ def _accumulate_grads(logit_grad: torch.Tensor, hidden: torch.Tensor, weight: to
                       grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
     logit_grad = logit_grad.to(hidden.dtype)  # (n, V/TP) back to the input dtype for the matmuls
     if grad_hidden is not None:
-        grad_hidden[sl] = logit_grad @ weight  # (n, D)
+        grad_hidden[sl] = logit_grad @ weight  # (n, D), each token's row written once
     if grad_weight is not None:
-        grad_weight += (logit_grad.T @ hidden[sl]).to(grad_weight.dtype)  # (V/TP, D), accum_dtype add
+        _add_weight_grad(grad_weight, logit_grad.T, hidden[sl])  # (V/TP, D) += (V/TP, n) @ (n, D)
+
+
+def _add_weight_grad(grad_weight: torch.Tensor, logit_grad_t: torch.Tensor, hidden: torch.Tensor) -> None:
+    """Add one chunk's weight gradient without rounding the product to the input dtype first.
+
+    Rounding every chunk's product to bf16 before an fp32 add would quietly reintroduce the bf16
+    accumulation the contract rules out; an ``accum_dtype`` of bf16 keeps it, by design.
+    """
+    if grad_weight.dtype == logit_grad_t.dtype:
+        grad_weight.addmm_(logit_grad_t, hidden)
+    elif logit_grad_t.is_cuda and grad_weight.dtype == torch.float32:
+        grad_weight += torch.mm(logit_grad_t, hidden, out_dtype=torch.float32)  # bf16 tensor cores, fp32 out
+    else:  # CPU (no mixed-dtype mm there): exact upcast of the low-precision operands, then one wide matmul
+        grad_weight.addmm_(logit_grad_t.to(grad_weight.dtype), hidden.to(grad_weight.dtype))
 
 
 def _reduced_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
                      m: _ChunkMath, token_chunk: int, *, want_hidden: bool, want_weight: bool):
     """Loss of a ``mean``/``sum`` reduction, and its gradients for an upstream gradient of 1."""
     grad_hidden, grad_weight = _gradient_buffers(hidden, weight, m, want_hidden, want_weight)
-    loss = torch.zeros((), dtype=m.accum_dtype, device=hidden.device)
+    # The loss total is not one of the contract's accumulators; keep it at least fp32 so a bf16
+    # accumulator contract shows up where FAULTS.md says it does (dW worst, loss least).
+    loss = torch.zeros((), dtype=_loss_dtype(m), device=hidden.device)
     for start in _chunks(targets.numel(), token_chunk):
         sl = slice(start, start + token_chunk)
         logits, tanh = _project(hidden[sl], weight, m)  # (n, V/TP)
@@ -293,8 +313,8 @@ def _reduced_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
 def _per_token_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, m: _ChunkMath,
                        token_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses and log-sum-exps (N,); no gradients, since the upstream ones are not known yet."""
-    losses = torch.empty(targets.shape, dtype=m.accum_dtype, device=hidden.device)
-    lses = torch.empty_like(losses)
+    losses = torch.empty(targets.shape, dtype=_loss_dtype(m), device=hidden.device)
+    lses = torch.empty(targets.shape, dtype=m.accum_dtype, device=hidden.device)
     for start in _chunks(targets.numel(), token_chunk):
         sl = slice(start, start + token_chunk)
         logits, _ = _project(hidden[sl], weight, m)
@@ -401,7 +421,7 @@ class FusedLinearCrossEntropy(nn.Module):
         self._math = _resolve_math(contract, self.fault, fault_scale)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Loss of ``hidden`` ``[..., D]`` against ``targets`` ``[...]`` (int64), in ``accum_dtype``.
+        """Loss of ``hidden`` ``[..., D]`` against ``targets`` ``[...]`` (int64), in fp32 or ``accum_dtype`` if wider.
 
         Scalar for ``mean``/``sum``; ``targets``' shape for ``none`` (the gathered sequence under SP).
         """
