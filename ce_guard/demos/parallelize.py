@@ -1,0 +1,130 @@
+"""Tensor- and data-parallel plans for :class:`~ce_guard.demos.hybrid.HybridLM`, torchtitan style.
+
+``apply_tp`` then ``apply_fsdp``; each takes plain values, changes the model in place and logs one line.
+On a single device simply don't call them. The output module is left alone: it is vocab-parallel (or
+not) by its own contract, and always receives the full, replicated ``(B, S, D)`` hidden states as a
+plain tensor plus the untouched targets.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.nn.utils import parametrize
+
+from ce_guard.demos.hybrid import ATTENTION, MAMBA, MLP, HybridConfig, HybridLM
+
+logger = logging.getLogger(__name__)
+
+# Per-head (or per-group) parameters of a Mamba-2 mixer; each is sliced along dim 0 like its projection.
+MAMBA_HEAD_PARAMS = ("A_log", "D", "dt_bias", "conv_x.weight", "conv_x.bias", "conv_B.weight", "conv_B.bias",
+                     "conv_C.weight", "conv_C.bias", "norm.weight")
+
+
+class _LocalShard(nn.Module):
+    """Parametrization that hands the model this rank's rows of a ``Shard(0)`` DTensor parameter.
+
+    Why not a DTensor plan: the scan mixes these parameters with activations that ColwiseParallel has
+    already turned into plain local tensors, and DTensor refuses mixed DTensor / Tensor ops. Slicing
+    the parameters into plain tensors by hand would work too, but then ``clip_grad_norm_`` and
+    distributed checkpoints would see a local slice as if it were the whole parameter. With this
+    parametrization the parameter stays a DTensor (global view, correct norms, resharding-aware
+    checkpoints) and only the forward sees the local rows; ``to_local``'s backward returns the
+    gradient as a ``Shard(0)`` DTensor. Cost: the state-dict key becomes
+    ``<module>.parametrizations.<name>.original``.
+    """
+
+    def forward(self, param: torch.Tensor) -> torch.Tensor:
+        return param.to_local()
+
+
+def _shard_rows(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    param = getattr(owner, leaf)
+    owner.register_parameter(leaf, nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)])))
+    parametrize.register_parametrization(owner, leaf, _LocalShard(), unsafe=True)
+
+
+def _check_divisible(config: HybridConfig, tp: int) -> None:
+    sizes = {"vocab_size": config.vocab_size, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
+             "mamba_n_heads": config.mamba_n_heads, "mamba_n_groups": config.mamba_n_groups, "d_ff": config.d_ff}
+    bad = {name: size for name, size in sizes.items() if size % tp}
+    if bad:
+        raise ValueError(f"Expected the TP degree {tp} to divide every sharded size, got {bad}; choose a TP "
+                         f"degree that divides them or change the HybridConfig.")
+
+
+def _mixer_plan(kind: str, seq_layout: Shard | Replicate) -> dict[str, ParallelStyle]:
+    """Column-parallel into the heads (or MLP width), row-parallel back to the residual stream."""
+    out = RowwiseParallel(output_layouts=seq_layout)
+    if kind == ATTENTION:
+        return {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(), "o_proj": out}
+    if kind == MLP:
+        return {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": out}
+    if kind == MAMBA:
+        # z/x/dt split by head, B/C by group; heads of a group land on the rank that holds the group.
+        cols = ("z_proj", "x_proj", "B_proj", "C_proj", "dt_proj")
+        return {**{name: ColwiseParallel() for name in cols}, "out_proj": out}
+    raise ValueError(f"Expected a block kind in {(MAMBA, ATTENTION, MLP)}, got {kind!r}.")
+
+
+def apply_tp(model: HybridLM, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
+    """Shard the model's projections and SSM heads over ``tp_mesh`` (Megatron-style TP).
+
+    With ``sequence_parallel`` the residual stream between blocks is split along the sequence (dim 1)
+    and the RMSNorms run on that slice; each mixer all-gathers its input and reduce-scatters its output.
+    Without it the residual stream is replicated and each mixer ends in an all-reduce.
+
+    The final hidden states reach ``model.output`` as a plain, replicated ``(B, S, D)`` tensor in both
+    cases (under sequence parallel they are all-gathered first); ``model.forward_hidden`` alone returns
+    a ``Shard(1)`` DTensor under sequence parallel.
+
+    Raises:
+        ValueError: if the TP degree does not divide the vocabulary, a head or group count, or ``d_ff``.
+    """
+    _check_divisible(model.config, tp_mesh.size())
+    seq_layout = Shard(1) if sequence_parallel else Replicate()
+    root_plan: dict[str, ParallelStyle] = {
+        # Vocab-parallel embedding: each rank looks up its rows, the sum lands in the residual layout.
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq_layout),
+    }
+    if sequence_parallel:
+        root_plan["norm"] = SequenceParallel()
+        root_plan["output"] = PrepareModuleInput(input_layouts=(Shard(1), None),
+                                                 desired_input_layouts=(Replicate(), None), use_local_output=True)
+    parallelize_module(model, tp_mesh, root_plan)
+
+    for block in model.layers:
+        plan = {f"mixer.{name}": style for name, style in _mixer_plan(block.kind, seq_layout).items()}
+        if sequence_parallel:
+            plan["norm"] = SequenceParallel()
+            plan["mixer"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        parallelize_module(block, tp_mesh, plan)
+        if block.kind == MAMBA:
+            for name in MAMBA_HEAD_PARAMS:
+                _shard_rows(block.mixer, name, tp_mesh)
+    logger.info("Applied %s to the model", "Tensor + Sequence Parallelism" if sequence_parallel else "Tensor Parallelism")
+
+
+def apply_fsdp(model: HybridLM, dp_mesh: DeviceMesh, *, mp_policy: MixedPrecisionPolicy | None = None) -> None:
+    """FSDP2: shard each block on its own (so one block's parameters are gathered at a time), then the root
+    (embedding, final norm and output module). Call after :func:`apply_tp` when both are used."""
+    kwargs = {"mesh": dp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    logger.info("Applied FSDP to the model")
