@@ -72,7 +72,7 @@ def diagnose(report: ParityReport, *, group_sizes: Mapping[str, int] | None = No
 
     Example:
         >>> diagnose(report, group_sizes={"SP": 8}).summary
-        'dL/dh norm ratio 8.0000 (cosine 1.000000), loss ratio 8.0000, k = 8 = SP size: ...'
+        'loss ratio 8.0000, dL/dh norm ratio 8.0000 (cosine 1.000000), k = 8 = SP size: ...'
     """
     sizes = {"TP": report.tp_size, "token group": report.token_group_size, **(group_sizes or {})}
     for rule in (_non_finite, _empty, _within_budget, _ignored_rows, _scale, _offset, _target_masking,
@@ -125,16 +125,20 @@ def _ignored_rows(r: ParityReport, sizes) -> Diagnosis | None:
 
 
 def _scale(r: ParityReport, sizes) -> Diagnosis | None:
-    ratio = r.grad_hidden_norm_ratio if r.grad_hidden_norm_ratio is not None else r.loss_ratio
+    grad_ratio = r.grad_hidden_norm_ratio
     cosine = r.grad_hidden_cosine if r.grad_hidden_cosine is not None else 1.0
-    if not (math.isfinite(ratio) and ratio > 0 and cosine >= SCALE_COSINE):
+    # The loss carries this rank's divisor exactly; dL/dh can mix several ranks' divisors (SP), so it only has
+    # to agree roughly and keep its direction.
+    ratio = r.loss_ratio if r.loss_ref != 0 and math.isfinite(r.loss_ratio) else grad_ratio
+    if ratio is None or not (math.isfinite(ratio) and ratio > 0 and cosine >= SCALE_COSINE):
         return None
-    if abs(ratio - 1.0) <= max(r.budget.grad_hidden_rel, SCALE_TOLERANCE):
+    if abs(ratio - 1.0) <= max(r.budget.loss_rel, SCALE_TOLERANCE):
         return None
-    if r.loss_ref != 0 and math.isfinite(r.loss_ratio) and not _close(r.loss_ratio, ratio, SCALE_TOLERANCE):
+    if grad_ratio is not None and not _close(grad_ratio, ratio, 0.1):
         return None  # loss and gradients moved differently: not one scale factor
     evidence = {**_core_evidence(r), "scale": ratio}
-    head = (f"dL/dh norm ratio {ratio:.4f} (cosine {cosine:.6f}), loss ratio {r.loss_ratio:.4f}")
+    head = f"loss ratio {ratio:.4f}" + (f", dL/dh norm ratio {grad_ratio:.4f} (cosine {cosine:.6f})"
+                                        if grad_ratio is not None else "")
 
     for name, count, padding in _alternative_divisors(r):
         if count > 0 and not _close(count, r.divisor, 1e-9) and _close(ratio, r.divisor / count, SCALE_TOLERANCE):

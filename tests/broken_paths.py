@@ -16,13 +16,30 @@ from ce_guard import _dist
 from ce_guard.contract import CEContract
 from ce_guard.parity import SeamOutputs
 
-FAULTS = ("local_normalization", "grad_scale", "bf16_accumulators", "unmasked_targets", "off_by_one",
+FAULTS = ("local_normalization", "shard_normalization", "grad_scale", "bf16_accumulators", "unmasked_targets", "off_by_one",
           "smoothing_local_vocab", "log_tp_offset", "ignore_in_denominator", "ignored_as_class_zero",
           "missing_z_loss", "coarse_backward", "nan")
 
 
+class _ReplicatedSum(torch.autograd.Function):
+    """All-reduce SUM whose result feeds a loss every rank computes identically: backward is the identity.
+
+    (torch.distributed.nn's all_reduce sums the gradients too, which would count that one loss TP times.)
+    """
+
+    @staticmethod
+    def forward(ctx, t, group):
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def _tp_sum(t: torch.Tensor, group) -> torch.Tensor:
-    return dist_fn.all_reduce(t, op=dist.ReduceOp.SUM, group=group) if _dist.group_size(group) > 1 else t
+    return _ReplicatedSum.apply(t, group) if _dist.group_size(group) > 1 else t
 
 
 def _tp_max(t: torch.Tensor, group) -> torch.Tensor:
@@ -108,6 +125,8 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
 
     n_vis = int(visible.sum())
     count = n_vis if fault != "ignore_in_denominator" else yy.numel()
+    if fault == "shard_normalization":  # SP lane dividing by its own S/SP shard's tokens
+        count = int((targets != contract.ignore_index).sum())
     if contract.reduction == "mean" and contract.normalize_by == "global_tokens" and fault != "local_normalization":
         total = torch.tensor([float(count)])
         _dist.all_reduce(total, dist.ReduceOp.SUM, contract.token_group)
@@ -126,7 +145,11 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
         loss.backward(grad_output if grad_output is not None else torch.ones_like(loss))
     else:
         loss.backward()
-    return SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=w.grad)
+    grad_h = h.grad
+    if not contract.sequence_parallel:  # hidden is replicated over TP: sum each slice's share (copy-to-TP backward)
+        grad_h = grad_h.clone()
+        _dist.all_reduce(grad_h, dist.ReduceOp.SUM, tp)
+    return SeamOutputs(loss=loss.detach(), grad_hidden=grad_h, grad_weight=w.grad)
 
 
 def _bf16_chunked_logits(h: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:
