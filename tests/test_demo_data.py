@@ -1,4 +1,4 @@
-"""The demo data: torch's headers found and tokenized faithfully, cached, split by file, batched and padded."""
+"""Demo data: torch's headers found and tokenized faithfully, cached, split by file, batched and padded."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_vocab_size_is_padded_for_tp() -> None:
 
 def test_documents_decode_to_the_header_text(corpus: data.TokenCorpus) -> None:
     enc, root = data.tokenizer(), Path(torch.__file__).parent / "include"
-    assert len(corpus.tokens) == BUDGET and corpus.offsets[-1] == BUDGET and corpus.tokens.dtype == torch.int32
+    assert len(corpus.tokens) == corpus.offsets[-1] == BUDGET and corpus.tokens.dtype == torch.int32
     for i in range(len(corpus.files) - 1):  # the last one is cut at the budget
         doc = corpus.documents([i]).tolist()
         assert doc[-1] == enc.eot_token
@@ -89,8 +89,8 @@ def test_padding_fraction_and_layout() -> None:
         pad = int((row_targets == IGNORE_INDEX).sum())
         assert (row_targets[: 100 - pad] != IGNORE_INDEX).all()  # right padding: one contiguous tail
         assert (input_ids[100 - pad:] == 7).all()
-    torch.testing.assert_close(windows.pad_lengths, TokenWindows(tokens, seq_len=100, pad_fraction=0.2, pad_id=7,
-                                                                seed=0).pad_lengths)  # fixed by the seed
+    again = TokenWindows(tokens, seq_len=100, pad_fraction=0.2, pad_id=7, seed=0)
+    torch.testing.assert_close(windows.pad_lengths, again.pad_lengths)  # fixed by the seed
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

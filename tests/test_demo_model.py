@@ -8,8 +8,9 @@ import torch.nn as nn
 
 from ce_guard.demos.hybrid import Block, HybridConfig, HybridLM, LinearCrossEntropy
 
-TINY = {"vocab_size": 128, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "mamba_n_heads": 4, "mamba_head_dim": 8,
-        "mamba_n_groups": 2, "mamba_d_state": 8, "mamba_chunk_size": 8, "max_seq_len": 64}
+TINY = {"vocab_size": 128, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "mamba_n_heads": 4,
+        "mamba_head_dim": 8, "mamba_n_groups": 2, "mamba_d_state": 8,
+        "mamba_chunk_size": 8, "max_seq_len": 64}
 
 
 def _model(pattern: str = "M*-M", dtype: torch.dtype = torch.float32) -> HybridLM:
@@ -26,8 +27,8 @@ def test_pattern_sets_layers() -> None:
     model = _model("M-M*M-")
     assert model.config.n_layers == 6
     assert [block.kind for block in model.layers] == list("M-M*M-")
-    assert [type(block.mixer).__name__ for block in model.layers[:4]] == ["Mamba2Mixer", "SwiGLU", "Mamba2Mixer",
-                                                                          "Attention"]
+    mixers = [type(block.mixer).__name__ for block in model.layers[:4]]
+    assert mixers == ["Mamba2Mixer", "SwiGLU", "Mamba2Mixer", "Attention"]
 
 
 @pytest.mark.parametrize(("overrides", "match"), [

@@ -1,4 +1,4 @@
-"""The chunked SSD scan against the per-step recurrence: exact in float64, within rounding in fp32 and bf16."""
+"""The chunked SSD scan against the per-step recurrence: exact in float64, within rounding in fp32/bf16."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_gradients_match_sequential_float64() -> None:
     y_ref, state_ref = ssd_sequential_reference(*inputs[:5], initial_state=inputs[5])
     grads_ref = torch.autograd.grad((y_ref.square().sum() + state_ref.sum()), inputs)
     for name, g, g_ref in zip(("x", "dt", "A", "B", "C", "h0"), grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"d/d{name}: {m}")
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10,
+                                   msg=lambda m, name=name: f"d/d{name}: {m}")
 
 
 # Error of a low-precision input against the float64 scan of the *same rounded inputs*, relative to the

@@ -68,13 +68,13 @@ def _check_tp(mesh: DeviceMesh, sequence_parallel: bool) -> None:
     assert tp_grads.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():
         torch.testing.assert_close(tp_grads[name], grad, **TOL,
-                                   msg=lambda m, name=name: f"sequence_parallel={sequence_parallel}, {name}: {m}")
+                                   msg=lambda m, name=name: f"SP={sequence_parallel}, {name}: {m}")
 
 
 def _tp_worker(rank: int, world_size: int) -> None:
     torch.set_num_threads(1)  # two ranks share two cores
     mesh = init_device_mesh("cpu", (world_size,))
-    for sequence_parallel in (False, True):  # one spawn for both: starting the ranks costs more than the check
+    for sequence_parallel in (False, True):  # one spawn for both: starting ranks costs more than checking
         _check_tp(mesh, sequence_parallel)
 
 
@@ -102,7 +102,8 @@ def _fsdp_worker(rank: int, world_size: int, steps: int) -> None:
         sharded(input_ids[mine], targets[mine]).backward()
         opt.step()
     for (name, p), (_, q) in zip(ref.named_parameters(), sharded.named_parameters(), strict=True):
-        torch.testing.assert_close(_full(q.detach()), p.detach(), **TOL, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(_full(q.detach()), p.detach(), **TOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_fsdp2_step_matches_single_process() -> None:

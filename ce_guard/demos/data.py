@@ -50,13 +50,13 @@ def torch_headers(root: Path | None = None) -> list[Path]:
     root = root or Path(torch.__file__).parent / "include"
     files = [p for p in root.rglob("*.h") if p.is_file()]
     if not files:
-        raise FileNotFoundError(f"Expected C++ headers under {root} (shipped in every torch wheel), found none.")
+        raise FileNotFoundError(f"Expected C++ headers under {root} (torch wheels ship them), found none.")
     return sorted(files, key=lambda p: hashlib.sha1(p.relative_to(root).as_posix().encode()).hexdigest())
 
 
 @dataclass(frozen=True, kw_only=True)
 class TokenCorpus:
-    """Concatenated documents: file ``i`` owns ``tokens[offsets[i]:offsets[i+1]]`` (its trailing EOT included)."""
+    """Concatenated documents: file ``i`` owns ``tokens[offsets[i]:offsets[i+1]]``, trailing EOT included."""
 
     tokens: torch.Tensor  # (T,) int32: cl100k ids exceed uint16
     offsets: torch.Tensor  # (F+1,) int64
@@ -76,7 +76,8 @@ def build_corpus(max_tokens: int, *, root: Path | None = None, batch_files: int 
     for start in range(0, len(files), batch_files):
         batch = files[start:start + batch_files]
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in batch]
-        for path, ids in zip(batch, enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1), strict=True):
+        encoded = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+        for path, ids in zip(batch, encoded, strict=True):
             doc = torch.tensor(ids + [enc.eot_token], dtype=torch.int32)[: max_tokens - total]
             chunks.append(doc)
             names.append(path.relative_to(root).as_posix())
@@ -134,7 +135,8 @@ class TokenWindows(Dataset):
     ranks are what expose a loss normalised by the wrong token count.
     """
 
-    def __init__(self, tokens: torch.Tensor, *, seq_len: int, pad_fraction: float, pad_id: int, seed: int) -> None:
+    def __init__(self, tokens: torch.Tensor, *, seq_len: int, pad_fraction: float, pad_id: int,
+                 seed: int) -> None:
         self.tokens, self.seq_len, self.pad_id = tokens, seq_len, pad_id
         n_rows = (len(tokens) - 1) // seq_len
         u = torch.rand(n_rows, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -205,8 +207,9 @@ class CppTokenDataModule(L.LightningDataModule):
             for k, files in enumerate((train_files, val_files)))
         for name, split in (("train", self.train_set), ("validation", self.val_set)):
             if len(split) < 1:
-                raise ValueError(f"The {name} split has fewer than `seq_len` + 1 = {self.seq_len + 1} tokens; "
-                                 f"raise `max_tokens` (now {self.max_tokens}) or `val_fraction`, or lower `seq_len`.")
+                raise ValueError(f"The {name} split has fewer than `seq_len` + 1 = {self.seq_len + 1} "
+                                 f"tokens; raise `max_tokens` (now {self.max_tokens}) or `val_fraction`, "
+                                 f"or lower `seq_len`.")
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,

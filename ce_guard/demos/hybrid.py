@@ -74,8 +74,8 @@ class HybridConfig:
             raise ValueError("Expected `layer_pattern` to have at least one layer, e.g. 'M-M*M-', got ''.")
         unknown = sorted(set(self.layer_pattern) - set(BLOCK_KINDS))
         if unknown:
-            raise ValueError(f"Expected `layer_pattern` to use only 'M' (Mamba-2), '*' (attention) and '-' (MLP), "
-                             f"got {unknown} in {self.layer_pattern!r}.")
+            raise ValueError(f"Expected `layer_pattern` to use only 'M' (Mamba-2), '*' (attention) and "
+                             f"'-' (MLP), got {unknown} in {self.layer_pattern!r}.")
         if self.d_model % self.n_heads:
             raise ValueError(f"Expected `n_heads` to divide `d_model`, got d_model={self.d_model}, "
                              f"n_heads={self.n_heads}.")
@@ -86,7 +86,7 @@ class HybridConfig:
             raise ValueError(f"Expected `mamba_n_groups` to divide `mamba_n_heads`, got "
                              f"mamba_n_heads={self.mamba_n_heads}, mamba_n_groups={self.mamba_n_groups}.")
         if self.mlp_ratio <= 0 or self.d_ff < 1:
-            raise ValueError(f"Expected `mlp_ratio` to give a positive MLP width, got mlp_ratio={self.mlp_ratio}.")
+            raise ValueError(f"Expected `mlp_ratio` to give a positive MLP width, got {self.mlp_ratio}.")
         if self.norm_eps <= 0:
             raise ValueError(f"Expected `norm_eps` > 0, got {self.norm_eps}.")
 
@@ -172,7 +172,8 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         d, inner, heads = config.d_model, config.mamba_d_inner, config.mamba_n_heads
         bc = config.mamba_n_groups * config.mamba_d_state
-        self.head_dim, self.d_state, self.chunk_size = config.mamba_head_dim, config.mamba_d_state, config.mamba_chunk_size
+        self.head_dim, self.d_state = config.mamba_head_dim, config.mamba_d_state
+        self.chunk_size = config.mamba_chunk_size
         self.z_proj = nn.Linear(d, inner, bias=False)
         self.x_proj = nn.Linear(d, inner, bias=False)
         self.B_proj = nn.Linear(d, bc, bias=False)
@@ -285,8 +286,8 @@ class HybridLM(nn.Module):
     def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states ``(B, S, D)``: what the output module receives."""
         if input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"Expected sequences of at most `max_seq_len`={self.config.max_seq_len} tokens, got "
-                             f"{input_ids.shape[1]}; raise `max_seq_len` in the HybridConfig.")
+            raise ValueError(f"Expected sequences of at most `max_seq_len`={self.config.max_seq_len} tokens, "
+                             f"got {input_ids.shape[1]}; raise `max_seq_len` in the HybridConfig.")
         h = self.tok_embeddings(input_ids)  # (B, S, D)
         for block in self.layers:
             h = block(h)

@@ -60,8 +60,8 @@ def _shard_rows(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
 
 
 def _check_divisible(config: HybridConfig, tp: int) -> None:
-    sizes = {"vocab_size": config.vocab_size, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
-             "mamba_n_heads": config.mamba_n_heads, "mamba_n_groups": config.mamba_n_groups, "d_ff": config.d_ff}
+    names = ("vocab_size", "n_heads", "n_kv_heads", "mamba_n_heads", "mamba_n_groups", "d_ff")
+    sizes = {name: getattr(config, name) for name in names}
     bad = {name: size for name, size in sizes.items() if size % tp}
     if bad:
         raise ValueError(f"Expected the TP degree {tp} to divide every sharded size, got {bad}; choose a TP "
@@ -72,7 +72,7 @@ def _mixer_plan(kind: str, seq_layout: Shard | Replicate) -> dict[str, ParallelS
     """Column-parallel into the heads (or MLP width), row-parallel back to the residual stream."""
     out = RowwiseParallel(output_layouts=seq_layout)
     if kind == ATTENTION:
-        return {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(), "o_proj": out}
+        return {**{name: ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj")}, "o_proj": out}
     if kind == MLP:
         return {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": out}
     if kind == MAMBA:
@@ -104,23 +104,26 @@ def apply_tp(model: HybridLM, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -
     }
     if sequence_parallel:
         root_plan["norm"] = SequenceParallel()
-        root_plan["output"] = PrepareModuleInput(input_layouts=(Shard(1), None),
-                                                 desired_input_layouts=(Replicate(), None), use_local_output=True)
+        root_plan["output"] = PrepareModuleInput(  # gather the sequence: the output module sees (B, S, D)
+            input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None), use_local_output=True)
     parallelize_module(model, tp_mesh, root_plan)
 
     for block in model.layers:
         plan = {f"mixer.{name}": style for name, style in _mixer_plan(block.kind, seq_layout).items()}
         if sequence_parallel:
             plan["norm"] = SequenceParallel()
-            plan["mixer"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            plan["mixer"] = PrepareModuleInput(input_layouts=(Shard(1),),
+                                               desired_input_layouts=(Replicate(),))
         parallelize_module(block, tp_mesh, plan)
         if block.kind == MAMBA:
             for name in MAMBA_HEAD_PARAMS:
                 _shard_rows(block.mixer, name, tp_mesh)
-    logger.info("Applied %s to the model", "Tensor + Sequence Parallelism" if sequence_parallel else "Tensor Parallelism")
+    style = "Tensor + Sequence Parallelism" if sequence_parallel else "Tensor Parallelism"
+    logger.info("Applied %s to the model", style)
 
 
-def apply_fsdp(model: HybridLM, dp_mesh: DeviceMesh, *, mp_policy: MixedPrecisionPolicy | None = None) -> None:
+def apply_fsdp(model: HybridLM, dp_mesh: DeviceMesh, *,
+               mp_policy: MixedPrecisionPolicy | None = None) -> None:
     """FSDP2: shard each block on its own (so one block's parameters are gathered at a time), then the root
     (embedding, final norm and output module). Call after :func:`apply_tp` when both are used."""
     kwargs = {"mesh": dp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}

@@ -26,7 +26,8 @@ def _scan_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _check_shapes(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor) -> None:
+def _check_shapes(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor,
+                  Cm: torch.Tensor) -> None:
     b, seq, h, _ = x.shape
     if dt.shape != (b, seq, h) or A.shape != (h,):
         raise ValueError(f"Expected dt of shape {(b, seq, h)} and A of shape {(h,)} for x of shape "
@@ -61,7 +62,7 @@ def ssd_chunked(
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked SSD scan. Returns ``(y, final_state)``: y (B, L, H, P) in x's dtype, state (B, H, P, N) in fp32+.
+    """Chunked SSD scan: ``(y, final_state)``, y (B, L, H, P) in x's dtype, state (B, H, P, N) in fp32+.
 
     L need not be a multiple of ``chunk_size``: the tail is padded with dt = 0 (decay 1, no input),
     which leaves both the outputs and the final state unchanged.
