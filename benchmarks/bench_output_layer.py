@@ -1,0 +1,234 @@
+"""Output layer forward + backward: time, peak extra memory and gradient error of ce_guard's fused layer and its peers.
+
+Each path gets the same bf16 hidden states, weight and targets (every 17th token ignored), computes a
+``mean`` cross-entropy and both gradients. Errors are relative to an fp32 reference computed by this
+script's own chunked float32 code (not ``ce_guard.reference``, so the benchmark is a third opinion).
+
+    python benchmarks/bench_output_layer.py                  # GPU, the two LLM-head shapes
+    python benchmarks/bench_output_layer.py --quick          # tiny shapes, runs on CPU in seconds
+
+Writes a JSON record (``--out``) and prints a markdown table. Peers that are not importable are
+listed as skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ce_guard.adapters import CutCrossEntropy, LigerFusedLinearCrossEntropy, TorchLinearCrossEntropy
+from ce_guard.contract import CEContract
+from ce_guard.fused import FusedLinearCrossEntropy
+
+IGNORE = -100
+FULL_SHAPES = [(16384, 4096, 151936), (16384, 2048, 32768)]  # (N = B*S tokens, D, V)
+QUICK_SHAPES = [(256, 64, 1000), (203, 48, 517)]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden, targets) -> loss
+
+
+@dataclass
+class Row:
+    path: str
+    status: str = "ok"  # "ok", or why the path did not run
+    ms: float | None = None
+    extra_gb: float | None = None  # peak beyond the inputs (gradient outputs included)
+    extra_gb_beyond_grads: float | None = None  # the same less the dh and dW outputs themselves
+    loss_abs_err: float | None = None
+    dh_rel_err: float | None = None
+    dw_rel_err: float | None = None
+
+
+def make_inputs(n: int, d: int, v: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(device, dtype)
+    weight = (torch.randn(v, d, generator=g) / d ** 0.5).to(device, dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::17] = IGNORE
+    return hidden, weight, targets.to(device)
+
+
+def fp32_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_chunk: int = 1024):
+    """Loss, dL/dh, dL/dW of the token mean in float32 (no TF32), one chunk of logits at a time."""
+    h, w = hidden.float(), weight.float()
+    valid = targets != IGNORE
+    count = valid.sum().clamp_min(1).float()
+    loss = torch.zeros((), device=h.device)
+    dh = torch.empty_like(h)
+    dw = torch.zeros_like(w)
+    for start in range(0, h.shape[0], token_chunk):
+        rows = slice(start, start + token_chunk)
+        logits = h[rows] @ w.T  # (n, V)
+        lse = torch.logsumexp(logits, dim=1)  # (n,)
+        y = targets[rows]
+        keep = valid[rows]
+        picked = logits.gather(1, torch.where(keep, y, 0)[:, None]).squeeze(1)
+        loss += torch.where(keep, lse - picked, 0).sum() / count
+        grad = torch.softmax(logits, dim=1)  # (n, V) becomes dLoss/dlogits below
+        grad[torch.arange(grad.shape[0], device=grad.device)[keep], y[keep]] -= 1
+        grad *= (keep.float() / count)[:, None]
+        dh[rows] = grad @ w
+        dw += grad.T @ h[rows]
+    return loss, dh, dw
+
+
+def materialised(weight: nn.Parameter) -> LossFn:
+    def loss_fn(hidden, targets):
+        logits = F.linear(hidden, weight)  # (N, V) in bf16
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
+    return loss_fn
+
+
+class SkipPath(Exception):
+    """This path cannot run here (peer not installed, or not worth it on this device)."""
+
+
+def build_paths(d: int, v: int, device: torch.device) -> dict[str, Callable[[nn.Parameter], LossFn]]:
+    """Constructors taking the weight, so a missing peer fails (and is skipped) when built, not at import."""
+    def compiled(weight):
+        if device.type != "cuda":
+            raise SkipPath("not on CPU (compile time dominates tiny shapes)")
+        return torch.compile(materialised(weight))
+
+    return {
+        "ce_guard fused": lambda weight: FusedLinearCrossEntropy(d, CEContract(vocab_size=v), weight=weight),
+        "materialised bf16 matmul + fp32 CE": materialised,
+        "torch.compile of materialised": compiled,
+        "Liger FLCE (default)": lambda weight: LigerFusedLinearCrossEntropy(d, v, weight=weight),
+        "Cut CE (default)": lambda weight: CutCrossEntropy(d, v, weight=weight),
+        "F.linear_cross_entropy (chunked)": lambda weight: TorchLinearCrossEntropy(d, v, weight=weight),
+    }
+
+
+def step(loss_fn: LossFn, weight: nn.Parameter, hidden: torch.Tensor, targets: torch.Tensor):
+    h = hidden.detach().requires_grad_()
+    loss = loss_fn(h, targets)
+    dh, dw = torch.autograd.grad(loss, (h, weight))
+    return loss.detach(), dh, dw
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_extra_gb(fn: Callable[[], tuple], device: torch.device) -> tuple[float | None, float | None]:
+    """Peak allocated beyond what was live before the step (inputs, reference results), with and without grads."""
+    if device.type != "cuda":
+        return None, None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _, dh, dw = fn()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = dh.numel() * dh.element_size() + dw.numel() * dw.element_size()
+    return extra / 1e9, (extra - grads) / 1e9
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected).norm() / expected.norm()).item()
+
+
+def bench_shape(n: int, d: int, v: int, device: torch.device, warmup: int, repeats: int) -> list[Row]:
+    hidden, weight, targets = make_inputs(n, d, v, device, torch.bfloat16)
+    ref_loss, ref_dh, ref_dw = fp32_reference(hidden, weight, targets)
+    rows = []
+    for name, build in build_paths(d, v, device).items():
+        row = Row(name)
+        w = nn.Parameter(weight.clone())
+        try:
+            loss_fn = build(w)
+        except ImportError as error:
+            extra = re.search(r"pip install '[^']+'", str(error))
+            rows.append(Row(name, status=f"skipped: not installed ({extra.group(0) if extra else error})"))
+            continue
+        except SkipPath as reason:
+            rows.append(Row(name, status=f"skipped: {reason}"))
+            continue
+        run = lambda: step(loss_fn, w, hidden, targets)  # noqa: E731 - one closure per path
+        try:
+            loss, dh, dw = run()
+            row.loss_abs_err = abs(loss.float().item() - ref_loss.item())
+            row.dh_rel_err, row.dw_rel_err = rel_err(dh, ref_dh), rel_err(dw, ref_dw)
+            del loss, dh, dw
+            row.ms = time_ms(run, device, warmup, repeats)
+            row.extra_gb, row.extra_gb_beyond_grads = peak_extra_gb(run, device)
+        except torch.OutOfMemoryError:
+            row.status = "out of memory"
+        except Exception as error:  # noqa: BLE001 - one broken peer must not hide the others' numbers
+            row.status = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        del loss_fn, run, w
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| path | N | D | V | ms | extra GB | extra GB beyond grads | loss abs err | dh rel err | dW rel err"
+             " | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    for shape in results:
+        for row in shape["rows"]:
+            lines.append(f"| {row['path']} | {shape['N']} | {shape['D']} | {shape['V']} | {fmt(row['ms'], '.1f')} |"
+                         f" {fmt(row['extra_gb'], '.3f')} | {fmt(row['extra_gb_beyond_grads'], '.3f')} |"
+                         f" {fmt(row['loss_abs_err'], '.1e')} |"
+                         f" {fmt(row['dh_rel_err'], '.1e')} | {fmt(row['dw_rel_err'], '.1e')} | {row['status']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes; runs on CPU in seconds")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default="bench_output_layer.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32, not TF32
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    results = []
+    for n, d, v in shapes:
+        rows = bench_shape(n, d, v, device, args.warmup, args.repeats)
+        results.append({"N": n, "D": d, "V": v, "rows": [asdict(r) for r in rows]})
+    record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "dtype": "bfloat16", "ignore_every": 17, "reduction": "mean",
+              "warmup": args.warmup, "repeats": args.repeats, "results": results}
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"# output layer, {record['device']}, torch {record['torch']}, bf16, median of {args.repeats}\n")
+    print(markdown(results))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
