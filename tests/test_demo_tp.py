@@ -9,8 +9,10 @@ from dist_helpers import run_distributed
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
+from ce_guard import CEContract
 from ce_guard.demos.hybrid import HybridConfig, HybridLM, LinearCrossEntropy
 from ce_guard.demos.parallelize import apply_fsdp, apply_tp
+from ce_guard.fused import FusedLinearCrossEntropy
 
 pytestmark = pytest.mark.distributed
 
@@ -71,14 +73,42 @@ def _check_tp(mesh: DeviceMesh, sequence_parallel: bool) -> None:
                                    msg=lambda m, name=name: f"SP={sequence_parallel}, {name}: {m}")
 
 
+def _check_vocab_parallel_output(mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """The demo as it will run: ce_guard's fused layer holding this rank's vocab slice behind the TP plan."""
+    ref = _model()
+    rank, config = mesh.get_local_rank(), ref.config
+    rows = slice(rank * config.vocab_size // mesh.size(), (rank + 1) * config.vocab_size // mesh.size())
+    contract = CEContract(vocab_size=config.vocab_size, layout="[S,B,V/TP]", vocab_start=rows.start,
+                          vocab_end=rows.stop, tp_group=mesh.get_group())
+    tp = HybridLM(config, lambda c: FusedLinearCrossEntropy(c.d_model, contract)).double()
+    tp.load_state_dict({**ref.state_dict(), "output.weight": ref.output.weight.detach()[rows]})
+    apply_tp(tp, mesh, sequence_parallel=sequence_parallel)
+    input_ids, targets = _batch(2, 22)
+    targets[0, -5:] = -100
+    ref_loss = ref(input_ids, targets)
+    ref_loss.backward()
+    loss = tp(input_ids, targets)
+    loss.backward()
+    # The fused layer accumulates in fp32 (its contract's accum_dtype), so ~1e-7 relative, not float64's.
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=0)
+    ref_params = dict(ref.named_parameters())
+    for name, p in tp.named_parameters():
+        want = ref_params[_plain_name(name)].grad
+        want = want[rows] if name == "output.weight" else want
+        err = (_full(p.grad) - want).abs().max() / want.abs().max()
+        assert err < 1e-6, f"SP={sequence_parallel}, {name}: relative error {err:.2e}"
+
+
 def _tp_worker(rank: int, world_size: int) -> None:
     torch.set_num_threads(1)  # two ranks share two cores
     mesh = init_device_mesh("cpu", (world_size,))
-    for sequence_parallel in (False, True):  # one spawn for both: starting ranks costs more than checking
+    for sequence_parallel in (False, True):  # one spawn for all: starting ranks costs more than checking
         _check_tp(mesh, sequence_parallel)
+        _check_vocab_parallel_output(mesh, sequence_parallel)
 
 
 def test_tp2_matches_tp1_with_and_without_sequence_parallel() -> None:
+    """With a plain full-vocab output layer (float64, exact) and with ce_guard's vocab-parallel fused one."""
     run_distributed(_tp_worker, 2)
 
 
