@@ -68,13 +68,15 @@ def diagnose(report: ParityReport, *, group_sizes: Mapping[str, int] | None = No
     Args:
         report: the output of :func:`ce_guard.parity.compare`.
         group_sizes: sizes a scale factor k may be traced to, e.g. ``{"TP": 8, "SP": 8, "DP": 4,
-            "grad_accum": 2}``. TP and the token group's size are read from the report when absent.
+            "grad_accum": 2}``. TP, and DP as the token group's size, are read from the report when absent.
 
     Example:
         >>> diagnose(report, group_sizes={"SP": 8}).summary
         'loss ratio 8.0000, dL/dh norm ratio 8.0000 (cosine 1.000000), k = 8 = SP size: ...'
     """
-    sizes = {"TP": report.tp_size, "token group": report.token_group_size, **(group_sizes or {})}
+    sizes = dict(group_sizes or {})
+    sizes.setdefault("TP", report.tp_size)
+    sizes.setdefault("DP", report.token_group_size)
     for rule in (_non_finite, _empty, _within_budget, _ignored_rows, _scale, _offset, _target_masking,
                  _precision):
         found = rule(report, sizes)

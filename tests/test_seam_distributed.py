@@ -175,4 +175,4 @@ def test_local_and_global_agree_when_padding_is_equal(dp_results):
 
 def test_summed_gradients_make_local_division_a_k_equals_dp_scale(dp_results):
     cause, summary = dp_results[0]["sum_sync_local"]
-    assert cause == "normalization_owner" and "k = 2 = token group = DP size" in summary, summary
+    assert cause == "normalization_owner" and "k = 2 = DP size" in summary, summary

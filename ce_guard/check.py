@@ -1,0 +1,109 @@
+"""One parity check as data: reference, budget, comparison and diagnosis on recorded seam inputs.
+
+Lightning-free so that the callback, ``ce-guard parity`` and ``ce-guard replay`` run the very same check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ce_guard.contract import CEContract
+from ce_guard.diagnose import Diagnosis, diagnose
+from ce_guard.parity import ParityReport, SeamOutputs, compare, native_error_budget
+from ce_guard.reference import DEFAULT_CHUNK_ELEMENTS, ReferenceResult, reference_linear_cross_entropy
+
+
+@dataclass(frozen=True)
+class SeamRecord:
+    """What the seam saw on one step: the inputs, what the fused path produced, and the upstream gradient.
+
+    ``upstream`` is dTotal/dloss as training's backward delivered it (a scalar for mean/sum, per token
+    for none); the reference uses it so that loss scaling by the user or by gradient accumulation
+    outside the seam does not read as drift.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    targets: torch.Tensor
+    fused: SeamOutputs
+    upstream: torch.Tensor | float
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    report: ParityReport
+    diagnosis: Diagnosis
+    sampled_tokens: int | None
+
+
+def check_seam(
+    record: SeamRecord,
+    contract: CEContract,
+    *,
+    group_sizes: Mapping[str, int] | None = None,
+    sample_tokens: int | None = None,
+    budget_tokens: int = 256,
+    safety: float = 4.0,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> CheckResult:
+    """Hold ``record`` to ``contract``: run the reference, earn a budget from the native path, compare, diagnose.
+
+    Args:
+        record: the seam's inputs and outputs on one step.
+        contract: what the fused path declared.
+        group_sizes: sizes a scale factor may be traced to (``TP``, ``SP``, ``DP``, ``grad_accum``).
+        sample_tokens: if set and smaller than the batch, dL/dh is compared on this many evenly spaced
+            tokens only (dL/dW is then skipped); the loss and the normalisation count still see every token.
+        budget_tokens: tokens the native path is run on to measure its rounding.
+        safety: budget multiplier on the native path's error.
+        chunk_elements: the reference's memory bound (logits held at once).
+    """
+    rows = _sample_rows(record, contract, sample_tokens)
+    if rows is None:
+        reference = reference_linear_cross_entropy(record.hidden, record.weight, record.targets, contract,
+                                                   grad_output=record.upstream, chunk_elements=chunk_elements)
+        fused = record.fused
+    else:
+        reference = _sampled_reference(record, contract, rows, chunk_elements)
+        grad = record.fused.grad_hidden
+        fused = dataclasses.replace(record.fused, grad_weight=None,
+                                    grad_hidden=None if grad is None else grad.reshape(-1, grad.shape[-1])[rows])
+    budget = native_error_budget(record.hidden, record.weight, record.targets, contract,
+                                 sample_tokens=budget_tokens, safety=safety)
+    report = compare(fused, reference, contract, budget=budget)
+    return CheckResult(report, diagnose(report, group_sizes=group_sizes), None if rows is None else rows.numel())
+
+
+def _sample_rows(record: SeamRecord, contract: CEContract, sample_tokens: int | None) -> torch.Tensor | None:
+    n = record.targets.numel()
+    if sample_tokens is None or sample_tokens >= n:
+        return None
+    if contract.sequence_parallel or contract.reduction == "none":
+        raise ValueError("token sampling needs the whole sequence on this rank and a scalar loss; it does not"
+                         f" apply to layout {contract.layout} or reduction={contract.reduction!r}. Set sample_tokens=None.")
+    return torch.linspace(0, n - 1, sample_tokens, device=record.targets.device).long()
+
+
+def _sampled_reference(record: SeamRecord, contract: CEContract, rows: torch.Tensor,
+                       chunk_elements: int) -> ReferenceResult:
+    """Loss and counts over every token (statistics pass only), dL/dh on the sampled rows.
+
+    The sampled rows are run as per-token losses whose upstream gradient carries the full batch's divisor,
+    so their dL/dh rows are exactly the full batch's rows.
+    """
+    full = reference_linear_cross_entropy(record.hidden, record.weight, record.targets, contract,
+                                          grad_output=None, chunk_elements=chunk_elements)
+    hidden = record.hidden.reshape(-1, record.hidden.shape[-1])[rows]    # (n_sample, D)
+    targets = record.targets.reshape(-1)[rows]                           # (n_sample,)
+    per_token = dataclasses.replace(contract, reduction="none", normalize_by="local_tokens", token_group=None)
+    upstream = float(record.upstream) / full.divisor if contract.reduction == "mean" and full.divisor > 0 else (
+        0.0 if contract.reduction == "mean" else float(record.upstream))
+    sampled = reference_linear_cross_entropy(hidden, record.weight, targets, per_token,
+                                             grad_output=upstream, chunk_elements=chunk_elements)
+    return dataclasses.replace(full, per_token_loss=sampled.per_token_loss, lse=sampled.lse,
+                               mean_logit=sampled.mean_logit, mean_logit_local=sampled.mean_logit_local,
+                               targets=sampled.targets, grad_hidden=sampled.grad_hidden, grad_weight=None)

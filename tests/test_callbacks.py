@@ -1,0 +1,230 @@
+"""CEParityCallback and SeamHealthCallback in real (small, CPU) Lightning fits."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from ce_guard.callbacks import CEParityCallback, SeamDriftError, SeamHealthCallback, find_guarded_module
+from ce_guard.contract import CEContract
+from ce_guard.receipt import read_receipts
+from lightning_helpers import TinyLM, token_loader, trainer
+
+
+def receipts(tmp_path):
+    return list(read_receipts(tmp_path / "ce_guard" / "receipts.jsonl"))
+
+
+def test_clean_run_logs_parity_at_exactly_the_check_steps(tmp_path):
+    callback = CEParityCallback(every_n_steps=2)
+    t, log = trainer(tmp_path, [callback], max_steps=7)
+    t.fit(TinyLM(), token_loader())
+    assert log.parity_steps() == [0, 2, 4, 6]
+    for step, metrics in log.calls:
+        if "ce_parity/drift" in metrics:
+            assert metrics["ce_parity/drift"] == 0.0
+            assert math.isclose(metrics["ce_parity/grad_hidden_norm_ratio"], 1.0, rel_tol=1e-4)
+            assert metrics["ce_parity/grad_cosine"] > 0.99999
+            assert metrics["ce_parity/loss_rel_err"] < 1e-5
+            assert math.isclose(metrics["ce_parity/grad_weight_norm_ratio"], 1.0, rel_tol=1e-4)
+    records = receipts(tmp_path)
+    assert [r["step"] for r in records] == [0, 2, 4, 6]
+    assert all(r["cause"] == "within_budget" and r["bundle"] is None for r in records)
+    assert not (tmp_path / "ce_guard" / "bundles").exists()
+
+
+FAULTS = [
+    ("bf16_accumulators", {}, "accumulator_dtype"),
+    ("grad_scale", {"fault_scale": 3}, "normalization_scale"),
+    ("ignore_in_denominator", {}, "ignore_index_leak"),
+    ("missing_z_loss", {"contract": CEContract(vocab_size=96, z_loss=1e-2)}, "z_loss_boundary"),
+]
+
+
+@pytest.mark.parametrize("fault, kwargs, cause", FAULTS, ids=[f[0] for f in FAULTS])
+def test_fault_is_flagged_at_the_first_check_under_warn(tmp_path, fault, kwargs, cause):
+    t, log = trainer(tmp_path, [CEParityCallback(every_n_steps=3)], max_steps=4)
+    with pytest.warns(UserWarning, match=f"CE seam drift at step 0 \\(rank 0\\): {cause}"):
+        t.fit(TinyLM(fault=fault, **kwargs), token_loader())
+    assert t.global_step == 4  # warn keeps training
+    first = receipts(tmp_path)[0]
+    assert first["step"] == 0 and first["drift"] and first["cause"] == cause
+    bundle = torch.load(first["bundle"], weights_only=False)
+    assert bundle["diagnosis"]["cause"] == cause and bundle["hidden"].shape[-1] == 16
+    assert log.calls[0][1]["ce_parity/drift"] == 1.0
+
+
+def test_raise_policy_stops_at_the_first_check_with_the_evidence(tmp_path):
+    t, _ = trainer(tmp_path, [CEParityCallback(every_n_steps=5, policy="raise")])
+    with pytest.raises(SeamDriftError, match="normalization_scale") as info:
+        t.fit(TinyLM(fault="grad_scale", fault_scale=4), token_loader())
+    assert info.value.step == 0 and "k = 4" in info.value.summary
+    assert receipts(tmp_path)[0]["bundle"].endswith("step00000000_rank0.pt")
+
+
+def test_stop_policy_ends_the_fit_cleanly(tmp_path):
+    t, _ = trainer(tmp_path, [CEParityCallback(every_n_steps=5, policy="stop")], max_steps=20)
+    with pytest.warns(UserWarning, match="accumulator_dtype"):
+        t.fit(TinyLM(fault="bf16_accumulators"), token_loader())
+    assert t.global_step == 1 and t.should_stop
+
+
+def test_gradient_accumulation_is_not_drift(tmp_path):
+    t, log = trainer(tmp_path, [CEParityCallback(every_n_steps=2)], max_steps=4, accumulate_grad_batches=2)
+    t.fit(TinyLM(), token_loader(batches=12))
+    assert log.parity_steps() == [0, 2]
+    assert all(r["cause"] == "within_budget" for r in receipts(tmp_path))
+    assert receipts(tmp_path)[0]["report"]["n_visible"] == 4 * 12 - 4 * 3  # one micro-batch: 4 x 12, 3 padded/row
+
+
+def test_bf16_true_precision_is_judged_by_a_bf16_budget(tmp_path):
+    t, _ = trainer(tmp_path, [CEParityCallback(every_n_steps=2)], max_steps=3, precision="bf16-true")
+    t.fit(TinyLM(), token_loader())
+    records = receipts(tmp_path)
+    assert all(r["cause"] == "within_budget" for r in records), [r["summary"] for r in records]
+    assert "bfloat16" in records[0]["report"]["budget"]["source"]
+
+
+def test_bf16_mixed_precision_checks_what_autocast_fed_the_matmul(tmp_path):
+    t, _ = trainer(tmp_path, [CEParityCallback(every_n_steps=2)], max_steps=3, precision="bf16-mixed")
+    t.fit(TinyLM(), token_loader())
+    records = receipts(tmp_path)
+    assert all(r["cause"] == "within_budget" for r in records), [r["summary"] for r in records]
+    assert "bfloat16" in records[0]["report"]["budget"]["source"]
+
+
+def test_manual_optimisation_and_tied_weights(tmp_path):
+    t, log = trainer(tmp_path, [CEParityCallback(every_n_steps=2)], max_steps=4)
+    t.fit(TinyLM(manual=True, tie=True), token_loader())
+    assert log.parity_steps() == [0, 2]
+    assert all(r["cause"] == "within_budget" for r in receipts(tmp_path))
+
+
+def test_token_sampling_keeps_the_full_count(tmp_path):
+    t, _ = trainer(tmp_path, [CEParityCallback(every_n_steps=2, sample_tokens=10)], max_steps=3)
+    t.fit(TinyLM(), token_loader())
+    clean = receipts(tmp_path)[0]
+    assert clean["sampled_tokens"] == 10 and clean["report"]["n_visible"] == 36 and clean["cause"] == "within_budget"
+
+    t, _ = trainer(tmp_path / "fault", [CEParityCallback(every_n_steps=2, sample_tokens=10)], max_steps=1)
+    with pytest.warns(UserWarning, match="ignore_index_leak"):
+        t.fit(TinyLM(fault="ignore_in_denominator"), token_loader())
+
+
+def test_non_check_steps_register_no_hooks_and_never_sync(tmp_path, monkeypatch):
+    callback = CEParityCallback(every_n_steps=1000)
+    module = TinyLM()
+    t, _ = trainer(tmp_path, [callback], max_steps=1)
+    t.fit(module, token_loader())  # step 0 is checked; every later step up to 999 is not
+    syncs = []
+    for name in ("item", "tolist", "cpu", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (syncs.append(_n), _o(self, *a, **k))[1])
+    t.fit_loop.epoch_loop._batches_that_stepped = 0
+    for step in range(1, 50):
+        t.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total.completed = step
+        t.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total.completed = step
+        assert t.global_step == step
+        callback.on_train_batch_start(t, module, None, step)
+        assert not module.output._forward_hooks and not module.output._forward_pre_hooks
+        callback.on_train_batch_end(t, module, None, None, step)
+    assert syncs == []
+
+
+def test_state_round_trip_continues_the_schedule(tmp_path):
+    first = CEParityCallback(every_n_steps=2)
+    t, _ = trainer(tmp_path, [first], max_steps=3)
+    t.fit(TinyLM(), token_loader())
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint holds, rank-invariant
+    resumed = CEParityCallback(every_n_steps=2)
+    resumed.load_state_dict(state)
+    assert resumed.last_checked_step == 2 and [h["step"] for h in resumed.history] == [0, 2]
+    assert resumed.state_dict() == first.state_dict()
+
+
+def test_resume_from_a_checkpoint_does_not_recheck_or_lose_history(tmp_path):
+    callback = CEParityCallback(every_n_steps=2)
+    t, _ = trainer(tmp_path, [callback], max_steps=3, enable_checkpointing=True)
+    t.fit(TinyLM(), token_loader())
+    ckpt = next((tmp_path).rglob("*.ckpt"))
+    resumed = CEParityCallback(every_n_steps=2)
+    t2, log = trainer(tmp_path / "resumed", [resumed], max_steps=6)
+    t2.fit(TinyLM(), token_loader(), ckpt_path=str(ckpt))
+    assert log.parity_steps() == [4]
+    assert [h["step"] for h in resumed.history] == [0, 2, 4]
+
+
+def test_module_without_a_contract_warns_and_training_continues(tmp_path):
+    module = TinyLM()
+    del module.output.ce_contract
+    t, _ = trainer(tmp_path, [CEParityCallback(every_n_steps=1)], max_steps=2)
+    with pytest.warns(UserWarning, match="found no module that declares a `ce_contract`"):
+        t.fit(module, token_loader())
+    assert t.global_step == 2
+
+
+def test_module_path_errors_name_the_fix():
+    with pytest.raises(ValueError, match="names no submodule"):
+        find_guarded_module(TinyLM(), "model.head")
+    with pytest.raises(ValueError, match="declares no `ce_contract`"):
+        find_guarded_module(TinyLM(), "mix")
+    assert find_guarded_module(TinyLM(), "output").ce_contract.vocab_size == 96
+
+
+def test_missing_logger_warns_and_receipts_still_written(tmp_path):
+    t, _ = trainer(tmp_path, [CEParityCallback(every_n_steps=2)], max_steps=2, logger=False)
+    with pytest.warns(UserWarning, match="has no logger"):
+        t.fit(TinyLM(), token_loader())
+    assert [r["step"] for r in receipts(tmp_path)] == [0]
+
+
+def test_all_ignored_check_step_is_skipped_not_flagged(tmp_path):
+    loader = token_loader(pad_every=1)  # every target is ignore_index
+    t, log = trainer(tmp_path, [CEParityCallback(every_n_steps=1)], max_steps=2)
+    t.fit(TinyLM(), loader)
+    records = receipts(tmp_path)
+    assert [r["cause"] for r in records] == ["no_visible_tokens"] * 2 and not any(r["drift"] for r in records)
+
+
+def test_non_finite_fused_loss_is_reported_and_training_continues(tmp_path):
+    module = TinyLM()
+    with torch.no_grad():
+        module.output.weight[3, 0] = float("nan")
+    t, _ = trainer(tmp_path, [CEParityCallback(every_n_steps=1)], max_steps=2)
+    with pytest.warns(UserWarning, match="non_finite"):
+        t.fit(module, token_loader())
+    assert receipts(tmp_path)[0]["cause"] == "non_finite" and t.global_step == 2
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="`every_n_steps` must be an int >= 1"):
+        CEParityCallback(every_n_steps=0)
+    with pytest.raises(ValueError, match="`policy` must be one of"):
+        CEParityCallback(policy="panic")
+
+
+class SpikyLM(TinyLM):
+    """The loss jumps 50x at step 6: a generic instability, whatever the seam does."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * (50.0 if self.global_step == 6 else 1.0)
+
+
+def test_health_callback_attributes_a_spike_to_a_drifting_seam(tmp_path):
+    parity, health = CEParityCallback(every_n_steps=1), SeamHealthCallback(warmup=3, z_threshold=3.0)
+    t, log = trainer(tmp_path, [parity, health], max_steps=8)
+    module = SpikyLM(fault="grad_scale", fault_scale=2)
+    with pytest.warns(UserWarning, match="attributable: the seam was drifting"):
+        t.fit(module, token_loader())
+    spike = [s for s in health.spikes if s["step"] == 6 and s["signal"] == "loss"]
+    assert spike and spike[0]["attribution"] == "seam"
+
+
+def test_health_callback_says_look_elsewhere_when_parity_is_clean(tmp_path):
+    parity, health = CEParityCallback(every_n_steps=1), SeamHealthCallback(warmup=3, z_threshold=3.0)
+    t, _ = trainer(tmp_path, [parity, health], max_steps=8)
+    module = SpikyLM()
+    with pytest.warns(UserWarning, match="parity was clean at the last check \\(step 6\\): look elsewhere"):
+        t.fit(module, token_loader())
+    assert health.spikes[0]["attribution"] == "elsewhere"
