@@ -197,7 +197,7 @@ class _FusedLinearCrossEntropyFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, m: _ChunkMath,
-                token_chunk: int | None) -> torch.Tensor:
+                token_chunk: int | None, grad_enabled: bool) -> torch.Tensor:
         ctx.math = m
         ctx.local_hidden_shape = hidden.shape
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
@@ -210,7 +210,9 @@ class _FusedLinearCrossEntropyFn(torch.autograd.Function):
         proj_weight = weight.to(hidden.dtype)  # (V/TP, D); matmuls in the input dtype
         n_tokens = flat_targets.numel()
         ctx.token_chunk = token_chunk or _default_token_chunk(n_tokens, m.vocab_slice_size, hidden.shape[-1])
-        ctx.needs_hidden_grad, ctx.needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad ignores no_grad mode; without the check, eval would pay for gradients.
+        ctx.needs_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
+        ctx.needs_weight_grad = grad_enabled and ctx.needs_input_grad[1]
 
         if m.reduction == "none":
             per_token, lse = _per_token_forward(flat_hidden, proj_weight, flat_targets, m, ctx.token_chunk)
@@ -244,7 +246,7 @@ class _FusedLinearCrossEntropyFn(torch.autograd.Function):
             grad_hidden = _full_hidden_grad(grad_hidden, ctx)
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def _full_hidden_grad(partial: torch.Tensor, ctx) -> torch.Tensor:
@@ -285,7 +287,8 @@ def _add_weight_grad(grad_weight: torch.Tensor, logit_grad_t: torch.Tensor, hidd
     if grad_weight.dtype == logit_grad_t.dtype:
         grad_weight.addmm_(logit_grad_t, hidden)
     elif logit_grad_t.is_cuda and grad_weight.dtype == torch.float32:
-        grad_weight += torch.mm(logit_grad_t, hidden, out_dtype=torch.float32)  # bf16 tensor cores, fp32 out
+        # bf16 tensor cores accumulating straight into the fp32 buffer (no product-sized temporary)
+        torch.addmm(grad_weight, logit_grad_t, hidden, out_dtype=torch.float32, out=grad_weight)
     else:  # CPU (no mixed-dtype mm there): exact upcast of the low-precision operands, then one wide matmul
         grad_weight.addmm_(logit_grad_t.to(grad_weight.dtype), hidden.to(grad_weight.dtype))
 
@@ -348,7 +351,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                fault: SeamFault | str | None = None, fault_scale: int = 2) -> torch.Tensor:
     """Functional form of :class:`FusedLinearCrossEntropy` (no shape validation; the module does that)."""
     m = _resolve_math(contract, None if fault is None else SeamFault(fault), fault_scale)
-    return _FusedLinearCrossEntropyFn.apply(hidden, weight, targets, m, token_chunk)
+    return _FusedLinearCrossEntropyFn.apply(hidden, weight, targets, m, token_chunk, torch.is_grad_enabled())
 
 
 def make_output_weight(hidden_size: int, rows: int, weight: nn.Parameter | None, *, owner: str,
@@ -435,7 +438,8 @@ class FusedLinearCrossEntropy(nn.Module):
         if targets.dtype != torch.int64:
             raise ValueError(f"{owner}: `targets` must be int64 class ids, found {targets.dtype}."
                              " Cast with targets.long().")
-        return _FusedLinearCrossEntropyFn.apply(hidden, self.weight, targets, self._math, self.token_chunk)
+        return _FusedLinearCrossEntropyFn.apply(hidden, self.weight, targets, self._math, self.token_chunk,
+                                                torch.is_grad_enabled())
 
     def extra_repr(self) -> str:
         fault = f", fault={self.fault.value}" if self.fault else ""

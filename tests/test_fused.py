@@ -17,7 +17,7 @@ from torch import nn
 
 from ce_guard.contract import CEContract
 from ce_guard.faults import SeamFault
-from ce_guard.fused import FusedLinearCrossEntropy
+from ce_guard.fused import FusedLinearCrossEntropy, fused_linear_cross_entropy
 
 IGNORE = -100
 N, D, V = 47, 31, 123  # odd on purpose: no chunk size divides N, no power of two anywhere
@@ -166,6 +166,18 @@ def test_batched_shapes_keep_their_layout():
     assert h.grad.shape == (4, 11, 16)
     torch.testing.assert_close(loss.reshape(-1).double(), oracle(hidden, weight, targets, reduction="none")[0],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_functional_form_equals_module_and_eval_skips_gradients(monkeypatch):
+    hidden, weight, targets = make_inputs(ignore_every=3)
+    contract = CEContract(vocab_size=V, label_smoothing=0.1)
+    head = FusedLinearCrossEntropy(D, contract, weight=nn.Parameter(weight.clone()), token_chunk=9)
+    functional = fused_linear_cross_entropy(hidden, head.weight, targets, contract=contract, token_chunk=9)
+    torch.testing.assert_close(functional, head(hidden, targets), rtol=0, atol=0)
+    # Under no_grad the forward must not compute the gradients it computes in training.
+    monkeypatch.setattr("ce_guard.fused._logit_grad", lambda *a, **k: pytest.fail("gradient computed in eval"))
+    with torch.no_grad():
+        torch.testing.assert_close(head(hidden, targets), functional.detach(), rtol=0, atol=0)
 
 
 def test_borrowed_weight_is_shared_with_tied_embedding():
