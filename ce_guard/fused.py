@@ -241,7 +241,6 @@ class _FusedLinearCrossEntropyFn(torch.autograd.Function):
         else:
             grad_hidden = None if ctx.grad_hidden is None else ctx.grad_hidden * grad_loss
             grad_weight = None if ctx.grad_weight is None else ctx.grad_weight * grad_loss
-            ctx.grad_hidden = ctx.grad_weight = None
         if grad_hidden is not None:
             grad_hidden = _full_hidden_grad(grad_hidden, ctx)
         if grad_weight is not None:

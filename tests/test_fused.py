@@ -180,6 +180,17 @@ def test_functional_form_equals_module_and_eval_skips_gradients(monkeypatch):
         torch.testing.assert_close(head(hidden, targets), functional.detach(), rtol=0, atol=0)
 
 
+def test_retain_graph_second_backward_gives_the_same_grads():
+    hidden, weight, targets = make_inputs(ignore_every=3)
+    head = FusedLinearCrossEntropy(D, CEContract(vocab_size=V), weight=nn.Parameter(weight), token_chunk=9)
+    h = hidden.clone().requires_grad_()
+    loss = head(h, targets)
+    first = torch.autograd.grad(loss, (h, head.weight), retain_graph=True)
+    second = torch.autograd.grad(loss, (h, head.weight))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_borrowed_weight_is_shared_with_tied_embedding():
     embedding = nn.Embedding(V, D)
     head = FusedLinearCrossEntropy(D, CEContract(vocab_size=V), weight=embedding.weight, token_chunk=16)
