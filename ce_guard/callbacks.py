@@ -30,6 +30,7 @@ from ce_guard.contract import CEContract
 from ce_guard.diagnose import Cause
 from ce_guard.parity import SeamOutputs
 from ce_guard.receipt import append_receipt
+from ce_guard.wandb_panels import WandbPanels
 
 Policy = Literal["warn", "raise", "stop"]
 POLICIES = ("warn", "raise", "stop")
@@ -102,6 +103,7 @@ class CEParityCallback(Callback):
 
     # ----------------------------------------------------------------------------------------- set-up
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._panels = WandbPanels(trainer)  # no-op without a WandbLogger
         try:
             self._module = find_guarded_module(pl_module, self.module_path)
         except ValueError as err:
@@ -189,11 +191,13 @@ class CEParityCallback(Callback):
 
         bundle = self._write_bundle(trainer, outcome, step) if drifting else None
         if trainer.is_global_zero:
-            append_receipt(self._receipts_path(trainer), {
+            receipt = {
                 **entry, "epoch": trainer.current_epoch, "metrics": metrics, "verdicts": verdicts,
                 "report": result.report.to_dict(), "sampled_tokens": result.sampled_tokens,
                 "layout": self._module.ce_contract.layout, "bundle": bundle,
-            })
+            }
+            append_receipt(self._receipts_path(trainer), receipt)
+            self._panels.log_check(receipt)
         if not drifting:
             return
         message = (f"CE seam drift at step {step} (rank {first['rank']}): {first['cause']}: {first['summary']}."
