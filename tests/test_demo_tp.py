@@ -60,6 +60,9 @@ def _check_tp(mesh: DeviceMesh, sequence_parallel: bool) -> None:
     tp_loss = tp(input_ids, targets)
     tp_loss.backward()
 
+    if sequence_parallel:  # an uneven split would hang the collectives, so it must fail fast instead
+        with pytest.raises(ValueError, match="multiple of the TP degree 2"):
+            tp(input_ids[:, :21], targets[:, :21])
     # The output module's side of the seam: a plain, full (B, S, D) tensor, whatever the TP layout.
     assert type(seen[0]) is torch.Tensor and seen[0].shape == (2, 22, 32)
 

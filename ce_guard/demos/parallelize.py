@@ -68,6 +68,18 @@ def _check_divisible(config: HybridConfig, tp: int) -> None:
                          f"degree that divides them or change the HybridConfig.")
 
 
+def _seq_divisible_by(tp: int):
+    """Pre-hook for the embedding: with an uneven sequence split a 2-rank gloo run (torch 2.13) hung in
+    the SP collectives instead of failing, so refuse it on every rank before the first collective."""
+
+    def check(module: nn.Module, args: tuple[torch.Tensor]) -> None:
+        if args[0].shape[1] % tp:
+            raise ValueError(f"Expected the sequence length to be a multiple of the TP degree {tp} under "
+                             f"sequence parallelism, got {args[0].shape[1]}; change `seq_len`.")
+
+    return check
+
+
 def _mixer_plan(kind: str, seq_layout: Shard | Replicate) -> dict[str, ParallelStyle]:
     """Column-parallel into the heads (or MLP width), row-parallel back to the residual stream."""
     out = RowwiseParallel(output_layouts=seq_layout)
@@ -94,7 +106,8 @@ def apply_tp(model: HybridLM, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -
     a ``Shard(1)`` DTensor under sequence parallel.
 
     Raises:
-        ValueError: if the TP degree does not divide the vocabulary, a head or group count, or ``d_ff``.
+        ValueError: if the TP degree does not divide the vocabulary, a head or group count, or ``d_ff``;
+            later, in forward, if it does not divide the sequence length under sequence parallelism.
     """
     _check_divisible(model.config, tp_mesh.size())
     seq_layout = Shard(1) if sequence_parallel else Replicate()
@@ -107,6 +120,8 @@ def apply_tp(model: HybridLM, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -
         root_plan["output"] = PrepareModuleInput(  # gather the sequence: the output module sees (B, S, D)
             input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None), use_local_output=True)
     parallelize_module(model, tp_mesh, root_plan)
+    if sequence_parallel:
+        model.tok_embeddings.register_forward_pre_hook(_seq_divisible_by(tp_mesh.size()), prepend=True)
 
     for block in model.layers:
         plan = {f"mixer.{name}": style for name, style in _mixer_plan(block.kind, seq_layout).items()}
