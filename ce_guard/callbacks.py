@@ -98,6 +98,7 @@ class CEParityCallback(Callback):
         self.last_checked_step = -1
         self.history: list[dict[str, Any]] = []
         self._module: nn.Module | None = None
+        self._resolved_run_dir: str | None = None
         self._recording: _Recording | None = None
         self._metrics: dict[str, MeanMetric | MaxMetric] = {}
 
@@ -246,7 +247,7 @@ class CEParityCallback(Callback):
         return str(path)
 
     def _run_dir(self, trainer) -> str:
-        return self.run_dir or trainer.log_dir or trainer.default_root_dir
+        return self._resolved_run_dir or self.run_dir or trainer.default_root_dir
 
     def _receipts_path(self, trainer) -> Path:
         return Path(self._run_dir(trainer)) / "ce_guard" / "receipts.jsonl"

@@ -94,3 +94,46 @@ def trainer(tmp_path, callbacks, *, max_steps: int = 6, logger=True, **kwargs) -
                    callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
                    default_root_dir=str(tmp_path), **kwargs)
     return t, log
+
+
+class MeshTinyLM(TinyLM):
+    """TinyLM for ModelParallelStrategy: the output is vocab-parallel over the TP dim, FSDP2 over the DP dim."""
+
+    def __init__(self, vocab: int = 96, hidden: int = 16, fault=None, global_tokens: bool = True,
+                 nan_on_rank: int | None = None) -> None:
+        super().__init__(vocab, hidden)
+        self.vocab, self.fault, self.global_tokens, self.nan_on_rank = vocab, fault, global_tokens, nan_on_rank
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        tp, dp = self.device_mesh["tensor_parallel"], self.device_mesh["data_parallel"]
+        rows = self.vocab // tp.size()
+        start = tp.get_local_rank() * rows
+        contract = CEContract(
+            vocab_size=self.vocab, layout="[S,B,V/TP]" if tp.size() > 1 else "[N,V]", vocab_start=start,
+            vocab_end=start + rows, tp_group=tp.get_group(),
+            normalize_by="global_tokens" if self.global_tokens else "local_tokens",
+            token_group=dp.get_group() if self.global_tokens else None)
+        torch.manual_seed(0)
+        full = torch.randn(self.vocab, self.embed.embedding_dim) * 0.1
+        self.output = FusedLinearCrossEntropy(self.embed.embedding_dim, contract, fault=self.fault, token_chunk=16,
+                                              weight=nn.Parameter(full[start:start + rows].clone()))
+        if dp.size() > 1:
+            fully_shard(self, mesh=dp)
+
+    def forward(self, tokens, targets):
+        hidden = torch.tanh(self.mix(self.embed(tokens)))
+        if self.nan_on_rank is not None and self.global_rank == self.nan_on_rank:
+            hidden = hidden * float("nan")
+        return self.output(hidden, targets)
+
+
+def uneven_padding_loader(vocab: int = 96, rows: int = 32, seq: int = 12) -> DataLoader:
+    """Even rows pad half their targets, odd rows one in six: DP rank 0 and rank 1 see unequal counts."""
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, vocab, (rows, seq), generator=gen)
+    targets = torch.randint(0, vocab, (rows, seq), generator=gen)
+    targets[0::2, : seq // 2] = -100
+    targets[1::2, ::6] = -100
+    return DataLoader(TensorDataset(tokens, targets), batch_size=4)

@@ -1,0 +1,98 @@
+"""CEParityCallback under ModelParallelStrategy on 2 gloo ranks: DP=2 with FSDP2, and TP=2 vocab-parallel."""
+
+import os
+import tempfile
+import warnings
+
+import pytest
+
+from dist_helpers import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+
+def _fit(root, dp, tp, *, fault=None, policy="warn", nan_on_rank=None, max_steps=3):
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from ce_guard.callbacks import CEParityCallback
+    from ce_guard.receipt import read_receipts
+    from lightning_helpers import MeshTinyLM, RecordingLogger, uneven_padding_loader
+
+    logger = RecordingLogger(root)
+    callback = CEParityCallback(every_n_steps=2, policy=policy)
+    trainer = pl.Trainer(
+        strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp), accelerator="cpu",
+        devices=2, max_steps=max_steps, logger=logger, callbacks=[callback], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(MeshTinyLM(fault=fault, nan_on_rank=nan_on_rank), uneven_padding_loader())
+    path = os.path.join(root, "ce_guard", "receipts.jsonl")
+    return {
+        "history": callback.history,
+        "receipts": list(read_receipts(path)) if os.path.exists(path) else [],
+        "logged_steps": logger.parity_steps(),
+        "global_step": trainer.global_step,
+        "warnings": [str(w.message) for w in caught if "CE seam" in str(w.message)],
+        "bundles": sorted(os.listdir(os.path.join(root, "ce_guard", "bundles")))
+        if os.path.isdir(os.path.join(root, "ce_guard", "bundles")) else [],
+    }
+
+
+def scenarios(rank, world):
+    out = {}
+    base = tempfile.mkdtemp(prefix="ce_guard_dist_") if rank == 0 else None
+    import torch.distributed as dist
+
+    box = [base]
+    dist.broadcast_object_list(box, src=0)
+    base = box[0]
+    out["dp_clean"] = _fit(os.path.join(base, "dp_clean"), dp=2, tp=1)
+    out["dp_local"] = _fit(os.path.join(base, "dp_local"), dp=2, tp=1, fault="local_normalization")
+    out["tp_clean"] = _fit(os.path.join(base, "tp_clean"), dp=1, tp=2)
+    out["tp_unmasked"] = _fit(os.path.join(base, "tp_unmasked"), dp=1, tp=2, fault="unmasked_partition_targets",
+                              policy="stop", max_steps=5)
+    out["dp_nan_rank1"] = _fit(os.path.join(base, "dp_nan"), dp=2, tp=1, nan_on_rank=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(scenarios, 2, timeout=400)
+
+
+def test_dp_clean_run_is_within_budget_on_every_rank(results):
+    for res in results:
+        assert [h["cause"] for h in res["dp_clean"]["history"]] == ["within_budget", "within_budget"]
+    assert results[0]["dp_clean"]["logged_steps"] == [0, 2]
+    assert [r["step"] for r in results[0]["dp_clean"]["receipts"]] == [0, 2]  # rank zero alone writes receipts
+
+
+def test_local_normalisation_with_unequal_padding_is_flagged_at_the_first_check(results):
+    for res in results:
+        first = res["dp_local"]["history"][0]
+        assert first["step"] == 0 and first["drift"] and first["cause"] == "normalization_owner", first
+    receipt = results[0]["dp_local"]["receipts"][0]
+    causes = {v["rank"]: v["cause"] for v in receipt["verdicts"]}
+    assert causes == {0: "normalization_owner", 1: "normalization_owner"}
+    assert "divides by this rank's non-ignored tokens" in receipt["summary"]
+    assert results[0]["dp_local"]["bundles"] == ["step00000000_rank0.pt", "step00000000_rank1.pt"]  # one per rank
+
+
+def test_tp_clean_run_is_within_budget(results):
+    for res in results:
+        assert all(h["cause"] == "within_budget" for h in res["tp_clean"]["history"]), res["tp_clean"]["history"]
+
+
+def test_unmasked_partition_targets_stop_the_fit_on_every_rank(results):
+    for res in results:
+        run = res["tp_unmasked"]
+        assert run["history"][0]["cause"] == "target_masking" and run["global_step"] == 1, run["history"]
+
+
+def test_nan_on_one_rank_is_agreed_and_never_hangs(results):
+    for res in results:
+        first = res["dp_nan_rank1"]["history"][0]
+        assert first["drift"] and first["cause"] == "non_finite" and first["rank"] == 1, first
+        assert res["dp_nan_rank1"]["global_step"] == 3  # warn: training went on on both ranks
