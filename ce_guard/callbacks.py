@@ -30,6 +30,7 @@ from ce_guard.contract import CEContract
 from ce_guard.diagnose import Cause
 from ce_guard.parity import SeamOutputs
 from ce_guard.receipt import append_receipt
+from ce_guard.reference import reduction_plan
 from ce_guard.wandb_panels import WandbPanels
 
 Policy = Literal["warn", "raise", "stop"]
@@ -195,7 +196,7 @@ class CEParityCallback(Callback):
             receipt = {
                 **entry, "epoch": trainer.current_epoch, "metrics": metrics, "verdicts": verdicts,
                 "report": result.report.to_dict(), "sampled_tokens": result.sampled_tokens,
-                "layout": self._module.ce_contract.layout, "bundle": bundle,
+                "seam": reduction_plan(self._module.ce_contract), "bundle": bundle,
             }
             append_receipt(self._receipts_path(trainer), receipt)
             self._panels.log_check(receipt)

@@ -160,6 +160,28 @@ def reference_linear_cross_entropy(
     )
 
 
+def reduction_plan(contract: CEContract) -> dict[str, str]:
+    """Where each reduction of the reference happens and over which group: the sentences a receipt states."""
+    tp = _dist.group_size(contract.tp_group)
+    over_tp = f"all-reduce {{}} over the TP group ({tp} ranks)" if tp > 1 else "local (TP=1, no collective)"
+    tokens = _dist.group_size(contract.token_group)
+    plan = {
+        "layout": contract.layout,
+        "sequence": (f"hidden [S/SP,B,D] all-gathered over the TP group ({tp} ranks) before the loss"
+                     if contract.sequence_parallel else "tokens as given on this rank"),
+        "target_masking": (f"targets outside [{contract.vocab_start}, {contract.vocab_end}) contribute 0 to the"
+                           " gathered target logit; only the owning rank adds it" if tp > 1 else "whole vocabulary"),
+        "running_max": "fp32 per vocab block, then " + over_tp.format("MAX"),
+        "denominator": "fp32, rescaled to the global max, then " + over_tp.format("SUM"),
+        "target_logit": "fp32, " + over_tp.format("SUM"),
+        "grad_hidden": "fp32 per vocab slice, then " + over_tp.format("SUM"),
+        "token_count": (f"non-ignored tokens all-reduced SUM over the token group ({tokens} ranks)"
+                        if tokens > 1 else "non-ignored tokens on this rank"),
+        "normalization": contract.describe_normalization(),
+    }
+    return plan
+
+
 def _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk):
     """Pass 1: per-token lse, target logit and logit sum over the *global* vocab, all fp32.
 
@@ -306,8 +328,6 @@ def _validate(hidden, weight, targets, contract, grad_output, chunk_elements, to
     if hidden.device != weight.device or hidden.device != targets.device:
         raise ValueError(f"`hidden`, `weight` and `targets` must be on one device, got {hidden.device},"
                          f" {weight.device} and {targets.device}.")
-    if contract.layout != "[N,V]" and hidden.dim() != 3:
-        raise ValueError(f"layout {contract.layout} expects hidden as [S, B, D], got {tuple(hidden.shape)}.")
     bad = (targets != contract.ignore_index) & ((targets < 0) | (targets >= contract.vocab_size))
     if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0])

@@ -85,6 +85,17 @@ def test_tp_clean_run_is_within_budget(results):
         assert all(h["cause"] == "within_budget" for h in res["tp_clean"]["history"]), res["tp_clean"]["history"]
 
 
+def test_receipts_state_each_reduction_and_its_group(results):
+    tp_seam = results[0]["tp_clean"]["receipts"][0]["seam"]
+    assert tp_seam["layout"] == "[S,B,V/TP]"
+    assert tp_seam["running_max"].endswith("all-reduce MAX over the TP group (2 ranks)")
+    assert tp_seam["denominator"].endswith("all-reduce SUM over the TP group (2 ranks)")
+    assert "targets outside [0, 48)" in tp_seam["target_masking"]
+    dp_seam = results[0]["dp_clean"]["receipts"][0]["seam"]
+    assert dp_seam["token_count"] == "non-ignored tokens all-reduced SUM over the token group (2 ranks)"
+    assert dp_seam["normalization"].startswith("mean over global non-ignored tokens summed over a token group of 2")
+
+
 def test_unmasked_partition_targets_stop_the_fit_on_every_rank(results):
     for res in results:
         run = res["tp_unmasked"]

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from broken_paths import broken_fused
 from ce_guard.contract import CEContract
 from ce_guard.diagnose import diagnose
-from ce_guard.parity import compare, native_error_budget
+from ce_guard.parity import SeamOutputs, compare, native_error_budget
 from ce_guard.reference import reference_linear_cross_entropy
 from dist_helpers import run_distributed
 
@@ -72,9 +72,32 @@ def tp_cases(rank, world):
     out["diag_sp_shard"] = _diagnose(hidden[seq], weight[rows], unpadded[seq],
                                      _tp_contract(rank, world, layout="[S/SP,B,V/TP]"), "shard_normalization",
                                      TP=world, SP=world)
+    out["loss_parallel"] = _against_loss_parallel(hidden, weight, targets, rank, world)
     out["diag_sp_shard_unequal"] = _diagnose(hidden[seq], weight[rows], targets[seq],
                                              _tp_contract(rank, world, layout="[S/SP,B,V/TP]"),
                                              "shard_normalization", TP=world, SP=world)
+    return out
+
+
+def _against_loss_parallel(hidden, weight, targets, rank, world):
+    """PyTorch's own vocab-parallel CE (DTensor logits, loss_parallel) is an independent check of the reference."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ce_guard.adapters import LossParallelCrossEntropy
+
+    mesh = init_device_mesh("cpu", (world,))
+    rows = slice(rank * V // world, (rank + 1) * V // world)
+    out = {}
+    for reduction in ("mean", "sum"):
+        layer = LossParallelCrossEntropy(D, V, mesh, reduction=reduction, weight=torch.nn.Parameter(weight[rows].clone()))
+        h = hidden.clone().requires_grad_()
+        loss = layer(h, targets)
+        loss.backward()
+        fused = SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=layer.weight.grad)
+        reference = reference_linear_cross_entropy(hidden, weight[rows], targets, layer.ce_contract)
+        report = compare(fused, reference, layer.ce_contract)
+        out[reduction] = (diagnose(report).cause.value, report.loss_rel_err, report.grad_hidden_rel_err,
+                          report.grad_weight_rel_err)
     return out
 
 
@@ -120,6 +143,13 @@ def test_vocab_parallel_reference_equals_tp1(tp_results, case):
     for rank, res in enumerate(tp_results):
         loss_diff, dh_diff, dw_diff = res[case]
         assert loss_diff < 2e-5 and dh_diff < 2e-5 and dw_diff < 2e-5, (rank, res[case])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reference_agrees_with_torch_loss_parallel(tp_results, reduction):
+    for res in tp_results:
+        cause, loss_err, dh_err, dw_err = res["loss_parallel"][reduction]
+        assert cause == "within_budget" and loss_err < 1e-6 and dh_err < 1e-5 and dw_err < 1e-5, res["loss_parallel"]
 
 
 def test_clean_tp_path_is_within_budget(tp_results):
