@@ -1,6 +1,28 @@
-"""ce_guard: guard the logits-to-loss seam of a fused output layer during training."""
+"""ce_guard: guard the logits-to-loss seam of a fused output layer during training.
 
+The core (contract, reference, parity, diagnose, check, receipt) imports neither Lightning nor wandb;
+the callbacks load Lightning only when first asked for.
+"""
+
+from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
+from ce_guard.diagnose import Cause, Diagnosis, diagnose
+from ce_guard.parity import ErrorBudget, ParityReport, SeamOutputs, compare, native_error_budget
+from ce_guard.reference import ReferenceResult, reference_linear_cross_entropy
 
-__all__ = ["CEContract"]
+__all__ = [
+    "CEContract", "CEParityCallback", "Cause", "CheckResult", "Diagnosis", "ErrorBudget", "ParityReport",
+    "ReferenceResult", "SeamDriftError", "SeamHealthCallback", "SeamOutputs", "SeamRecord", "check_seam",
+    "compare", "diagnose", "native_error_budget", "reference_linear_cross_entropy",
+]
 __version__ = "0.1.0"
+
+_LIGHTNING_EXPORTS = ("CEParityCallback", "SeamDriftError", "SeamHealthCallback")
+
+
+def __getattr__(name: str):
+    if name in _LIGHTNING_EXPORTS:
+        from ce_guard import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module 'ce_guard' has no attribute {name!r}")

@@ -56,3 +56,12 @@ def test_record_from_a_newer_version_is_refused():
     record = CEContract(vocab_size=8).to_dict() | {"temperature": 2.0}
     with pytest.raises(ValueError, match=r"unknown CEContract fields \['temperature'\]"):
         CEContract.from_dict(record)
+
+
+def test_core_imports_neither_lightning_nor_wandb():
+    import subprocess
+    import sys
+
+    code = "import sys, ce_guard; print('lightning' in sys.modules, 'wandb' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
