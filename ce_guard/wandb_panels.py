@@ -1,4 +1,4 @@
-"""W&B panels for the parity callback: step axes and summaries, a receipts table, an alert and the bundle on drift.
+"""W&B for the parity callback: step axes, summaries, a receipts table; on drift an alert and the bundle.
 
 Built on Lightning's ``WandbLogger``, found in ``trainer.loggers``. Without one every method is a no-op:
 the metrics still reach the other loggers and receipts and bundles still reach local files. ``wandb``
@@ -80,7 +80,7 @@ class WandbPanels:
             self._run.define_metric(name, step_metric=STEP_KEY, summary=summary)
 
     def log_check(self, receipt: dict[str, Any]) -> None:
-        """Append ``receipt`` (the record just written to receipts.jsonl) to the table; alert and upload on drift."""
+        """Add the receipt just appended to receipts.jsonl to the table; alert and upload on drift."""
         if self._run is None:
             return
         self._guard("receipts table", self._log_table, receipt)
@@ -120,7 +120,7 @@ class WandbPanels:
         path = Path(receipt["bundle"])
         artifact = wandb.Artifact(f"ce_guard-bundle-{self._run.id}", type=BUNDLE_TYPE,
                                   description=f"ce-guard replay {path.name}",
-                                  metadata={key: receipt.get(key) for key in ("step", "rank", "cause", "summary")})
+                                  metadata={k: receipt.get(k) for k in ("step", "rank", "cause", "summary")})
         artifact.add_file(str(path), name=path.name)
         self._run.log_artifact(artifact, aliases=["latest", f"step{receipt['step']}"])
 
