@@ -1,0 +1,138 @@
+"""A parity report from receipts alone: four panels over steps, drift marked with its cause, and an HTML page.
+
+Reads only what ``receipts.jsonl`` holds (the DP-averaged ``ce_parity/*`` metrics of each check), so a
+report can be made after the run, on another machine, without the model or W&B.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on clusters or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+# (metric, title, log scale, budget) per panel; a budget is drawn where the receipts carry one.
+PANELS = (
+    ("loss_rel_err", "loss relative error", True, "budget_loss_rel"),
+    ("grad_hidden_norm_ratio", "dL/dh norm ratio (fused / reference)", True, "budget_grad_hidden_rel"),
+    ("grad_cosine", "dL/dh cosine", False, None),
+    ("grad_weight_norm_ratio", "dL/dW norm ratio (fused / reference)", True, None),
+)
+TABLE_COLUMNS = ("step", "drift", "cause", "loss_rel_err", "grad_hidden_norm_ratio", "grad_cosine",
+                 "grad_weight_norm_ratio", "summary")
+
+
+def metric_series(records: Sequence[dict[str, Any]], name: str) -> tuple[list[int], list[float]]:
+    """Steps and values of ``ce_parity/<name>``; checks that did not measure it are left out."""
+    steps, values = [], []
+    for record in records:
+        value = record.get("metrics", {}).get(f"ce_parity/{name}")
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            steps.append(record["step"])
+            values.append(float(value))
+    return steps, values
+
+
+def plot_receipts(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write the four-panel PNG; drift steps get a red line on every panel and their cause on the top one."""
+    fig, axes = plt.subplots(len(PANELS), 1, figsize=(10, 2.6 * len(PANELS)), sharex=True,
+                             constrained_layout=True)
+    drifts = [r for r in records if r.get("drift")]
+    for ax, (name, title, log, budget) in zip(axes, PANELS):
+        steps, values = metric_series(records, name)
+        if log and any(v <= 0 for v in values):
+            # A zero error (bit-exact) has no log; show it at the bottom of the axis instead of dropping it.
+            floor = min((v for v in values if v > 0), default=1e-12) / 10
+            values = [max(v, floor) for v in values]
+        ax.plot(steps, values, marker="o", markersize=3, linewidth=1, label=name)
+        if log and values:
+            ax.set_yscale("log")
+        if name.endswith("norm_ratio"):
+            ax.axhline(1.0, color="black", linewidth=0.6)  # a ratio of 1 is exact
+        _draw_budget(ax, records, name, budget)
+        for record in drifts:
+            ax.axvline(record["step"], color="tab:red", alpha=0.5, linewidth=1)
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.grid(alpha=0.3)
+        if not steps:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="gray")
+    _label_drifts(axes[0], drifts)
+    axes[-1].set_xlabel("trainer/global_step")
+    fig.suptitle(f"ce_guard parity: {len(records)} checks, {len(drifts)} with drift", fontsize=11)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _draw_budget(ax, records, name: str, budget: str | None) -> None:
+    if budget is None:
+        return
+    steps, limits = metric_series(records, budget)
+    if not steps:
+        return
+    if name.endswith("norm_ratio"):  # a relative error of b bounds the norm ratio to [1 - b, 1 + b]
+        ax.step(steps, [1 + b for b in limits], where="mid", color="gray", linestyle="--", label="budget")
+        ax.step(steps, [max(1 - b, 1e-12) for b in limits], where="mid", color="gray", linestyle="--")
+    else:
+        ax.step(steps, limits, where="mid", color="gray", linestyle="--", label="budget")
+    ax.legend(loc="upper right", fontsize=8)
+
+
+def _label_drifts(ax, drifts: Sequence[dict[str, Any]]) -> None:
+    """Name each drift's cause once per run of equal causes, so a long drift does not stack labels."""
+    previous = None
+    for record in drifts:
+        if record.get("cause") != previous:
+            ax.annotate(record.get("cause", "?"), xy=(record["step"], 1), xycoords=("data", "axes fraction"),
+                        xytext=(2, -2), textcoords="offset points", rotation=90, va="top", fontsize=8,
+                        color="tab:red")
+        previous = record.get("cause")
+
+
+def write_html(records: Sequence[dict[str, Any]], png: str | Path, path: str | Path, *, source: str) -> Path:
+    """A self-contained page: the PNG inlined as base64 and one table row per check."""
+    image = base64.b64encode(Path(png).read_bytes()).decode()
+    rows = []
+    for record in records:
+        metrics = record.get("metrics", {})
+        cells = []
+        for column in TABLE_COLUMNS:
+            value = record.get(column, metrics.get(f"ce_parity/{column}"))
+            cells.append(f"<td>{html.escape(_format(value))}</td>")
+        rows.append(f"<tr class=\"{'drift' if record.get('drift') else 'ok'}\">{''.join(cells)}</tr>")
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_COLUMNS)
+    drifts = sum(bool(r.get("drift")) for r in records)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>ce_guard parity report</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: left; }}
+tr.drift {{ background: #fde2e2; }}
+</style></head><body>
+<h1>ce_guard parity report</h1>
+<p>{len(records)} checks, {drifts} with drift. Source: <code>{html.escape(source)}</code></p>
+<img alt="parity over steps" src="data:image/png;base64,{image}">
+<table><thead><tr>{header}</tr></thead><tbody>
+{chr(10).join(rows)}
+</tbody></table></body></html>
+"""
+    path = Path(path)
+    path.write_text(page)
+    return path
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
