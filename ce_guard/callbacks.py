@@ -29,7 +29,7 @@ from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
 from ce_guard.diagnose import Cause
 from ce_guard.parity import SeamOutputs
-from ce_guard.receipt import append_receipt
+from ce_guard.receipt import append_receipt, drop_receipts_after
 from ce_guard.reference import reduction_plan
 from ce_guard.wandb_panels import WandbPanels
 
@@ -100,6 +100,7 @@ class CEParityCallback(Callback):
         self.history: list[dict[str, Any]] = []
         self._module: nn.Module | None = None
         self._resolved_run_dir: str | None = None
+        self._resumed = False
         self._recording: _Recording | None = None
         self._metrics: dict[str, MeanMetric | MaxMetric] = {}
 
@@ -114,6 +115,11 @@ class CEParityCallback(Callback):
             rank_zero_warn(f"{err} CEParityCallback is disabled for this fit.")
             self._module = None
             return
+        if self._resumed and trainer.is_global_zero:
+            dropped = drop_receipts_after(self._receipts_path(trainer), self.last_checked_step)
+            if dropped:
+                rank_zero_info(f"CEParityCallback: resumed after step {self.last_checked_step}; dropped {dropped}"
+                               " receipts of steps that run again.")
         if not trainer.loggers:
             rank_zero_warn("CEParityCallback: the Trainer has no logger, so parity metrics go to the receipts"
                            f" file only ({self._receipts_path(trainer)}). Add a logger (e.g. WandbLogger) for panels.")
@@ -264,6 +270,7 @@ class CEParityCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_checked_step = int(state_dict["last_checked_step"])
         self.history = [dict(h) for h in state_dict["history"]]
+        self._resumed = True
 
 
 _AGGREGATED = ("loss_fused", "loss_ref", "loss_rel_err", "grad_hidden_norm_ratio", "grad_cosine",

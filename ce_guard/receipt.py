@@ -56,6 +56,30 @@ def read_receipts(path: str | os.PathLike, *, strict: bool = False) -> Iterator[
         yield record
 
 
+def drop_receipts_after(path: str | os.PathLike, step: int) -> int:
+    """Keep only records with ``record["step"] <= step``; return how many were dropped.
+
+    On resume from a checkpoint the steps after it run again, so their receipts from the lost run would
+    be duplicates. The kept records are written to a temporary file that atomically replaces the original:
+    a crash here leaves either the old file or the new one, never a mix.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    text = path.read_text()
+    records = list(read_receipts(path))
+    kept = [r for r in records if r.get("step", -1) <= step]
+    if len(kept) == len(records) and (not text or text.endswith("\n")):
+        return 0  # nothing to drop and no torn tail to clear
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r, default=_jsonable, allow_nan=True) + "\n" for r in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(records) - len(kept)
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()

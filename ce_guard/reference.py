@@ -100,6 +100,7 @@ def reference_linear_cross_entropy(
     nonfinite = {"hidden": int((~torch.isfinite(hidden)).sum()), "weight": int((~torch.isfinite(weight)).sum())}
 
     local_shape = targets.shape
+    targets = targets.long()                   # any integer dtype in; gather and scatter need int64
     h = hidden.reshape(-1, hidden.shape[-1])  # (N_local, D)
     y = targets.reshape(-1)                    # (N_local,)
     if contract.sequence_parallel:            # [S/SP,B,D] -> gather the sequence: (S*B, D) in rank order
