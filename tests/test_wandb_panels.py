@@ -78,7 +78,10 @@ def offline_wandb(tmp_path, monkeypatch):
         return real_connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", local_only)
-    return tmp_path
+    yield tmp_path
+    import wandb
+
+    wandb.finish()  # a failed test must not leave its run open for the next WandbLogger to reuse
 
 
 def test_offline_fit_records_metrics_table_alert_and_bundle(offline_wandb):
