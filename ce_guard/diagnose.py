@@ -16,7 +16,7 @@ from enum import Enum
 from ce_guard.parity import ParityReport
 
 SCALE_COSINE = 0.999     # a pure scale leaves the gradient's direction intact
-SCALE_TOLERANCE = 0.005  # |measured / expected - 1| for a named scale factor
+SCALE_TOLERANCE = 0.005  # relative tolerance on (expected - 1) for a named scale factor
 OFFSET_TOLERANCE = 0.05  # relative tolerance on a named loss offset
 
 
@@ -77,8 +77,8 @@ def diagnose(report: ParityReport, *, group_sizes: Mapping[str, int] | None = No
     sizes = dict(group_sizes or {})
     sizes.setdefault("TP", report.tp_size)
     sizes.setdefault("DP", report.token_group_size)
-    for rule in (_non_finite, _empty, _within_budget, _ignored_rows, _scale, _offset, _target_masking,
-                 _precision):
+    for rule in (_non_finite, _empty, _within_budget, _ignored_rows, _named_scale, _offset, _target_masking,
+                 _unnamed_scale, _precision):
         found = rule(report, sizes)
         if found is not None:
             return found
@@ -126,25 +126,42 @@ def _ignored_rows(r: ParityReport, sizes) -> Diagnosis | None:
                      {**_core_evidence(r), "grad_hidden_ignored_norm": r.grad_hidden_ignored_norm})
 
 
-def _scale(r: ParityReport, sizes) -> Diagnosis | None:
+def _scale_factor(r: ParityReport) -> float | None:
+    """The factor loss and dL/dh share, if they share one; None when there is no scale beyond rounding.
+
+    The loss carries this rank's divisor exactly; dL/dh can mix several ranks' divisors (SP), so it only
+    has to agree within its own budget.
+    """
     grad_ratio = r.grad_hidden_norm_ratio
-    cosine = r.grad_hidden_cosine if r.grad_hidden_cosine is not None else 1.0
-    # The loss carries this rank's divisor exactly; dL/dh can mix several ranks' divisors (SP), so it only has
-    # to agree roughly and keep its direction.
     ratio = r.loss_ratio if r.loss_ref != 0 and math.isfinite(r.loss_ratio) else grad_ratio
-    if ratio is None or not (math.isfinite(ratio) and ratio > 0 and cosine >= SCALE_COSINE):
+    if ratio is None or not (math.isfinite(ratio) and ratio > 0) or abs(ratio - 1.0) <= 2 * r.budget.loss_rel:
         return None
-    if abs(ratio - 1.0) <= max(r.budget.loss_rel, SCALE_TOLERANCE):
-        return None
-    if grad_ratio is not None and not _close(grad_ratio, ratio, 0.1):
+    if grad_ratio is not None and abs(grad_ratio - ratio) > r.budget.grad_hidden_rel + 0.1 * abs(ratio - 1.0):
         return None  # loss and gradients moved differently: not one scale factor
+    if r.grad_hidden_cosine is not None and r.grad_hidden_cosine < SCALE_COSINE:
+        return None
+    return ratio
+
+
+def _scale_head(r: ParityReport, ratio: float) -> str:
+    grad = (f", dL/dh norm ratio {r.grad_hidden_norm_ratio:.4f} (cosine {r.grad_hidden_cosine:.6f})"
+            if r.grad_hidden_norm_ratio is not None else "")
+    return f"loss ratio {ratio:.4f}{grad}"
+
+
+def _named_scale(r: ParityReport, sizes) -> Diagnosis | None:
+    """A scale that one of the token counts, or an integer parallel/accumulation size, explains."""
+    ratio = _scale_factor(r)
+    if ratio is None:
+        return None
     evidence = {**_core_evidence(r), "scale": ratio}
-    head = f"loss ratio {ratio:.4f}" + (f", dL/dh norm ratio {grad_ratio:.4f} (cosine {cosine:.6f})"
-                                        if grad_ratio is not None else "")
+    head = _scale_head(r, ratio)
+
+    def matches(expected: float) -> bool:
+        return abs(ratio - expected) <= max(4 * r.budget.loss_rel, SCALE_TOLERANCE * abs(expected - 1.0), 1e-6)
 
     for name, count, padding in _alternative_divisors(r):
-        if count > 0 and not _close(count, r.divisor, 1e-9) and _close(ratio, r.divisor / count, SCALE_TOLERANCE):
-            k_note = _k_note(r.divisor / count, sizes)
+        if count > 0 and not _close(count, r.divisor, 1e-9) and matches(r.divisor / count):
             evidence.update(fused_divisor=count, contract_divisor=r.divisor)
             if padding:
                 return Diagnosis(Cause.IGNORE_INDEX_LEAK, True,
@@ -152,21 +169,36 @@ def _scale(r: ParityReport, sizes) -> Diagnosis | None:
                                  f" {_contract_divisor_words(r)} ({r.divisor:g}); padding is in the denominator",
                                  evidence)
             return Diagnosis(Cause.NORMALIZATION_OWNER, True,
-                             f"{head}{k_note}: the fused path divides by {name} ({count:g}) where the contract"
-                             f" says {_contract_divisor_words(r)} ({r.divisor:g})", evidence)
+                             f"{head}{_k_note(r.divisor / count, sizes)}: the fused path divides by {name}"
+                             f" ({count:g}) where the contract says {_contract_divisor_words(r)} ({r.divisor:g})",
+                             evidence)
 
     k = round(ratio) if ratio >= 1 else round(1 / ratio)
-    if k >= 2 and _close(ratio if ratio >= 1 else 1 / ratio, k, SCALE_TOLERANCE):
-        direction = "too large" if ratio > 1 else "too small"
-        matches = _groups_of_size(k, sizes)
-        owner = (f"k = {k} = {matches} size" if matches else f"k = {k} matches no parallel group or accumulation size"
-                 f" ({', '.join(f'{n}={s}' for n, s in sizes.items())})")
+    if k >= 2 and matches(k if ratio >= 1 else 1 / k):
+        group = _groups_of_size(k, sizes)
+        owner = (f"k = {k} = {group} size" if group else f"k = {k} matches no parallel group or"
+                 f" accumulation size ({', '.join(f'{n}={s}' for n, s in sizes.items())})")
         evidence.update(k=k)
         return Diagnosis(Cause.NORMALIZATION_SCALE, True,
-                         f"{head}, {owner}: loss and gradients are {k}x {direction}; a divide by the"
-                         f" {matches or 'group'} size (or by the accumulation steps) is missing or doubled",
+                         f"{head}, {owner}: loss and gradients are {k}x {'too large' if ratio > 1 else 'too small'};"
+                         f" a divide by the {group or 'group'} size (or by the accumulation steps) is missing or doubled",
                          evidence)
     return None
+
+
+def _unnamed_scale(r: ParityReport, sizes) -> Diagnosis | None:
+    """A pure scale that no count explains: only when dL/dh visibly carries it too, not the loss alone."""
+    ratio = _scale_factor(r)
+    grad_ratio, residual = r.grad_hidden_norm_ratio, r.grad_hidden_scaled_residual
+    if ratio is None or grad_ratio is None or residual is None:
+        return None
+    if abs(grad_ratio - 1.0) <= r.budget.grad_hidden_rel or residual > r.budget.grad_hidden_rel:
+        return None
+    return Diagnosis(Cause.NORMALIZATION_SCALE, True,
+                     f"{_scale_head(r, ratio)}: loss and gradients are {ratio:.4g}x"
+                     f" {'too large' if ratio > 1 else 'too small'}, a pure scale (dL/dh residual after it"
+                     f" {residual:.2g}) that no token count or group size explains: the loss is divided by"
+                     " another count than the contract's", {**_core_evidence(r), "scale": ratio})
 
 
 def _offset(r: ParityReport, sizes) -> Diagnosis | None:
@@ -229,6 +261,11 @@ def _precision(r: ParityReport, sizes) -> Diagnosis | None:
         return None
     evidence = {**_core_evidence(r), **{f"excess_{k}": v for k, v in excess.items()}}
     worst = max(excess, key=excess.get)
+    if excess["dL/dh"] <= 1.0 and excess["dL/dW"] <= 1.0:
+        return Diagnosis(Cause.UNEXPLAINED, True,
+                         f"only the loss is off ({r.loss_ratio:.5f}x, {excess['loss']:.1f}x its budget) while dL/dh"
+                         " and dL/dW are within budget: a scale, penalty or reduced-precision accumulator too small"
+                         " for the gradients to resolve at this dtype; watch whether it grows", evidence)
     if excess["loss"] <= 1.0 and excess["dL/dh"] > 1.0 and worst == "dL/dh":
         return Diagnosis(Cause.GRADIENT_APPROXIMATION, True,
                          f"loss exact ({excess['loss']:.2f}x budget) but dL/dh error {r.grad_hidden_rel_err:.3g} is"

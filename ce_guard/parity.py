@@ -124,6 +124,7 @@ class ParityReport:
     grad_hidden_cosine: float | None
     grad_hidden_max_abs_diff: float | None
     grad_hidden_rel_err: float | None
+    grad_hidden_scaled_residual: float | None  # what a single scale factor leaves unexplained, relative
     grad_weight_norm_fused: float | None
     grad_weight_norm_ref: float | None
     grad_weight_norm_ratio: float | None
@@ -208,6 +209,7 @@ def compare(
         grad_hidden_norm_fused=gh["norm_fused"], grad_hidden_norm_ref=gh["norm_ref"],
         grad_hidden_norm_ratio=gh["ratio"], grad_hidden_cosine=gh["cosine"],
         grad_hidden_max_abs_diff=gh["max_abs"], grad_hidden_rel_err=gh["rel_err"],
+        grad_hidden_scaled_residual=gh["scaled_residual"],
         grad_weight_norm_fused=gw["norm_fused"], grad_weight_norm_ref=gw["norm_ref"],
         grad_weight_norm_ratio=gw["ratio"], grad_weight_cosine=gw["cosine"],
         grad_weight_max_abs_diff=gw["max_abs"], grad_weight_rel_err=gw["rel_err"],
@@ -237,7 +239,7 @@ def _scalar_loss(loss: torch.Tensor, visible: torch.Tensor) -> float:
 
 def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None) -> dict[str, float | None]:
     if fused is None or ref is None:
-        return dict.fromkeys(("norm_fused", "norm_ref", "ratio", "cosine", "max_abs", "rel_err"))
+        return dict.fromkeys(("norm_fused", "norm_ref", "ratio", "cosine", "max_abs", "rel_err", "scaled_residual"))
     if fused.shape != ref.shape:
         raise ValueError(f"fused gradient shape {tuple(fused.shape)} does not match the reference's"
                          f" {tuple(ref.shape)}; was the gradient recorded on another rank's shard?")
@@ -251,6 +253,8 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None) -> dict[st
         "cosine": float(f @ r) / (norm_f * norm_r) if norm_f > 0 and norm_r > 0 else (1.0 if norm_f == norm_r else 0.0),
         "max_abs": _max_abs(f - r),
         "rel_err": diff / norm_r if norm_r > 0 else (0.0 if diff == 0 else math.inf),
+        # |f - s r| / |r| at the least-squares s = <f, r> / <r, r>: zero for a pure scale, whatever s is.
+        "scaled_residual": float((f - (f @ r) / (r @ r) * r).norm()) / norm_r if norm_r > 0 else None,
     }
 
 
