@@ -5,6 +5,12 @@ reduced to its loss and to its gradients during forward, then dropped (Liger's d
 scales them by the upstream gradient. For ``none`` the upstream gradient differs per token and is
 unknown at forward time, so forward keeps the per-token log-sum-exp and backward recomputes each chunk.
 
+On CUDA, for ``mean``/``sum`` on one rank's whole vocabulary without softcap, each chunk's softmax,
+loss and logit gradient run as one Triton kernel that overwrites the chunk's logits with dLoss/dz in
+place (two reads and one write of the chunk instead of a dozen elementwise kernels and an fp32 copy),
+chunks are larger, and ignored tokens are left out of the matmuls. Everything else, and every fault,
+runs the plain-torch chunk math below. Timings: docs/benchmarks.md, "Output layer".
+
 Everything here is derived from the ``CEContract`` alone and shares no code with
 ``ce_guard.reference``: the guard compares two independent derivations of the same promises.
 """
@@ -12,6 +18,7 @@ Everything here is derived from the ``CEContract`` alone and shares no code with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -50,6 +57,7 @@ class _ChunkMath:
     smoothing_local: bool = False  # fault: smoothing's mean over this rank's slice
     denominator_summed_twice: bool = False  # fault: second SUM over TP of the reduced denominator
     scale: int = 1  # fault: loss and grads times this
+    torch_math_only: bool = False  # faults: keep the plain-torch chunk math their signatures were documented on
 
     @property
     def vocab_slice_size(self) -> int:
@@ -86,7 +94,7 @@ def _resolve_math(contract: CEContract, fault: SeamFault | None, fault_scale: in
         SeamFault.GATHERED_LOGITS_LOG_TP: dict(denominator_summed_twice=True),
         SeamFault.MISSING_Z_LOSS: dict(z_loss=0.0),
     }[fault]
-    return dataclasses.replace(honest, **edits)
+    return dataclasses.replace(honest, torch_math_only=True, **edits)
 
 
 class _TargetRows(NamedTuple):
@@ -188,6 +196,23 @@ def _chunks(n_tokens: int, token_chunk: int) -> range:
     return range(0, n_tokens, token_chunk)
 
 
+Rows = slice | torch.Tensor  # a chunk's tokens: a run of rows, or the (n,) ids of visible tokens
+
+
+def _token_chunks(targets: torch.Tensor, m: _ChunkMath, token_chunk: int, *, skip_ignored: bool) -> list[Rows]:
+    """Each chunk's rows. With ``skip_ignored``, only visible tokens, gathered by id (one host sync).
+
+    Ignored tokens add nothing to the loss, the count or the gradients, so their share of the three
+    matmuls is wasted work (1/17 of the benchmark's tokens, far more in prompt-masked fine-tuning).
+    """
+    n_tokens = targets.numel()
+    if skip_ignored:
+        visible = (targets != m.ignore_index).nonzero().squeeze(1)  # (n_visible,); its size syncs the host
+        if visible.numel() < n_tokens:
+            return [ids for ids in visible.split(token_chunk) if ids.numel()]
+    return [slice(start, start + token_chunk) for start in _chunks(n_tokens, token_chunk)]
+
+
 class _FusedLinearCrossEntropyFn(torch.autograd.Function):
     """Autograd boundary: inputs as the caller holds them, gradients as the caller expects them.
 
@@ -209,6 +234,8 @@ class _FusedLinearCrossEntropyFn(torch.autograd.Function):
         flat_targets = targets.reshape(-1)  # (N,)
         proj_weight = weight.to(hidden.dtype)  # (V/TP, D); matmuls in the input dtype
         n_tokens = flat_targets.numel()
+        if token_chunk is None and _kernel_applies(flat_hidden, m):
+            token_chunk = _kernel_token_chunk(n_tokens, m.vocab_slice_size, flat_hidden.element_size())
         ctx.token_chunk = token_chunk or _default_token_chunk(n_tokens, m.vocab_slice_size, hidden.shape[-1])
         # needs_input_grad ignores no_grad mode; without the check, eval would pay for gradients.
         ctx.needs_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
@@ -223,9 +250,11 @@ class _FusedLinearCrossEntropyFn(torch.autograd.Function):
             row_scale = m.scale / _mean_divisor(flat_targets, m)
         else:
             row_scale = torch.tensor(float(m.scale), dtype=torch.float64, device=flat_targets.device)
-        loss, ctx.grad_hidden, ctx.grad_weight = _reduced_forward(
-            flat_hidden, proj_weight, flat_targets, row_scale.to(m.accum_dtype), m, ctx.token_chunk,
+        loss, grad_hidden, grad_weight = _reduced_forward(
+            flat_hidden, proj_weight, flat_targets, row_scale, m, ctx.token_chunk,
             want_hidden=ctx.needs_hidden_grad, want_weight=ctx.needs_weight_grad)
+        # Saved (not kept as attributes) so a backward without retain_graph frees them as it returns.
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
     @staticmethod
@@ -239,13 +268,31 @@ class _FusedLinearCrossEntropyFn(torch.autograd.Function):
                 flat_hidden, proj_weight, flat_targets, lse, row_weight, m, ctx.token_chunk,
                 want_hidden=ctx.needs_hidden_grad, want_weight=ctx.needs_weight_grad)
         else:
-            grad_hidden = None if ctx.grad_hidden is None else ctx.grad_hidden * grad_loss
-            grad_weight = None if ctx.grad_weight is None else ctx.grad_weight * grad_loss
+            saved_hidden, saved_weight = ctx.saved_tensors
+            # Under TP the hidden gradient is all-reduced in place next: it must not alias the saved one.
+            grad_hidden = _times_upstream(saved_hidden, grad_loss, may_alias=group_size(m.tp_group) == 1)
+            grad_weight = _times_upstream(saved_weight, grad_loss, dtype=ctx.weight_dtype, may_alias=True)
         if grad_hidden is not None:
             grad_hidden = _full_hidden_grad(grad_hidden, ctx)
         if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def _times_upstream(saved: torch.Tensor | None, grad_loss: torch.Tensor, *, dtype: torch.dtype | None = None,
+                    may_alias: bool) -> torch.Tensor | None:
+    """A precomputed gradient times the upstream one, rounded once to ``dtype`` (default: ``saved``'s).
+
+    When the upstream gradient is exactly 1 (a plain ``loss.backward()``) and no cast is needed, the
+    saved tensor itself is handed over, as Liger does: a product would put a second weight-sized copy
+    on the memory peak. The check costs one host sync per backward.
+    """
+    if saved is None:
+        return None
+    dtype = dtype or saved.dtype
+    if may_alias and saved.dtype == dtype and bool(grad_loss == 1):
+        return saved
+    return torch.mul(saved, grad_loss, out=torch.empty_like(saved, dtype=dtype))
 
 
 def _full_hidden_grad(partial: torch.Tensor, ctx) -> torch.Tensor:
@@ -259,57 +306,94 @@ def _full_hidden_grad(partial: torch.Tensor, ctx) -> torch.Tensor:
     return full.to(ctx.hidden_dtype).reshape(ctx.local_hidden_shape)
 
 
-def _gradient_buffers(hidden: torch.Tensor, weight: torch.Tensor, m: _ChunkMath, want_hidden: bool,
-                      want_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _gradient_buffers(hidden: torch.Tensor, weight: torch.Tensor, m: _ChunkMath, chunks: list[Rows],
+                      want_hidden: bool, want_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     # Partial hidden grads are summed over TP later, so across ranks they accumulate in accum_dtype.
     hidden_dtype = hidden.dtype if group_size(m.tp_group) == 1 else m.accum_dtype
-    grad_hidden = torch.empty(hidden.shape, dtype=hidden_dtype, device=hidden.device) if want_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=m.accum_dtype, device=weight.device) if want_weight else None
+    # Zeros only where the chunks leave something unwritten: ignored rows that were skipped, or a dW
+    # that no chunk overwrites (the first chunk's matmul ignores the old contents, beta=0).
+    every_row = bool(chunks) and all(isinstance(rows, slice) for rows in chunks)
+    new_hidden = torch.empty if every_row else torch.zeros
+    new_weight = torch.empty if chunks else torch.zeros
+    grad_hidden = new_hidden(hidden.shape, dtype=hidden_dtype, device=hidden.device) if want_hidden else None
+    grad_weight = new_weight(weight.shape, dtype=m.accum_dtype, device=weight.device) if want_weight else None
     return grad_hidden, grad_weight
 
 
-def _accumulate_grads(logit_grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, sl: slice,
-                      grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
+def _accumulate_grads(logit_grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, rows: Rows,
+                      grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None, *, first: bool) -> None:
+    """Add one chunk's share: its rows of dL/dh (written once) and its term of dL/dW (the first overwrites).
+
+    ``hidden`` is the chunk's own (n, D) rows.
+    """
     logit_grad = logit_grad.to(hidden.dtype)  # (n, V/TP) back to the input dtype for the matmuls
     if grad_hidden is not None:
-        grad_hidden[sl] = logit_grad @ weight  # (n, D), each token's row written once
-    if grad_weight is not None:
-        _add_weight_grad(grad_weight, logit_grad.T, hidden[sl])  # (V/TP, D) += (V/TP, n) @ (n, D)
+        if not isinstance(rows, slice):
+            grad_hidden.index_copy_(0, rows, (logit_grad @ weight).to(grad_hidden.dtype))  # (n, D) scattered
+        elif grad_hidden.dtype == logit_grad.dtype:
+            torch.mm(logit_grad, weight, out=grad_hidden[rows])  # (n, D) straight into its rows, no temporary
+        else:
+            grad_hidden[rows] = logit_grad @ weight  # (n, D)
+    if grad_weight is not None:  # (V/TP, D) += (V/TP, n) @ (n, D)
+        _add_weight_grad(grad_weight, logit_grad.T, hidden, accumulate=not first)
 
 
-def _add_weight_grad(grad_weight: torch.Tensor, logit_grad_t: torch.Tensor, hidden: torch.Tensor) -> None:
+def _add_weight_grad(grad_weight: torch.Tensor, logit_grad_t: torch.Tensor, hidden: torch.Tensor, *,
+                     accumulate: bool) -> None:
     """Add one chunk's weight gradient without rounding the product to the input dtype first.
 
     Rounding every chunk's product to bf16 before an fp32 add would quietly reintroduce the bf16
-    accumulation the contract rules out; an ``accum_dtype`` of bf16 keeps it, by design.
+    accumulation the contract rules out; an ``accum_dtype`` of bf16 keeps it, by design (the matmul
+    still sums each chunk's tokens in fp32 and rounds the running total once per chunk).
+    ``beta=0`` ignores the buffer's old contents, so the first chunk needs no zeroed buffer.
     """
+    beta = 1 if accumulate else 0
     if grad_weight.dtype == logit_grad_t.dtype:
-        grad_weight.addmm_(logit_grad_t, hidden)
+        grad_weight.addmm_(logit_grad_t, hidden, beta=beta)
     elif logit_grad_t.is_cuda and grad_weight.dtype == torch.float32:
         # bf16 tensor cores accumulating straight into the fp32 buffer (no product-sized temporary)
-        torch.addmm(grad_weight, logit_grad_t, hidden, out_dtype=torch.float32, out=grad_weight)
+        torch.addmm(grad_weight, logit_grad_t, hidden, beta=beta, out_dtype=torch.float32, out=grad_weight)
     else:  # CPU (no mixed-dtype mm there): exact upcast of the low-precision operands, then one wide matmul
-        grad_weight.addmm_(logit_grad_t.to(grad_weight.dtype), hidden.to(grad_weight.dtype))
+        grad_weight.addmm_(logit_grad_t.to(grad_weight.dtype), hidden.to(grad_weight.dtype), beta=beta)
 
 
 def _reduced_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
                      m: _ChunkMath, token_chunk: int, *, want_hidden: bool, want_weight: bool):
-    """Loss of a ``mean``/``sum`` reduction, and its gradients for an upstream gradient of 1."""
-    grad_hidden, grad_weight = _gradient_buffers(hidden, weight, m, want_hidden, want_weight)
+    """Loss of a ``mean``/``sum`` reduction, and its gradients for an upstream gradient of 1.
+
+    ``row_scale`` (0-dim, float64) is each visible token's weight: the mean's 1/count, times a fault's scale.
+    """
+    want_grads = want_hidden or want_weight
+    use_kernel = _kernel_applies(hidden, m)
+    chunks = _token_chunks(targets, m, token_chunk, skip_ignored=use_kernel)
+    grad_hidden, grad_weight = _gradient_buffers(hidden, weight, m, chunks, want_hidden, want_weight)
+    # The kernel keeps its softmax and token weights in fp32 whatever the contract's floor; the torch
+    # math holds them in accum_dtype, as the contract (or a fault) states.
+    row_scale = row_scale.to(torch.float32 if use_kernel else m.accum_dtype)
     # The loss total is not one of the contract's accumulators; keep it at least fp32 so a bf16
     # accumulator contract shows up where FAULTS.md says it does (dW worst, loss least).
     loss = torch.zeros((), dtype=_loss_dtype(m), device=hidden.device)
-    for start in _chunks(targets.numel(), token_chunk):
-        sl = slice(start, start + token_chunk)
-        logits, tanh = _project(hidden[sl], weight, m)  # (n, V/TP)
-        rows = _locate_targets(targets[sl], m)
-        chunk = _chunk_loss(logits, targets[sl], rows, m)
-        loss += chunk.loss.sum() * row_scale
-        if want_hidden or want_weight:
-            row_weight = torch.where(targets[sl] != m.ignore_index, row_scale, 0)  # (n,)
-            logit_grad = _logit_grad(chunk.probs, tanh, chunk.lse, rows, row_weight, m)
-            _accumulate_grads(logit_grad, hidden, weight, sl, grad_hidden, grad_weight)
+    chunk_step = _kernel_chunk if use_kernel else _torch_chunk
+    for i, rows in enumerate(chunks):
+        chunk_hidden = hidden[rows]  # (n, D): a view of a run of rows, or the visible rows gathered
+        chunk_loss, logit_grad = chunk_step(chunk_hidden, weight, targets[rows], row_scale, m, want_grads)
+        loss += chunk_loss.sum() * row_scale
+        if want_grads:
+            _accumulate_grads(logit_grad, chunk_hidden, weight, rows, grad_hidden, grad_weight, first=i == 0)
+        del logit_grad  # before the next chunk's logits exist: one (n, V/TP) buffer at a time
     return loss, grad_hidden, grad_weight
+
+
+def _torch_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
+                 m: _ChunkMath, want_grads: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's per-token losses (n,) and dLoss/dz (n, V/TP) for visible tokens weighted by ``row_scale``."""
+    logits, tanh = _project(hidden, weight, m)  # (n, V/TP)
+    rows = _locate_targets(targets, m)
+    chunk = _chunk_loss(logits, targets, rows, m)
+    if not want_grads:
+        return chunk.loss, None
+    row_weight = torch.where(targets != m.ignore_index, row_scale, 0)  # (n,)
+    return chunk.loss, _logit_grad(chunk.probs, tanh, chunk.lse, rows, row_weight, m)
 
 
 def _per_token_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, m: _ChunkMath,
@@ -322,6 +406,7 @@ def _per_token_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         logits, _ = _project(hidden[sl], weight, m)
         chunk = _chunk_loss(logits, targets[sl], _locate_targets(targets[sl], m), m)
         losses[sl], lses[sl] = chunk.loss, chunk.lse
+        del logits, chunk  # one (n, V/TP) buffer at a time
     return losses, lses
 
 
@@ -329,13 +414,14 @@ def _chunked_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                    row_weight: torch.Tensor, m: _ChunkMath, token_chunk: int, *, want_hidden: bool,
                    want_weight: bool):
     """Recompute each chunk's softmax from the saved lse (no collectives) and weight rows by upstream grads."""
-    grad_hidden, grad_weight = _gradient_buffers(hidden, weight, m, want_hidden, want_weight)
-    for start in _chunks(targets.numel(), token_chunk):
-        sl = slice(start, start + token_chunk)
+    chunks = _token_chunks(targets, m, token_chunk, skip_ignored=False)
+    grad_hidden, grad_weight = _gradient_buffers(hidden, weight, m, chunks, want_hidden, want_weight)
+    for i, sl in enumerate(chunks):
         logits, tanh = _project(hidden[sl], weight, m)  # (n, V/TP)
         probs = logits.sub_(lse[sl, None]).exp_()  # (n, V/TP)
         logit_grad = _logit_grad(probs, tanh, lse[sl], _locate_targets(targets[sl], m), row_weight[sl], m)
-        _accumulate_grads(logit_grad, hidden, weight, sl, grad_hidden, grad_weight)
+        _accumulate_grads(logit_grad, hidden[sl], weight, sl, grad_hidden, grad_weight, first=i == 0)
+        del logits, probs, logit_grad  # one (n, V/TP) buffer at a time
     return grad_hidden, grad_weight
 
 
@@ -343,6 +429,109 @@ def _default_token_chunk(n_tokens: int, vocab_slice: int, hidden_size: int) -> i
     """Tokens per chunk so one chunk's logits are about as large as the hidden states (Liger's rule)."""
     chunk = math.ceil(max(n_tokens, 1) / math.ceil(vocab_slice / hidden_size))
     return 1 << (chunk - 1).bit_length()
+
+
+# --- CUDA fast path: one Triton kernel per chunk for softmax, loss and logit gradient --------------------
+
+_KERNEL_LOGITS_BYTES = 1_250_000_000  # one chunk's logits: ~4096 tokens at V=152k in bf16 (see docs/benchmarks.md)
+_KERNEL_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _kernel_applies(hidden: torch.Tensor, m: _ChunkMath) -> bool:
+    """Whether this forward's chunks run :func:`_kernel_chunk`: CUDA tensors, Triton, and math it covers."""
+    return hidden.is_cuda and _kernel_covers(m, hidden.dtype) and _triton_available()
+
+
+def _kernel_covers(m: _ChunkMath, input_dtype: torch.dtype) -> bool:
+    """``mean``/``sum`` over one rank's whole vocabulary (no collective between the softmax passes), no
+    softcap, no fault, and dW accumulated in fp32 or in the input dtype itself."""
+    return (m.reduction != "none" and not m.torch_math_only and m.softcap is None
+            and group_size(m.tp_group) == 1 and m.vocab_start == 0 and m.vocab_end == m.vocab_size
+            and input_dtype in _KERNEL_INPUT_DTYPES and m.accum_dtype in (torch.float32, input_dtype))
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernel_token_chunk(n_tokens: int, vocab_slice: int, itemsize: int) -> int:
+    """The largest power-of-two chunk whose logits fit ``_KERNEL_LOGITS_BYTES``, at most all tokens.
+
+    Larger than Liger's rule: fewer, fuller matmuls and fewer passes over the dW accumulator, which
+    at V x D = 152k x 4096 is itself 1.2 GB (bf16) or 2.5 GB (fp32) of traffic per chunk.
+    """
+    fit = max(1, _KERNEL_LOGITS_BYTES // (vocab_slice * itemsize))
+    return min(1 << (fit.bit_length() - 1), 1 << (max(n_tokens, 1) - 1).bit_length())
+
+
+def _kernel_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
+                  m: _ChunkMath, want_grads: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_torch_chunk`'s results from one matmul and one kernel; the logit gradient overwrites the logits."""
+    logits = hidden @ weight.T  # (n, V) in the input dtype, as the torch path's matmul
+    losses = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)  # (n,)
+    block = min(4096, 1 << (logits.shape[1] - 1).bit_length())
+    _ce_chunk_kernel()[(logits.shape[0],)](
+        logits, logits.stride(0), targets, row_scale, losses, logits.shape[1], m.ignore_index,
+        float(m.label_smoothing), float(m.z_loss), WRITE_GRAD=want_grads, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4)
+    return losses, logits if want_grads else None
+
+
+@functools.cache
+def _ce_chunk_kernel():
+    """Compile-on-first-use, so that importing ce_guard needs no Triton (CPU machines, CI)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ce_chunk(logits_ptr, row_stride, targets_ptr, row_scale_ptr, loss_ptr, n_cols, ignore_index,
+                 label_smoothing, z_loss, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per token row: fp32 statistics over the row, then dLoss/dz over the logits in place.
+
+        loss = (1-eps)(lse - z_y) + eps(lse - mean_v z_v) + z_loss lse^2, 0 on ignored tokens;
+        dLoss/dz_v = w (p_v (1 + 2 z_loss lse) - (1-eps)[v = y] - eps/V), w = row_scale (0 if ignored).
+        """
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * row_stride
+        target = tl.load(targets_ptr + row)
+        visible = target != ignore_index
+        cols = tl.arange(0, BLOCK)
+        # Pass 1: running max and denominator (online softmax) and the logit sum, all fp32.
+        run_max = float("-inf")
+        denominator = 0.0
+        logit_sum = 0.0
+        for start in range(0, n_cols, BLOCK):
+            in_row = start + cols < n_cols
+            z = tl.load(row_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(run_max, tl.max(z, axis=0))
+            denominator = denominator * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            run_max = new_max
+            logit_sum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
+        lse = run_max + tl.log(denominator)
+        owned = visible & (target >= 0) & (target < n_cols)  # never read outside the row
+        target_logit = tl.load(row_ptr + target, mask=owned, other=0.0).to(tl.float32)
+        loss = lse - (1 - label_smoothing) * target_logit - label_smoothing * (logit_sum / n_cols)
+        loss += z_loss * lse * lse
+        tl.store(loss_ptr + row, tl.where(visible, loss, 0.0))
+        if WRITE_GRAD:
+            # Pass 2: the gradient, written over the logits in their own dtype.
+            weight = tl.where(visible, tl.load(row_scale_ptr), 0.0)
+            prob_scale = weight * (1 + 2 * z_loss * lse)
+            uniform = label_smoothing / n_cols * weight
+            hit = (1 - label_smoothing) * weight
+            for start in range(0, n_cols, BLOCK):
+                in_row = start + cols < n_cols
+                z = tl.load(row_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
+                grad = tl.exp(z - lse) * prob_scale - uniform
+                grad = tl.where(start + cols == target, grad - hit, grad)
+                tl.store(row_ptr + start + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
+
+    return ce_chunk
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -380,7 +569,11 @@ class FusedLinearCrossEntropy(nn.Module):
         weight: an existing ``nn.Parameter`` of shape ``(vocab_end - vocab_start, hidden_size)`` to
             borrow (tied embeddings); ``None`` creates one.
         token_chunk: tokens per chunk; ``None`` picks about ``N * D / (V/TP)`` so a logits chunk is
-            about the size of the hidden states.
+            about the size of the hidden states, or on the CUDA kernel path the largest power of two
+            whose logits fit ~1.25 GB (4096 tokens at V=152k in bf16). Memory beyond the gradients is
+            about one logits chunk, plus the fp32 dW accumulator unless the contract's
+            ``accum_dtype`` is the weight's dtype: ``accum_dtype=torch.bfloat16, token_chunk=512``
+            is the low-memory setting (~0.16 GB at V=152k, D=4096; dW rounded once per chunk).
         fault: for demonstrations and tests only: the layer keeps declaring its honest contract while
             computing the broken thing (see :class:`ce_guard.faults.SeamFault`).
         fault_scale: the integer k of ``SeamFault.GRAD_SCALE``.
