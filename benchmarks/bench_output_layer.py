@@ -3,17 +3,22 @@
 Each path gets the same bf16 hidden states, weight and targets (every 17th token ignored), computes a
 ``mean`` cross-entropy and both gradients. Errors are relative to an fp32 reference computed by this
 script's own chunked float32 code (not ``ce_guard.reference``, so the benchmark is a third opinion).
+``ce_guard.reference`` itself is timed as one more path: it returns its gradients directly, in fp32.
 
     python benchmarks/bench_output_layer.py                  # GPU, the two LLM-head shapes
     python benchmarks/bench_output_layer.py --quick          # tiny shapes, runs on CPU in seconds
+    python benchmarks/bench_output_layer.py --sweep-chunks 2048,8192   # plus ce_guard fused at these chunks
 
-Writes a JSON record (``--out``) and prints a markdown table. Peers that are not importable are
-listed as skipped, with the reason.
+Writes a JSON record (``--out``) and prints a markdown table (also to ``--out-md``), with each path's
+time over the bf16 matmul floor (6 N D V flops at a rate measured in the same run). Peers that are not
+importable are listed as skipped, with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import re
 import statistics
@@ -28,12 +33,15 @@ from torch import nn
 from ce_guard.adapters import CutCrossEntropy, LigerFusedLinearCrossEntropy, TorchLinearCrossEntropy
 from ce_guard.contract import CEContract
 from ce_guard.fused import FusedLinearCrossEntropy
+from ce_guard.reference import reference_linear_cross_entropy
 
 IGNORE = -100
 FULL_SHAPES = [(16384, 4096, 151936), (16384, 2048, 32768)]  # (N = B*S tokens, D, V)
 QUICK_SHAPES = [(256, 64, 1000), (203, 48, 517)]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden, targets) -> loss
+GradFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # -> loss, dh, dW
+LOW_MEMORY_CHUNK = 512  # tokens per chunk of the fused layer's documented low-memory setting
 
 
 @dataclass
@@ -41,6 +49,7 @@ class Row:
     path: str
     status: str = "ok"  # "ok", or why the path did not run
     ms: float | None = None
+    over_floor: float | None = None  # ms over the bf16 matmul floor of this shape
     extra_gb: float | None = None  # peak beyond the inputs (gradient outputs included)
     extra_gb_beyond_grads: float | None = None  # the same less the dh and dW outputs themselves
     loss_abs_err: float | None = None
@@ -92,21 +101,67 @@ class SkipPath(Exception):
     """This path cannot run here (peer not installed, or not worth it on this device)."""
 
 
-def build_paths(d: int, v: int, device: torch.device) -> dict[str, Callable[[nn.Parameter], LossFn]]:
-    """Constructors taking the weight, so a missing peer fails (and is skipped) when built, not at import."""
+def reference_path(weight: nn.Parameter) -> GradFn:
+    """ce_guard's trusted path: chunked fp32, gradients returned directly (no autograd), in fp32."""
+    contract = CEContract(vocab_size=weight.shape[0], ignore_index=IGNORE)
+
+    def grads(hidden, targets):
+        result = reference_linear_cross_entropy(hidden, weight.detach(), targets, contract)
+        return result.loss, result.grad_hidden, result.grad_weight
+    return grads
+
+
+def cut_ce_direct(weight: nn.Parameter) -> LossFn:
+    """Cut CE's own ``linear_cross_entropy`` with only the arguments every release takes (no adapter)."""
+    try:
+        cce = importlib.import_module("cut_cross_entropy")
+    except ImportError as error:
+        raise SkipPath(f"not installed ({error})") from error
+    return lambda hidden, targets: cce.linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE)
+
+
+def fused(d: int, v: int, **options) -> Callable[[nn.Parameter], LossFn]:
+    accum_dtype = options.pop("accum_dtype", torch.float32)
+    contract = CEContract(vocab_size=v, accum_dtype=accum_dtype)
+    return lambda weight: FusedLinearCrossEntropy(d, contract, weight=weight, **options)
+
+
+def build_paths(d: int, v: int, device: torch.device,
+                sweep_chunks: tuple[int, ...] = ()) -> dict[str, Callable[[nn.Parameter], LossFn | GradFn]]:
+    """Constructors taking the weight, so a missing peer fails (and is skipped) when built, not at import.
+
+    A constructor's result is a ``LossFn`` (autograd computes the gradients), or a ``GradFn`` for the
+    reference (marked by :data:`DIRECT_GRADS`).
+    """
     def compiled(weight):
         if device.type != "cuda":
             raise SkipPath("not on CPU (compile time dominates tiny shapes)")
         return torch.compile(materialised(weight))
 
-    return {
-        "ce_guard fused": lambda weight: FusedLinearCrossEntropy(d, CEContract(vocab_size=v), weight=weight),
+    bf16 = torch.bfloat16
+    paths = {
+        "ce_guard fused (fp32 dW accumulator)": fused(d, v),
+        "ce_guard fused (bf16 dW accumulator contract)": fused(d, v, accum_dtype=bf16),
+        f"ce_guard fused (bf16 dW contract, token_chunk={LOW_MEMORY_CHUNK})":
+            fused(d, v, accum_dtype=bf16, token_chunk=LOW_MEMORY_CHUNK),
+    }
+    for chunk in sweep_chunks:
+        paths[f"ce_guard fused (fp32 dW, token_chunk={chunk})"] = fused(d, v, token_chunk=chunk)
+        paths[f"ce_guard fused (bf16 dW contract, token_chunk={chunk})"] = fused(d, v, accum_dtype=bf16,
+                                                                                 token_chunk=chunk)
+    return paths | {
+        DIRECT_GRADS: reference_path,
         "materialised bf16 matmul + fp32 CE": materialised,
         "torch.compile of materialised": compiled,
         "Liger FLCE (default)": lambda weight: LigerFusedLinearCrossEntropy(d, v, weight=weight),
         "Cut CE (default)": lambda weight: CutCrossEntropy(d, v, weight=weight),
+        "Cut CE (direct call, library defaults)": cut_ce_direct,
         "F.linear_cross_entropy (chunked)": lambda weight: TorchLinearCrossEntropy(d, v, weight=weight),
     }
+
+
+DIRECT_GRADS = "ce_guard reference (fp32, chunked, trusted path)"
+SLOW_PATHS = {DIRECT_GRADS: (1, 3)}  # (warmup, repeats): fp32 matmuls without TF32, seconds per step
 
 
 def step(loss_fn: LossFn, weight: nn.Parameter, hidden: torch.Tensor, targets: torch.Tensor):
@@ -114,6 +169,15 @@ def step(loss_fn: LossFn, weight: nn.Parameter, hidden: torch.Tensor, targets: t
     loss = loss_fn(h, targets)
     dh, dw = torch.autograd.grad(loss, (h, weight))
     return loss.detach(), dh, dw
+
+
+def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 20) -> float | None:
+    """bf16 matmul rate on random data, measured here (the floor's denominator)."""
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    ms = time_ms(lambda: a @ b, device, warmup=5, repeats=repeats)
+    return 2 * size ** 3 / (ms * 1e-3) / 1e12
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
@@ -154,11 +218,12 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected).norm() / expected.norm()).item()
 
 
-def bench_shape(n: int, d: int, v: int, device: torch.device, warmup: int, repeats: int) -> list[Row]:
+def bench_shape(n: int, d: int, v: int, device: torch.device, warmup: int, repeats: int,
+                sweep_chunks: tuple[int, ...] = (), floor_ms: float | None = None) -> list[Row]:
     hidden, weight, targets = make_inputs(n, d, v, device, torch.bfloat16)
     ref_loss, ref_dh, ref_dw = fp32_reference(hidden, weight, targets)
     rows = []
-    for name, build in build_paths(d, v, device).items():
+    for name, build in build_paths(d, v, device, sweep_chunks).items():
         row = Row(name)
         w = nn.Parameter(weight.clone())
         try:
@@ -170,13 +235,17 @@ def bench_shape(n: int, d: int, v: int, device: torch.device, warmup: int, repea
         except SkipPath as reason:
             rows.append(Row(name, status=f"skipped: {reason}"))
             continue
-        run = lambda: step(loss_fn, w, hidden, targets)  # noqa: E731 - one closure per path
+        if name == DIRECT_GRADS:
+            run = functools.partial(loss_fn, hidden, targets)
+        else:
+            run = functools.partial(step, loss_fn, w, hidden, targets)
         try:
             loss, dh, dw = run()
             row.loss_abs_err = abs(loss.float().item() - ref_loss.item())
             row.dh_rel_err, row.dw_rel_err = rel_err(dh, ref_dh), rel_err(dw, ref_dw)
             del loss, dh, dw
-            row.ms = time_ms(run, device, warmup, repeats)
+            row.ms = time_ms(run, device, *SLOW_PATHS.get(name, (warmup, repeats)))
+            row.over_floor = None if floor_ms is None else row.ms / floor_ms
             row.extra_gb, row.extra_gb_beyond_grads = peak_extra_gb(run, device)
         except torch.OutOfMemoryError:
             row.status = "out of memory"
@@ -190,8 +259,8 @@ def bench_shape(n: int, d: int, v: int, device: torch.device, warmup: int, repea
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| path | N | D | V | ms | extra GB | extra GB beyond grads | loss abs err | dh rel err | dW rel err"
-             " | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| path | N | D | V | ms | x floor | extra GB | extra GB beyond grads | loss abs err | dh rel err"
+              " | dW rel err | status |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
@@ -199,9 +268,13 @@ def markdown(results: list[dict]) -> str:
     for shape in results:
         for row in shape["rows"]:
             lines.append(f"| {row['path']} | {shape['N']} | {shape['D']} | {shape['V']} | {fmt(row['ms'], '.1f')} |"
+                         f" {fmt(row['over_floor'], '.2f')} |"
                          f" {fmt(row['extra_gb'], '.3f')} | {fmt(row['extra_gb_beyond_grads'], '.3f')} |"
                          f" {fmt(row['loss_abs_err'], '.1e')} |"
                          f" {fmt(row['dh_rel_err'], '.1e')} | {fmt(row['dw_rel_err'], '.1e')} | {row['status']} |")
+        if shape.get("floor_ms") is not None:
+            lines.append(f"| bf16 matmul floor (6 N D V at {shape['tflops']:.0f} TFLOP/s measured) | {shape['N']} |"
+                         f" {shape['D']} | {shape['V']} | {shape['floor_ms']:.1f} | 1.00 | | | | | | |")
     return "\n".join(lines)
 
 
@@ -211,22 +284,33 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sweep-chunks", default="", help="comma-separated token chunks for extra fused rows")
     parser.add_argument("--out", default="bench_output_layer.json")
+    parser.add_argument("--out-md", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32, not TF32
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    sweep_chunks = tuple(int(c) for c in args.sweep_chunks.split(",") if c)
+    tflops = matmul_tflops(device)
     results = []
     for n, d, v in shapes:
-        rows = bench_shape(n, d, v, device, args.warmup, args.repeats)
-        results.append({"N": n, "D": d, "V": v, "rows": [asdict(r) for r in rows]})
+        floor_ms = None if tflops is None else 6 * n * d * v / (tflops * 1e12) * 1e3
+        rows = bench_shape(n, d, v, device, args.warmup, args.repeats, sweep_chunks, floor_ms)
+        results.append({"N": n, "D": d, "V": v, "tflops": tflops, "floor_ms": floor_ms,
+                        "rows": [asdict(r) for r in rows]})
+        print(markdown(results[-1:]), flush=True)  # progress: a long run still leaves its finished shapes
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": "bfloat16", "ignore_every": 17, "reduction": "mean",
-              "warmup": args.warmup, "repeats": args.repeats, "results": results}
+              "warmup": args.warmup, "repeats": args.repeats, "matmul_tflops": tflops, "results": results}
     with open(args.out, "w") as f:
         json.dump(record, f, indent=2)
-    print(f"# output layer, {record['device']}, torch {record['torch']}, bf16, median of {args.repeats}\n")
-    print(markdown(results))
+    table = (f"# output layer, {record['device']}, torch {record['torch']}, bf16, median of {args.repeats}\n\n"
+             + markdown(results))
+    if args.out_md:
+        with open(args.out_md, "w") as f:
+            f.write(table + "\n")
+    print("\n" + table)
     print(f"\nwrote {args.out}")
 
 
