@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import json
 import re
 import statistics
@@ -111,15 +110,6 @@ def reference_path(weight: nn.Parameter) -> GradFn:
     return grads
 
 
-def cut_ce_direct(weight: nn.Parameter) -> LossFn:
-    """Cut CE's own ``linear_cross_entropy`` with only the arguments every release takes (no adapter)."""
-    try:
-        cce = importlib.import_module("cut_cross_entropy")
-    except ImportError as error:
-        raise SkipPath(f"not installed ({error})") from error
-    return lambda hidden, targets: cce.linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE)
-
-
 def fused(d: int, v: int, **options) -> Callable[[nn.Parameter], LossFn]:
     accum_dtype = options.pop("accum_dtype", torch.float32)
     contract = CEContract(vocab_size=v, accum_dtype=accum_dtype)
@@ -155,7 +145,6 @@ def build_paths(d: int, v: int, device: torch.device,
         "torch.compile of materialised": compiled,
         "Liger FLCE (default)": lambda weight: LigerFusedLinearCrossEntropy(d, v, weight=weight),
         "Cut CE (default)": lambda weight: CutCrossEntropy(d, v, weight=weight),
-        "Cut CE (direct call, library defaults)": cut_ce_direct,
         "F.linear_cross_entropy (chunked)": lambda weight: TorchLinearCrossEntropy(d, v, weight=weight),
     }
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import time
 from collections import Counter
 from pathlib import Path

@@ -76,44 +76,32 @@ class LigerFusedLinearCrossEntropy(nn.Module):
 
 
 class CutCrossEntropy(nn.Module):
-    """Apple's Cut Cross-Entropy ``linear_cross_entropy(e, c, targets, ...)``.
+    """Apple's Cut Cross-Entropy ``linear_cross_entropy(e, c, targets, ...)`` (cut-cross-entropy 25.1.1).
 
-    No label smoothing. z-loss is added here from the returned per-token lse, as CCE leaves it to the
-    caller. CCE's default ``filter_eps="auto"`` skips small gradient blocks (an approximation the
-    contract cannot express: FAULTS.md row 9), so the guard is expected to see it. Gradients of ``e``
-    and ``c`` accumulate in the input dtype unless ``accum_e_fp32`` / ``accum_c_fp32``.
+    No label smoothing and no z-loss (this release returns no lse for a caller to add one). Its default
+    ``filter_eps="high"`` skips small gradient blocks in backward, an approximation the contract cannot
+    express (FAULTS.md row 9): the guard is expected to name it ``gradient_approximation``; pass
+    ``filter_eps=None`` for exact gradients. Gradients accumulate in the input dtype, which the contract
+    declares.
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, *, weight: nn.Parameter | None = None,
-                 reduction: Reduction = "mean", ignore_index: int = -100, z_loss: float = 0.0,
-                 softcap: float | None = None, filter_eps: float | str | None = "auto", accum_e_fp32: bool = False,
-                 accum_c_fp32: bool = False, device: torch.device | str | None = None,
+                 reduction: Reduction = "mean", ignore_index: int = -100, softcap: float | None = None,
+                 filter_eps: float | str | None = "high", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         owner = type(self).__name__
         self._cce = _require("cut_cross_entropy", extra="cce", owner=owner)
         self.weight = make_output_weight(hidden_size, vocab_size, weight, owner=owner, device=device, dtype=dtype)
-        grad_accum = torch.float32 if accum_e_fp32 and accum_c_fp32 else self.weight.dtype  # the weaker of e, c
         self.ce_contract = CEContract(vocab_size=vocab_size, reduction=reduction, ignore_index=ignore_index,
-                                      z_loss=z_loss, softcap=softcap, accum_dtype=grad_accum)
-        self._options = dict(ignore_index=ignore_index, softcap=softcap, filter_eps=filter_eps,
-                             accum_e_fp32=accum_e_fp32, accum_c_fp32=accum_c_fp32)
+                                      softcap=softcap, accum_dtype=self.weight.dtype)
+        self._options = dict(ignore_index=ignore_index, softcap=softcap, filter_eps=filter_eps)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        contract = self.ce_contract
         flat_hidden, flat_targets = _flatten(hidden, targets)
-        if not contract.z_loss:
-            loss = self._cce.linear_cross_entropy(flat_hidden, self.weight, flat_targets,
-                                                  reduction=contract.reduction, **self._options)
-            return _unflatten(loss, targets, contract.reduction)
-        per_token, lse = self._cce.linear_cross_entropy(flat_hidden, self.weight, flat_targets, reduction="none",
-                                                        return_lse=True, **self._options)
-        valid = flat_targets != contract.ignore_index
-        per_token = per_token + contract.z_loss * torch.where(valid, lse.float().square(), 0)
-        if contract.reduction == "none":
-            return per_token.reshape(targets.shape)
-        total = per_token.sum()
-        return total / valid.sum().clamp_min(1) if contract.reduction == "mean" else total
+        loss = self._cce.linear_cross_entropy(flat_hidden, self.weight, flat_targets,
+                                              reduction=self.ce_contract.reduction, **self._options)
+        return _unflatten(loss, targets, self.ce_contract.reduction)
 
 
 class TorchLinearCrossEntropy(nn.Module):

@@ -27,7 +27,6 @@ from torchmetrics import MaxMetric, MeanMetric
 from ce_guard import _dist
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
-from ce_guard.diagnose import Cause
 from ce_guard.parity import SeamOutputs
 from ce_guard.receipt import append_receipt, drop_receipts_after
 from ce_guard.reference import reduction_plan
@@ -142,6 +141,8 @@ class CEParityCallback(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._recording is None and self.is_check_step(trainer):
+            # Look the module up again: a layer swapped or re-wrapped since fit start must stay guarded.
+            self._module = find_guarded_module(pl_module, self.module_path)
             self._recording = _Recording(self._module, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -162,7 +163,7 @@ class CEParityCallback(Callback):
             self._recording = None
 
     def _run_check(self, trainer: pl.Trainer, recording: "_Recording") -> "_Outcome | None":
-        contract: CEContract = self._module.ce_contract
+        contract: CEContract = recording.module.ce_contract
         problem = recording.problem()
         # Agree before any collective: if one rank cannot check, none does (no rank waits for another).
         if _any_rank(trainer, problem is not None):
@@ -197,12 +198,12 @@ class CEParityCallback(Callback):
                  "rank": first["rank"]}
         self.history.append(entry)
 
-        bundle = self._write_bundle(trainer, outcome, step) if drifting else None
+        bundle = self._write_bundle(trainer, recording.module, outcome, step) if drifting else None
         if trainer.is_global_zero:
             receipt = {
                 **entry, "epoch": trainer.current_epoch, "metrics": metrics, "verdicts": verdicts,
                 "report": result.report.to_dict(), "sampled_tokens": result.sampled_tokens,
-                "seam": reduction_plan(self._module.ce_contract), "bundle": bundle,
+                "seam": reduction_plan(recording.module.ce_contract), "bundle": bundle,
             }
             append_receipt(self._receipts_path(trainer), receipt)
             self._panels.log_check(receipt)
@@ -237,13 +238,13 @@ class CEParityCallback(Callback):
                 out[f"{PREFIX}/{name}"] = aggregated
         return out
 
-    def _write_bundle(self, trainer, outcome: "_Outcome", step: int) -> str:
+    def _write_bundle(self, trainer, module: nn.Module, outcome: "_Outcome", step: int) -> str:
         path = Path(self._run_dir(trainer)) / "ce_guard" / "bundles" / f"step{step:08d}_rank{trainer.global_rank}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         record = outcome.record
         torch.save({
             "schema_version": 1, "step": step, "rank": trainer.global_rank,
-            "contract": self._module.ce_contract.to_dict(),
+            "contract": module.ce_contract.to_dict(),
             "hidden": record.hidden.cpu(), "weight": record.weight.cpu(), "targets": record.targets.cpu(),
             "fused_loss": record.fused.loss.cpu(),
             "fused_grad_hidden": None if record.fused.grad_hidden is None else record.fused.grad_hidden.cpu(),

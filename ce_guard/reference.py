@@ -97,7 +97,7 @@ def reference_linear_cross_entropy(
     _validate(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk)
     tp, token_group = contract.tp_group, contract.token_group
     tp_size = _dist.group_size(tp)
-    nonfinite = {"hidden": int((~torch.isfinite(hidden)).sum()), "weight": int((~torch.isfinite(weight)).sum())}
+    nonfinite = {"hidden": _count_nonfinite(hidden), "weight": _count_nonfinite(weight)}
 
     local_shape = targets.shape
     targets = targets.long()                   # any integer dtype in; gather and scatter need int64
@@ -292,6 +292,12 @@ def _local_token_range(local_shape: torch.Size, tp) -> slice:
 def _local_rows(grad_h: torch.Tensor, contract: CEContract, local_shape: torch.Size, tp) -> torch.Tensor:
     """Under SP the gradient covers the gathered sequence; keep this rank's shard."""
     return grad_h[_local_token_range(local_shape, tp)] if contract.sequence_parallel else grad_h
+
+
+def _count_nonfinite(t: torch.Tensor, rows: int = 4096) -> int:
+    """NaN/Inf count, a block of rows at a time: a mask of a [V, D] weight would cost V*D bytes at once."""
+    flat = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(-1, 1)
+    return sum(int((~torch.isfinite(flat[r])).sum()) for r in _chunks(flat.shape[0], rows))
 
 
 def _chunks(total: int, size: int) -> Iterator[slice]:

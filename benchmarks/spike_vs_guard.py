@@ -1,0 +1,115 @@
+"""Does a generic spike detector notice a seam fault? The guard against Lightning's SpikeDetection.
+
+The example hybrid model trains on the C++ corpus; at ``--switch-step`` its output layer starts computing
+one seam fault (same weight, same optimizer). Three watchers run side by side for ``--steps`` steps:
+CEParityCallback (every ``--every`` steps), Lightning's ``SpikeDetection`` (loss above ``rtol`` x its
+running mean), and SeamHealthCallback's z-score rule on loss and gradient norm.
+Each reports the first step it fires after the switch, if any.
+
+    python benchmarks/spike_vs_guard.py --out runs/spike_vs_guard.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, SpikeDetection
+
+from ce_guard.callbacks import CEParityCallback, SeamHealthCallback
+from ce_guard.demos.data import CppTokenDataModule
+from ce_guard.demos.hybrid import HybridConfig
+from ce_guard.demos.lit import HybridLitModule
+from ce_guard.fused import FusedLinearCrossEntropy
+
+FAULTS = {  # fault -> extra contract options it needs to have something to break
+    "grad_scale": {},
+    "bf16_accumulators": {},
+    "ignore_in_denominator": {},
+    "missing_z_loss": {"z_loss": 1e-4},
+}
+
+
+class SwitchFault(Callback):
+    """From ``step`` on, the output layer computes ``fault`` on the same weight (the optimizer keeps it)."""
+
+    def __init__(self, step: int, fault: str) -> None:
+        self.step, self.fault = step, fault
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            old = pl_module.model.output
+            pl_module.model.output = FusedLinearCrossEntropy(old.hidden_size, old.ce_contract, weight=old.weight,
+                                                             token_chunk=old.token_chunk, fault=self.fault)
+
+
+class RecordingSpikeDetection(SpikeDetection):
+    """Lightning's SpikeDetection, recording the steps it would have stopped at instead of stopping."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fired: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        except Exception:  # noqa: BLE001 - TrainingSpikeException: note it and keep training
+            self.fired.append(trainer.global_step)
+
+
+def run(fault: str, args) -> dict:
+    pl.seed_everything(0)
+    data = CppTokenDataModule(seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    config = HybridConfig(vocab_size=data.vocab_size, d_model=args.d_model, layer_pattern="M*M-", n_heads=4,
+                          n_kv_heads=2, mamba_n_heads=4, mamba_head_dim=args.d_model // 2,
+                          mamba_n_groups=2, mamba_d_state=32, max_seq_len=args.seq_len)
+    module = HybridLitModule(config, token_chunk=256, **FAULTS[fault])
+    parity = CEParityCallback(every_n_steps=args.every, run_dir=str(Path(args.out).parent / fault))
+    health = SeamHealthCallback(warmup=20)
+    spike = RecordingSpikeDetection(warmup=20)
+    trainer = pl.Trainer(max_steps=args.steps, accelerator=args.accelerator, devices=1, logger=False,
+                         callbacks=[SwitchFault(args.switch_step, fault), parity, health, spike],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, precision=args.precision)
+    started = time.time()
+    trainer.fit(module, datamodule=data)
+    first = lambda steps: next((s for s in steps if s >= args.switch_step), None)  # noqa: E731
+    return {
+        "fault": fault,
+        "guard_first_flag": first([h["step"] for h in parity.history if h["drift"]]),
+        "guard_cause": next((h["cause"] for h in parity.history if h["drift"]), None),
+        "guard_clean_before_switch": all(not h["drift"] for h in parity.history if h["step"] < args.switch_step),
+        "spike_detection_first": first(spike.fired),
+        "zscore_first": first([s["step"] for s in health.spikes]),
+        "seconds": time.time() - started,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--faults", nargs="+", default=list(FAULTS), choices=list(FAULTS))
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--switch-step", type=int, default=100)
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=400_000)
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    results = []
+    for fault in args.faults:
+        results.append(run(fault, args))
+        print(json.dumps(results[-1]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"steps": args.steps, "switch_step": args.switch_step,
+                                          "every": args.every, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
