@@ -1,4 +1,4 @@
-"""The trusted cross-entropy path: chunked, fp32 throughout, every collective explicit.
+"""The trusted cross-entropy path: chunked, fp32 accumulation throughout, every collective explicit.
 
 Shares no math with any fused path. It reads only the contract and the tensors, and returns the loss,
 the per-token losses and the gradients w.r.t. hidden and the weight slice *directly* (no autograd):
@@ -6,6 +6,10 @@ the callback compares gradients the training backward produced, so the reference
 numbers, not a graph. ``[N, V]`` logits are never materialised: each step holds one
 ``(token_chunk, vocab_chunk)`` fp32 block at a time, so peak extra memory is ``~5 * chunk_elements * 4`` bytes
 plus fp32 copies of one hidden chunk and one weight block.
+
+Matmuls accumulate in fp32 with exact products: fp32 operands run without TF32; bf16 operands on CUDA run
+on tensor cores with an fp32 output, and the fp32 logit gradient is split into two bf16 parts for the
+backward products (relative error near 2**-17, far under any bf16 budget).
 
 Two passes per call:
   1. statistics: per token, fp32 running max / denominator over local vocab blocks, the target logit
@@ -195,7 +199,7 @@ def _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk):
     target_logit = torch.zeros(n, dtype=torch.float32, device=device)
     logit_sum = torch.zeros(n, dtype=torch.float32, device=device)
     for rows in _chunks(n, token_chunk):
-        h_chunk = h[rows].float()                                              # (T, D)
+        h_chunk = h[rows]                                                      # (T, D), input dtype
         local_target = y[rows] - contract.vocab_start                          # (T,) index into this slice
         for cols in _chunks(weight.shape[0], vocab_chunk):
             z = _logits(h_chunk, weight[cols], contract)                      # (T, Vb) fp32
@@ -225,12 +229,12 @@ def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chu
     grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
     for rows in _chunks(h.shape[0], token_chunk):
-        h_chunk = h[rows].float()                                              # (T, D)
+        h_chunk = h[rows]                                                      # (T, D), input dtype
         local_target = y[rows] - contract.vocab_start
         w_tok = token_weight[rows, None]                                       # (T, 1)
         for cols in _chunks(weight.shape[0], vocab_chunk):
-            w_block = weight[cols].float()                                     # (Vb, D)
-            raw = h_chunk @ w_block.T                                          # (T, Vb)
+            w_block = weight[cols]                                             # (Vb, D), input dtype
+            raw = _exact_mm(h_chunk, w_block.T)                                # (T, Vb) fp32
             z = _softcap(raw, contract.softcap)
             p = torch.exp(z - lse[rows, None])
             # d/dz of (1-eps)(lse - z_y) + eps(lse - mean z) + c lse^2 = p (1 + 2 c lse) - (1-eps) 1[v=y] - eps/V
@@ -241,13 +245,37 @@ def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chu
             if contract.softcap is not None:
                 dz = dz * (1.0 - (z / contract.softcap).square())            # d tanh-cap / d raw
             dz = dz * w_tok                                                    # upstream and 1/divisor; 0 if ignored
-            grad_h[rows] += dz @ w_block
-            grad_w[cols] += dz.T @ h_chunk
+            grad_h[rows] += _fp32_times(dz, w_block)
+            grad_w[cols] += _fp32_times(dz.T, h_chunk)
     return grad_h, grad_w
 
 
 def _logits(h_chunk: torch.Tensor, w_block: torch.Tensor, contract: CEContract) -> torch.Tensor:
-    return _softcap(h_chunk @ w_block.float().T, contract.softcap)
+    return _softcap(_exact_mm(h_chunk, w_block.T), contract.softcap)
+
+
+def _exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated in fp32, from operands in the input dtype.
+
+    bf16 operands on CUDA run on tensor cores with an fp32 output: a bf16 x bf16 product is exact in fp32,
+    so this equals the fp32 matmul of the upcast operands up to summation order, at bf16 speed.
+    """
+    if a.is_cuda and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _fp32_times(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x @ m`` for an fp32 ``x`` and ``m`` in the input dtype.
+
+    For bf16 ``m`` on CUDA, ``x`` is split into bf16 high and low parts (16 mantissa bits together, a
+    relative error near 2**-17, two orders under any bf16 budget) and each part runs on tensor cores.
+    """
+    if m.is_cuda and m.dtype == torch.bfloat16:
+        high = x.bfloat16()
+        low = (x - high.float()).bfloat16()
+        return _exact_mm(high, m) + _exact_mm(low, m)
+    return x @ m.float()
 
 
 def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
