@@ -1,0 +1,160 @@
+"""LightningModule for the hybrid demo: builds the model with a guarded fused output, its parallel plan, AdamW.
+
+``configure_model`` reads the strategy's device mesh: under ``ModelParallelStrategy`` the output layer is
+ce_guard's vocab-parallel :class:`~ce_guard.fused.FusedLinearCrossEntropy` over the ``tensor_parallel`` dim,
+normalised by the global token count of the ``data_parallel`` dim, and the plan of ``parallelize.py`` is
+applied (TP, then FSDP2). On one device the same layer holds the whole vocabulary. Either way the layer
+declares an honest ``CEContract``; ``fault`` makes it compute a broken one, for demonstrations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.optim.lr_scheduler import LambdaLR
+
+from ce_guard.contract import CEContract
+from ce_guard.demos.data import IGNORE_INDEX
+from ce_guard.demos.hybrid import HybridConfig, HybridLM
+from ce_guard.demos.parallelize import apply_fsdp, apply_tp
+from ce_guard.faults import SeamFault
+from ce_guard.fused import FusedLinearCrossEntropy
+
+
+class HybridLitModule(pl.LightningModule):
+    """Train a :class:`~ce_guard.demos.hybrid.HybridLM` whose output layer is guarded by ce_guard.
+
+    Args:
+        config: the model's shape; ``vocab_size`` must cover the data's token ids (the example CLI links it
+            to ``CppTokenDataModule.vocab_size``).
+        lr: peak AdamW learning rate, reached after ``warmup_steps`` and decayed by a cosine to
+            ``min_lr_ratio * lr`` at the last step.
+        weight_decay: AdamW decay on matrices (ndim >= 2); vectors (norms, SSM heads' A, D, dt) get none.
+        betas: AdamW betas.
+        warmup_steps: linear warm-up from ``lr / warmup_steps``.
+        min_lr_ratio: the cosine's floor, as a fraction of ``lr``.
+        label_smoothing: the contract's label smoothing (over the global vocabulary).
+        z_loss: the contract's coefficient on ``lse**2``.
+        token_chunk: tokens per chunk of the fused layer; ``None`` lets it choose.
+        sequence_parallel: under TP, split the residual stream along the sequence between blocks. The
+            output layer still receives the full ``(B, S, D)`` hidden states (``apply_tp`` gathers them), so
+            its layout is ``[S,B,V/TP]`` either way.
+        fault: for demonstrations: a :class:`~ce_guard.faults.SeamFault` value (e.g. ``"grad_scale"``); the
+            output layer computes that broken contract while declaring the honest one.
+        fault_scale: the integer k of ``grad_scale``.
+        seed: seeds the weights; every rank builds the same full model before the plan shards it.
+
+    Example:
+        >>> module = HybridLitModule(HybridConfig(vocab_size=100352, d_model=128, layer_pattern="M*M-"))
+        >>> trainer = Trainer(max_steps=100).fit(module, datamodule=CppTokenDataModule(seq_len=128))
+    """
+
+    def __init__(
+        self,
+        config: HybridConfig,
+        *,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        token_chunk: int | None = None,
+        sequence_parallel: bool = False,
+        fault: str | None = None,
+        fault_scale: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, HybridConfig):
+            raise TypeError(f"Expected `config` to be a HybridConfig, got {type(config).__name__}.")
+        if lr <= 0 or weight_decay < 0:
+            raise ValueError(f"Expected `lr` > 0 and `weight_decay` >= 0, got lr={lr}, weight_decay={weight_decay}.")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"Expected `warmup_steps` to be an int >= 0, got {warmup_steps!r}.")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"Expected `min_lr_ratio` in [0, 1], got {min_lr_ratio}.")
+        if fault is not None and fault not in set(SeamFault):
+            raise ValueError(f"Expected `fault` to be None or one of {[f.value for f in SeamFault]}, got {fault!r}.")
+        self.save_hyperparameters()
+        self.config = config
+        self.fault = None if fault is None else SeamFault(fault)
+        self.model: HybridLM | None = None  # built in configure_model, once the device mesh is known
+
+    # ------------------------------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning calls this hook again for fit -> validate -> test
+            return
+        mesh: DeviceMesh | None = self.device_mesh
+        torch.manual_seed(self.hparams.seed)  # same full weights on every rank before sharding
+        if mesh is None:
+            contract = self._contract()
+            self.model = HybridLM(self.config, self._output(contract, slice(0, self.config.vocab_size)))
+            return
+        tp, dp = mesh["tensor_parallel"], mesh["data_parallel"]
+        if self.config.vocab_size % tp.size():
+            raise ValueError(f"Expected the TP degree {tp.size()} to divide `config.vocab_size`="
+                             f"{self.config.vocab_size}; pad the vocabulary (CppTokenDataModule pads to 128).")
+        rows = self.config.vocab_size // tp.size()
+        start = tp.get_local_rank() * rows
+        contract = self._contract(
+            layout="[S,B,V/TP]" if tp.size() > 1 else "[N,V]", vocab_start=start, vocab_end=start + rows,
+            tp_group=tp.get_group(), normalize_by="global_tokens", token_group=dp.get_group())
+        self.model = HybridLM(self.config, self._output(contract, slice(start, start + rows)))
+        if tp.size() > 1:
+            apply_tp(self.model, tp, sequence_parallel=self.hparams.sequence_parallel)
+        if dp.size() > 1:
+            apply_fsdp(self.model, dp)
+
+    def _contract(self, **placement) -> CEContract:
+        return CEContract(vocab_size=self.config.vocab_size, ignore_index=IGNORE_INDEX,
+                          label_smoothing=self.hparams.label_smoothing, z_loss=self.hparams.z_loss, **placement)
+
+    def _output(self, contract: CEContract, rows: slice) -> FusedLinearCrossEntropy:
+        """The guarded output layer, holding ``rows`` of one full output weight drawn on every rank alike."""
+        d = self.config.d_model
+        full = torch.empty(self.config.vocab_size, d).normal_(std=d ** -0.5)  # (V, D)
+        return FusedLinearCrossEntropy(d, contract, weight=nn.Parameter(full[rows].clone()),  # (V/TP, D)
+                                       token_chunk=self.hparams.token_chunk, fault=self.fault,
+                                       fault_scale=self.hparams.fault_scale)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, targets)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(*batch)
+        # Under DP each rank's loss is its share of the global mean; the mean over ranks is that mean.
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self(*batch), prog_bar=True, sync_dist=True)
+
+    # -------------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        schedule = warmup_cosine(self.hparams.warmup_steps, int(self.trainer.estimated_stepping_batches),
+                                 self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """Multiplier of the peak lr at optimizer step ``step``: linear warm-up, then cosine to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
