@@ -1,0 +1,116 @@
+"""Training-step time of the hybrid demo with and without ``CEParityCallback``, and the guard's amortised cost.
+
+Three fits of the same model and data, each ``warmup + measure`` optimizer steps: no guard, a check every
+100 steps and a check every 50. A step's time is the interval between consecutive ``on_train_batch_end``
+hooks (CUDA synchronised), so it holds data loading, forward, backward, the optimizer and, on a check
+step, the check. With ``measure=100`` and ``warmup=10`` the timed window (steps 10..109) holds exactly the
+checks its rate implies (100; 50 and 100), so the mean step time's excess over the unguarded fit is the
+amortised overhead.
+
+    python benchmarks/bench_guard_overhead.py --config configs/gpu_1.yaml           # GPU
+    python benchmarks/bench_guard_overhead.py --quick                               # CPU, tiny, ~1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningCLI
+
+from ce_guard.callbacks import CEParityCallback
+from ce_guard.demos.data import CppTokenDataModule
+from ce_guard.demos.lit import HybridLitModule
+
+QUICK = ["--config", "configs/cpu.yaml", "--model.config.d_model=64", "--model.config.layer_pattern=M*",
+         "--data.seq_len=64", "--data.batch_size=4", "--data.max_tokens=200000"]
+
+
+class StepTimer(Callback):
+    """Seconds of each training step, end to end (place it last, after the guard)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self._last is not None:
+            self.seconds.append(now - self._last)
+        self._last = now
+
+
+class _ConfigCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+
+
+def time_fit(cli: LightningCLI, every_n_steps: int | None, steps: int) -> tuple[list[float], int]:
+    """One fit of a fresh copy of the configured model: per-step seconds (from the second step on), parameters."""
+    timer = StepTimer()
+    guard = [] if every_n_steps is None else [CEParityCallback(every_n_steps=every_n_steps)]
+    trainer = pl.Trainer(accelerator=cli.config.trainer.accelerator, devices=1, precision=cli.config.trainer.precision,
+                         max_steps=steps, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[*guard, timer],
+                         default_root_dir="runs/bench_guard_overhead")
+    module = copy.deepcopy(cli.model)  # not built yet (configure_model runs in fit): a cheap, fresh copy
+    trainer.fit(module, datamodule=cli.datamodule)
+    return timer.seconds, sum(p.numel() for p in module.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/gpu_1.yaml", help="an example config: model, data, precision")
+    parser.add_argument("--quick", action="store_true", help="tiny model on CPU (configs/cpu.yaml shrunk)")
+    parser.add_argument("--warmup", type=int, default=10, help="steps not timed")
+    parser.add_argument("--measure", type=int, default=100, help="timed steps; a multiple of 100 keeps rates exact")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args, overrides = parser.parse_known_args()
+    cli_args = [*(QUICK if args.quick else ["--config", args.config]), *overrides]
+    cli = _ConfigCLI(HybridLitModule, CppTokenDataModule, run=False, args=cli_args, save_config_callback=None)
+    tokens_per_step = cli.datamodule.batch_size * cli.datamodule.seq_len
+
+    # The timer sees intervals after the first step; keep steps warmup..warmup+measure-1 (batch indices).
+    window = slice(args.warmup - 1, args.warmup - 1 + args.measure)
+    rows = []
+    for every in (None, 100, 50):
+        seconds, n_params = time_fit(cli, every, args.warmup + args.measure)
+        seconds = seconds[window]
+        checks = sum(1 for step in range(args.warmup, args.warmup + args.measure) if every and step % every == 0)
+        rows.append({"guard": "off" if every is None else f"every {every}", "checks_timed": checks,
+                     "mean_step_ms": 1e3 * statistics.fmean(seconds),
+                     "median_step_ms": 1e3 * statistics.median(seconds),
+                     "max_step_ms": 1e3 * max(seconds)})
+        print(f"guard {rows[-1]['guard']}: mean step {rows[-1]['mean_step_ms']:.1f} ms", flush=True)
+    base = rows[0]["mean_step_ms"]
+    for row in rows:
+        row["tokens_per_s"] = tokens_per_step / row["mean_step_ms"] * 1e3
+        row["overhead_pct"] = 100 * (row["mean_step_ms"] / base - 1)
+        if row["checks_timed"]:  # one check's cost: the window's excess time over its checks
+            row["check_ms"] = (row["mean_step_ms"] - base) * args.measure / row["checks_timed"]
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\n{device}, {n_params / 1e6:.1f}M parameters, precision {cli.config.trainer.precision}, "
+          f"{tokens_per_step} tokens/step, steps {args.warmup}..{args.warmup + args.measure - 1} timed")
+    print(f"{'guard':>10} {'checks':>6} {'mean ms':>9} {'median ms':>9} {'max ms':>9} {'tokens/s':>10} "
+          f"{'overhead':>8} {'per check':>10}")
+    for row in rows:
+        check = f"{row['check_ms']:.0f} ms" if "check_ms" in row else "-"
+        print(f"{row['guard']:>10} {row['checks_timed']:>6} {row['mean_step_ms']:>9.1f} {row['median_step_ms']:>9.1f} "
+              f"{row['max_step_ms']:>9.1f} {row['tokens_per_s']:>10.0f} {row['overhead_pct']:>7.2f}% {check:>10}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": device, "params": n_params, "precision": cli.config.trainer.precision,
+                       "tokens_per_step": tokens_per_step, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
