@@ -76,7 +76,7 @@ class RunSummary(Callback):
         health = _find(trainer, SeamHealthCallback)
         table = Table(title="ce_guard parity summary", show_header=False, title_justify="left")
         table.add_column(style="bold")
-        table.add_column()
+        table.add_column(overflow="fold")  # paths wrap rather than end in an ellipsis
         if parity is None:
             table.add_row("guard", "no CEParityCallback on the Trainer")
         else:
