@@ -38,14 +38,18 @@ fi
 
 if want examples; then
 step "example model under ModelParallelStrategy with the guard"
-for cfg in ${EXAMPLE_CONFIGS:-}; do
-  name=$(basename "$cfg" .yaml)
-  timeout 150 python examples/train_hybrid.py fit --config "$cfg" --trainer.max_steps=${EXAMPLE_STEPS:-30} \
-    > "$LOGS/$name.log" 2>&1
-  echo "$name exit=$?" >> "$OUT/summary.txt"
-  timeout 150 python examples/train_hybrid.py fit --config "$cfg" --config configs/faults/local_normalization.yaml \
-    --trainer.max_steps=${EXAMPLE_STEPS:-30} > "$LOGS/${name}_local_normalization.log" 2>&1
-  echo "$name + local_normalization exit=$?" >> "$OUT/summary.txt"
+# config:fault pairs; "clean" runs the config as it is. Local normalisation needs DP > 1 (with TP alone there is
+# no second token count), so the TP-only config is also run with unmasked partition targets.
+for run in ${EXAMPLE_RUNS:-gpu_dp2:clean gpu_dp2:local_normalization gpu_tp2:clean gpu_tp2:unmasked_partition_targets \
+           gpu_tp2_dp2:clean gpu_tp2_dp2:local_normalization}; do
+  cfg=${run%%:*}; fault=${run##*:}
+  extra=(); [ "$fault" = clean ] || extra=(--model.fault="$fault" --data.pad_fraction=0.2)
+  timeout 110 python examples/train_hybrid.py fit --config "configs/$cfg.yaml" "${extra[@]}" \
+    --trainer.max_steps=${EXAMPLE_STEPS:-51} --trainer.default_root_dir="runs/$cfg-$fault" \
+    > "$LOGS/$cfg-$fault.log" 2>&1
+  echo "$cfg $fault exit=$?" >> "$OUT/summary.txt"
+  grep -hE "drift|within_budget|checks|cause" "$LOGS/$cfg-$fault.log" | tail -6 >> "$OUT/summary.txt"
+  find "runs/$cfg-$fault" -name receipts.jsonl -exec cp {} "$LOGS/$cfg-$fault.receipts.jsonl" \;
 done
 fi
 
@@ -57,5 +61,5 @@ tail -4 "$LOGS/spike_vs_guard.log" >> "$OUT/summary.txt"
 fi
 
 step "done"
-tar -czf "$OUT/logs.tgz" -C "$OUT" logs $(cd "$OUT" && ls -d runs 2>/dev/null)
+tar -czf "$OUT/logs.tgz" -C "$OUT" logs
 rm -rf "$LOGS"

@@ -59,7 +59,8 @@ class CEParityCallback(Callback):
         replay_weight_grad: replay the fused module standalone on the recorded inputs to compare dL/dW
             (skipped where the weight is a sharded DTensor: replaying would run FSDP's hooks).
         budget_tokens: tokens the native error budget is measured on; ``safety`` multiplies it.
-        run_dir: where receipts and bundles go; defaults to ``trainer.log_dir`` (or ``default_root_dir``).
+        run_dir: where receipts and bundles go; defaults to the logger's ``trainer.log_dir``, else the
+            Trainer's ``default_root_dir``.
         group_sizes: extra sizes a scale factor may be traced to; TP, SP, DP and grad_accum are filled in.
 
     Example:
@@ -170,9 +171,9 @@ class CEParityCallback(Callback):
             rank_zero_warn(f"CEParityCallback: skipped the check at step {recording.step}:"
                            f" {problem or 'another rank could not record the seam'}.")
             return None
-        record = recording.to_record(self.replay_weight_grad)
         sizes = {**_group_sizes(trainer, contract), **self.extra_group_sizes}
         try:
+            record = recording.to_record(self.replay_weight_grad)
             result = check_seam(record, contract, group_sizes=sizes, sample_tokens=self.sample_tokens,
                                 budget_tokens=self.budget_tokens, safety=self.safety)
             error = None
@@ -384,10 +385,12 @@ def _is_fsdp_sharded(weight: torch.Tensor) -> bool:
 
 
 def _replay_weight_grad(module, hidden, weight, targets, upstream, autocast_dtype) -> torch.Tensor | None:
-    """dL/dW of the fused module on the recorded inputs, by running it again on a detached weight copy.
+    """dL/dW of the fused module on the recorded inputs, by running its ``forward`` again on a weight copy.
 
     The module's own parameter is swapped for the copy for the duration, so training's ``.grad`` is untouched.
-    Skipped (None) when the weight is a DTensor: replaying would run FSDP's communication hooks.
+    ``forward`` is called directly: the recorded inputs are what the module's forward received, after any
+    hooks (e.g. a sequence gather that ``parallelize_module`` put in front of it), so running the hooks again
+    would transform them twice. Skipped (None) when the weight is a DTensor (FSDP-sharded).
     """
     if hasattr(module.weight, "placements"):
         return None
@@ -399,7 +402,7 @@ def _replay_weight_grad(module, hidden, weight, targets, upstream, autocast_dtyp
     try:
         with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=autocast_dtype or torch.float32,
                                                  enabled=autocast_dtype is not None):
-            loss = module(hidden.detach(), targets)
+            loss = module.forward(hidden.detach(), targets)
             (grad_weight,) = torch.autograd.grad(loss, [replay], grad_outputs=upstream.to(loss.dtype).expand_as(loss))
     finally:
         module._parameters["weight"] = original
@@ -469,10 +472,9 @@ class SeamHealthCallback(Callback):
         self._batch_step = trainer.global_step  # the optimizer step this batch belongs to
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
-            self._observe(trainer, "grad_norm", float(norm), trainer.global_step)
+        norms = [_global_norm(p.grad) for p in pl_module.parameters() if p.grad is not None]
+        if norms:
+            self._observe(trainer, "grad_norm", float(torch.linalg.vector_norm(torch.stack(norms))), trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
@@ -510,6 +512,13 @@ class SeamHealthCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stats = {k: _RunningMoments(**v) for k, v in state_dict["stats"].items()}
         self.spikes = list(state_dict["spikes"])
+
+
+def _global_norm(grad: torch.Tensor) -> torch.Tensor:
+    """The 2-norm of a gradient as a plain tensor; a sharded DTensor's is reduced over its mesh (every rank)."""
+    norm = torch.linalg.vector_norm(grad.detach().float())
+    full_tensor = getattr(norm, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else norm
 
 
 @dataclasses.dataclass

@@ -425,9 +425,13 @@ def _chunked_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return grad_hidden, grad_weight
 
 
+MIN_TOKEN_CHUNK = 256  # below this the chunk loop's per-chunk overhead dominates (2 tokens at D=128, V=100k)
+
+
 def _default_token_chunk(n_tokens: int, vocab_slice: int, hidden_size: int) -> int:
-    """Tokens per chunk so one chunk's logits are about as large as the hidden states (Liger's rule)."""
-    chunk = math.ceil(max(n_tokens, 1) / math.ceil(vocab_slice / hidden_size))
+    """Tokens per chunk so one chunk's logits are about as large as the hidden states (Liger's rule), at least
+    ``MIN_TOKEN_CHUNK``."""
+    chunk = max(math.ceil(max(n_tokens, 1) / math.ceil(vocab_slice / hidden_size)), MIN_TOKEN_CHUNK)
     return 1 << (chunk - 1).bit_length()
 
 

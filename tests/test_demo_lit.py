@@ -79,7 +79,7 @@ def _one_step(rank: int, world: int, dp: int, tp: int, root: str) -> dict:
 
     # No dL/dW replay: re-running the output module would re-run apply_tp's sequence-parallel input gather
     # on hidden states that are already gathered (a (B, 2S, D) input); the dL/dh and loss checks remain.
-    spy, guard = LossSpy(), CEParityCallback(every_n_steps=1, replay_weight_grad=False)
+    spy, guard = LossSpy(), CEParityCallback(every_n_steps=1)
     trainer = pl.Trainer(strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp),
                          accelerator="cpu", devices=world, max_steps=1, logger=False, callbacks=[guard, spy],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

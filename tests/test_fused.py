@@ -318,3 +318,11 @@ def test_any_shape_and_chunk_matches_float64(n, d, v, chunk, reduction, eps, see
     ref = oracle(hidden, weight, targets, reduction=reduction, label_smoothing=eps, z_loss=1e-3, upstream=upstream)
     for actual, expected in zip((loss, dh, dw), ref):
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_default_token_chunk_never_degenerates_to_a_few_tokens():
+    from ce_guard.fused import MIN_TOKEN_CHUNK, _default_token_chunk
+
+    # Liger's rule alone gives 2 tokens at D=128, V=100352: a chunk loop that ran for a minute on CPU.
+    assert _default_token_chunk(1024, 100352, 128) == MIN_TOKEN_CHUNK
+    assert _default_token_chunk(16384, 32768, 4096) == 2048

@@ -138,9 +138,15 @@ class HybridLitModule(pl.LightningModule):
 
     # -------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        # One group per (decay, device mesh): AdamW's foreach kernels cannot mix plain tensors with DTensors,
+        # nor DTensors of different meshes (the vocab-parallel output weight is plain under TP and lives on
+        # the DP mesh under FSDP, while the TP-sharded projections live on the TP or 2-D mesh).
+        groups: dict[tuple, list[nn.Parameter]] = {}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups.setdefault((p.ndim >= 2, getattr(p, "device_mesh", None)), []).append(p)
+        groups = [{"params": params, "weight_decay": self.hparams.weight_decay if decay else 0.0}
+                  for (decay, _), params in groups.items()]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
         schedule = warmup_cosine(self.hparams.warmup_steps, int(self.trainer.estimated_stepping_batches),
                                  self.hparams.min_lr_ratio)
