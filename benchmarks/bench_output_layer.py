@@ -208,11 +208,14 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def bench_shape(n: int, d: int, v: int, device: torch.device, warmup: int, repeats: int,
-                sweep_chunks: tuple[int, ...] = (), floor_ms: float | None = None) -> list[Row]:
+                sweep_chunks: tuple[int, ...] = (), floor_ms: float | None = None,
+                only: tuple[str, ...] = ()) -> list[Row]:
     hidden, weight, targets = make_inputs(n, d, v, device, torch.bfloat16)
     ref_loss, ref_dh, ref_dw = fp32_reference(hidden, weight, targets)
     rows = []
     for name, build in build_paths(d, v, device, sweep_chunks).items():
+        if only and not any(word.lower() in name.lower() for word in only):
+            continue
         row = Row(name)
         w = nn.Parameter(weight.clone())
         try:
@@ -274,18 +277,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sweep-chunks", default="", help="comma-separated token chunks for extra fused rows")
+    parser.add_argument("--paths", default="", help="comma-separated words; run only paths whose name has one")
+    parser.add_argument("--shapes", default="", help="e.g. 16384x4096x151936 (default: both LLM-head shapes)")
     parser.add_argument("--out", default="bench_output_layer.json")
     parser.add_argument("--out-md", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32, not TF32
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+    only = tuple(word for word in args.paths.split(",") if word)
     sweep_chunks = tuple(int(c) for c in args.sweep_chunks.split(",") if c)
     tflops = matmul_tflops(device)
     results = []
     for n, d, v in shapes:
         floor_ms = None if tflops is None else 6 * n * d * v / (tflops * 1e12) * 1e3
-        rows = bench_shape(n, d, v, device, args.warmup, args.repeats, sweep_chunks, floor_ms)
+        rows = bench_shape(n, d, v, device, args.warmup, args.repeats, sweep_chunks, floor_ms, only)
         results.append({"N": n, "D": d, "V": v, "tflops": tflops, "floor_ms": floor_ms,
                         "rows": [asdict(r) for r in rows]})
         print(markdown(results[-1:]), flush=True)  # progress: a long run still leaves its finished shapes

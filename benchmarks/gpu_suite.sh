@@ -21,7 +21,7 @@ fi
 
 if want output_layer; then
 step "output layer (one GPU)"
-timeout 300 python benchmarks/bench_output_layer.py --out "$LOGS/output_layer.json" --out-md "$LOGS/output_layer.md" \
+timeout ${OUTPUT_LAYER_TIMEOUT:-300} python benchmarks/bench_output_layer.py ${OUTPUT_LAYER_ARGS:-} --out "$LOGS/output_layer.json" --out-md "$LOGS/output_layer.md" \
   > "$LOGS/output_layer.log" 2>&1
 tail -20 "$LOGS/output_layer.log" >> "$OUT/summary.txt"
 fi
