@@ -5,13 +5,14 @@ import tempfile
 import warnings
 
 import pytest
+import torch
 
 from dist_helpers import run_distributed
 
 pytestmark = pytest.mark.distributed
 
 
-def _fit(root, dp, tp, *, fault=None, policy="warn", nan_on_rank=None, max_steps=3):
+def _fit(root, dp, tp, *, fault=None, policy="warn", nan_on_rank=None, cannot_record_on_rank=None, max_steps=3):
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -27,14 +28,23 @@ def _fit(root, dp, tp, *, fault=None, policy="warn", nan_on_rank=None, max_steps
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(MeshTinyLM(fault=fault, nan_on_rank=nan_on_rank), uneven_padding_loader())
+        from ce_guard import callbacks
+
+        original = callbacks._Recording.problem
+        if cannot_record_on_rank == torch.distributed.get_rank():
+            # This rank's recording reports a problem (as when no backward reaches the seam); the others record.
+            callbacks._Recording.problem = lambda self: "simulated: this rank could not record the seam"
+        try:
+            trainer.fit(MeshTinyLM(fault=fault, nan_on_rank=nan_on_rank), uneven_padding_loader())
+        finally:
+            callbacks._Recording.problem = original
     path = os.path.join(root, "ce_guard", "receipts.jsonl")
     return {
         "history": callback.history,
         "receipts": list(read_receipts(path)) if os.path.exists(path) else [],
         "logged_steps": logger.parity_steps(),
         "global_step": trainer.global_step,
-        "warnings": [str(w.message) for w in caught if "CE seam" in str(w.message)],
+        "warnings": [str(w.message) for w in caught if "CE seam" in str(w.message) or "skipped" in str(w.message)],
         "bundles": sorted(os.listdir(os.path.join(root, "ce_guard", "bundles")))
         if os.path.isdir(os.path.join(root, "ce_guard", "bundles")) else [],
     }
@@ -54,6 +64,7 @@ def scenarios(rank, world):
     out["tp_unmasked"] = _fit(os.path.join(base, "tp_unmasked"), dp=1, tp=2, fault="unmasked_partition_targets",
                               policy="stop", max_steps=5)
     out["dp_nan_rank1"] = _fit(os.path.join(base, "dp_nan"), dp=2, tp=1, nan_on_rank=1)
+    out["dp_skip_rank1"] = _fit(os.path.join(base, "dp_skip"), dp=2, tp=1, cannot_record_on_rank=1)
     return out
 
 
@@ -107,3 +118,12 @@ def test_nan_on_one_rank_is_agreed_and_never_hangs(results):
         first = res["dp_nan_rank1"]["history"][0]
         assert first["drift"] and first["cause"] == "non_finite" and first["rank"] == 1, first
         assert res["dp_nan_rank1"]["global_step"] == 3  # warn: training went on on both ranks
+
+
+def test_a_rank_that_cannot_check_makes_every_rank_skip_without_a_hang(results):
+    for rank, res in enumerate(results):
+        run = res["dp_skip_rank1"]
+        assert run["history"] == [] and run["global_step"] == 3, run
+        if rank == 0:  # rank zero warns, naming the step and that another rank could not record
+            assert any("skipped the check at step 0: another rank could not record the seam" in w
+                       for w in run["warnings"]), run["warnings"]
