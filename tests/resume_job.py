@@ -20,7 +20,7 @@ class SlowTinyLM(TinyLM):
     """A step long enough for the test to kill the process between checkpoints."""
 
     def training_step(self, batch, batch_idx):
-        time.sleep(0.15)
+        time.sleep(0.3)
         return super().training_step(batch, batch_idx)
 
 
