@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, SpikeDetection
+from lightning.pytorch.callbacks import SpikeDetection
 
 from ce_guard.callbacks import CEParityCallback, SeamHealthCallback
 from ce_guard.demos.data import CppTokenDataModule
 from ce_guard.demos.hybrid import HybridConfig
+from ce_guard.demos.inject import InjectSeamFault
 from ce_guard.demos.lit import HybridLitModule
-from ce_guard.fused import FusedLinearCrossEntropy
 
 FAULTS = {  # fault -> extra contract options it needs to have something to break
     "grad_scale": {},
@@ -31,19 +31,6 @@ FAULTS = {  # fault -> extra contract options it needs to have something to brea
     "ignore_in_denominator": {},
     "missing_z_loss": {"z_loss": 1e-4},
 }
-
-
-class SwitchFault(Callback):
-    """From ``step`` on, the output layer computes ``fault`` on the same weight (the optimizer keeps it)."""
-
-    def __init__(self, step: int, fault: str) -> None:
-        self.step, self.fault = step, fault
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            old = pl_module.model.output
-            pl_module.model.output = FusedLinearCrossEntropy(old.hidden_size, old.ce_contract, weight=old.weight,
-                                                             token_chunk=old.token_chunk, fault=self.fault)
 
 
 class RecordingSpikeDetection(SpikeDetection):
@@ -71,7 +58,7 @@ def run(fault: str, args) -> dict:
     health = SeamHealthCallback(warmup=20)
     spike = RecordingSpikeDetection(warmup=20)
     trainer = pl.Trainer(max_steps=args.steps, accelerator=args.accelerator, devices=1, logger=False,
-                         callbacks=[SwitchFault(args.switch_step, fault), parity, health, spike],
+                         callbacks=[InjectSeamFault(args.switch_step, fault), parity, health, spike],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, precision=args.precision)
     started = time.time()

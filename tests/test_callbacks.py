@@ -226,18 +226,10 @@ def test_health_callback_says_look_elsewhere_when_parity_is_clean(tmp_path):
 
 def test_a_layer_swapped_after_fit_start_stays_guarded(tmp_path):
     """Users re-wrap or replace the output layer (e.g. to switch kernels); the next check must see the new one."""
-    from lightning.pytorch.callbacks import Callback
-
-    from ce_guard.fused import FusedLinearCrossEntropy
-
-    class SwapAtStep2(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 2:
-                old = pl_module.output
-                pl_module.output = FusedLinearCrossEntropy(16, old.ce_contract, weight=old.weight, fault="grad_scale")
+    from ce_guard.demos.inject import InjectSeamFault
 
     callback = CEParityCallback(every_n_steps=2)
-    t, _ = trainer(tmp_path, [SwapAtStep2(), callback], max_steps=3)
+    t, _ = trainer(tmp_path, [InjectSeamFault(step=2, fault="grad_scale"), callback], max_steps=3)
     with pytest.warns(UserWarning, match="CE seam drift at step 2"):
         t.fit(TinyLM(), token_loader())
     assert [(h["step"], h["cause"]) for h in callback.history] == [(0, "within_budget"), (2, "normalization_scale")]

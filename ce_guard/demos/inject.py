@@ -1,0 +1,32 @@
+"""Break the seam mid-run, for demonstrations: watch the parity panels go from clean to drift."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import Callback
+
+from ce_guard.callbacks import find_guarded_module
+from ce_guard.faults import SeamFault
+from ce_guard.fused import FusedLinearCrossEntropy
+
+
+class InjectSeamFault(Callback):
+    """From optimizer step ``step`` on, the guarded output layer computes ``fault`` on the same weight.
+
+    The layer is replaced by a :class:`~ce_guard.fused.FusedLinearCrossEntropy` that shares its weight (so
+    the optimizer state carries on) and keeps declaring the honest contract.
+    """
+
+    def __init__(self, step: int, fault: str, fault_scale: int = 2) -> None:
+        if step < 0:
+            raise ValueError(f"`step` must be >= 0, got {step}.")
+        self.step, self.fault, self.fault_scale = step, SeamFault(fault), fault_scale
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        old = find_guarded_module(pl_module)
+        name = next(n for n, m in pl_module.named_modules() if m is old)
+        parent, _, attr = name.rpartition(".")
+        new = FusedLinearCrossEntropy(old.hidden_size, old.ce_contract, weight=old.weight,
+                                      token_chunk=old.token_chunk, fault=self.fault, fault_scale=self.fault_scale)
+        setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, new)
