@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ce_guard import _dist
 from ce_guard.contract import CEContract
-from ce_guard.reference import ReferenceResult
+from ce_guard.reference import ReferenceResult, count_nonfinite
 
 # Relative-error floors per input dtype, (loss, gradients): reduction order alone moves results this much.
 # A mean loss averages rounding over tokens, so its floor sits ten times under the gradients'.
@@ -188,10 +188,10 @@ def compare(
     gh = _grad_stats(fused.grad_hidden, reference.grad_hidden)
     gw = _grad_stats(fused.grad_weight, reference.grad_weight)
     nonfinite = {**{f"input_{k}": v for k, v in reference.nonfinite_inputs.items()},
-                 "fused_loss": _count_nonfinite(fused.loss),
-                 "fused_grad_hidden": _count_nonfinite(fused.grad_hidden),
-                 "fused_grad_weight": _count_nonfinite(fused.grad_weight),
-                 "reference_loss": _count_nonfinite(reference.loss)}
+                 "fused_loss": count_nonfinite(fused.loss),
+                 "fused_grad_hidden": count_nonfinite(fused.grad_hidden),
+                 "fused_grad_weight": count_nonfinite(fused.grad_weight),
+                 "reference_loss": count_nonfinite(reference.loss)}
 
     loss_rel = abs(loss_f - loss_r) / max(abs(loss_r), 1e-12)
     within = (not any(nonfinite.values()) and loss_rel <= budget.loss_rel
@@ -307,10 +307,6 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 
 def _max_abs(t: torch.Tensor) -> float:
     return float(t.abs().max()) if t.numel() else 0.0
-
-
-def _count_nonfinite(t: torch.Tensor | None) -> int:
-    return 0 if t is None else int((~torch.isfinite(t.detach())).sum())
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -101,7 +101,7 @@ def reference_linear_cross_entropy(
     _validate(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk)
     tp, token_group = contract.tp_group, contract.token_group
     tp_size = _dist.group_size(tp)
-    nonfinite = {"hidden": _count_nonfinite(hidden), "weight": _count_nonfinite(weight)}
+    nonfinite = {"hidden": count_nonfinite(hidden), "weight": count_nonfinite(weight)}
 
     local_shape = targets.shape
     targets = targets.long()                   # any integer dtype in; gather and scatter need int64
@@ -322,8 +322,11 @@ def _local_rows(grad_h: torch.Tensor, contract: CEContract, local_shape: torch.S
     return grad_h[_local_token_range(local_shape, tp)] if contract.sequence_parallel else grad_h
 
 
-def _count_nonfinite(t: torch.Tensor, rows: int = 4096) -> int:
+def count_nonfinite(t: torch.Tensor | None, rows: int = 4096) -> int:
     """NaN/Inf count, a block of rows at a time: a mask of a [V, D] weight would cost V*D bytes at once."""
+    if t is None:
+        return 0
+    t = t.detach()
     flat = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(-1, 1)
     return sum(int((~torch.isfinite(flat[r])).sum()) for r in _chunks(flat.shape[0], rows))
 
