@@ -49,7 +49,9 @@ class RecordingSpikeDetection(SpikeDetection):
 
 def run(fault: str, args) -> dict:
     pl.seed_everything(0)
-    data = CppTokenDataModule(seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    # Padded rows, so that a fault in the handling of ignored tokens has something to get wrong.
+    data = CppTokenDataModule(seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                              pad_fraction=args.pad_fraction)
     config = HybridConfig(vocab_size=data.vocab_size, d_model=args.d_model, layer_pattern="M*M-", n_heads=4,
                           n_kv_heads=2, mamba_n_heads=4, mamba_head_dim=args.d_model // 2,
                           mamba_n_groups=2, mamba_d_state=32, max_seq_len=args.seq_len)
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=400_000)
+    parser.add_argument("--pad-fraction", type=float, default=0.1)
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--out", required=True)
