@@ -33,6 +33,8 @@ def read_wandb_records(path: Path) -> list:
             pos += BLOCK - pos % BLOCK
             continue
         crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):
+            break  # the writer has not flushed this chunk yet
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == 0:  # zero padding up to the end of a block
@@ -45,6 +47,18 @@ def read_wandb_records(path: Path) -> list:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def _read_finished_run(path: Path, timeout: float = 60.0) -> list:
+    """The run's records once its exit record is on disk: wandb-core may still be flushing after finish()."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        records = read_wandb_records(path)
+        if by_type(records, "exit") or time.time() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def by_type(records, kind: str) -> list:
@@ -99,7 +113,7 @@ def test_offline_fit_records_metrics_table_alert_and_bundle(offline_wandb):
     wandb.finish()
 
     (log_file,) = run_dir.glob("run-*.wandb")
-    records = read_wandb_records(log_file)
+    records = _read_finished_run(log_file)
     assert by_type(records, "exit")[0].exit_code == 0  # finished cleanly
 
     metrics = {m.glob_name or m.name: m for m in by_type(records, "metric")}
