@@ -45,7 +45,7 @@ def plot_receipts(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(10, 2.6 * len(PANELS)), sharex=True,
                              constrained_layout=True)
     drifts = [r for r in records if r.get("drift")]
-    for ax, (name, title, log, budget) in zip(axes, PANELS):
+    for ax, (name, title, log, budget) in zip(axes, PANELS, strict=True):
         steps, values = metric_series(records, name)
         if log and any(v <= 0 for v in values):
             # A zero error (bit-exact) has no log; show it at the bottom of the axis instead of dropping it.

@@ -21,7 +21,7 @@ def test_clean_run_logs_parity_at_exactly_the_check_steps(tmp_path):
     t, log = trainer(tmp_path, [callback], max_steps=7)
     t.fit(TinyLM(), token_loader())
     assert log.parity_steps() == [0, 2, 4, 6]
-    for step, metrics in log.calls:
+    for _, metrics in log.calls:
         if "ce_parity/drift" in metrics:
             assert metrics["ce_parity/drift"] == 0.0
             assert math.isclose(metrics["ce_parity/grad_hidden_norm_ratio"], 1.0, rel_tol=1e-4)
