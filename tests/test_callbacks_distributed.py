@@ -12,7 +12,8 @@ from dist_helpers import run_distributed
 pytestmark = pytest.mark.distributed
 
 
-def _fit(root, dp, tp, *, fault=None, policy="warn", nan_on_rank=None, cannot_record_on_rank=None, max_steps=3):
+def _fit(root, dp, tp, *, fault=None, policy="warn", nan_on_rank=None, cannot_record_on_rank=None, max_steps=3,
+         devices=2):
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -24,7 +25,7 @@ def _fit(root, dp, tp, *, fault=None, policy="warn", nan_on_rank=None, cannot_re
     callback = CEParityCallback(every_n_steps=2, policy=policy)
     trainer = pl.Trainer(
         strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp), accelerator="cpu",
-        devices=2, max_steps=max_steps, logger=logger, callbacks=[callback], enable_checkpointing=False,
+        devices=devices, max_steps=max_steps, logger=logger, callbacks=[callback], enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -127,3 +128,23 @@ def test_a_rank_that_cannot_check_makes_every_rank_skip_without_a_hang(results):
         if rank == 0:  # rank zero warns, naming the step and that another rank could not record
             assert any("skipped the check at step 0: another rank could not record the seam" in w
                        for w in run["warnings"]), run["warnings"]
+
+
+def two_d_scenarios(rank, world):
+    import torch.distributed as dist
+
+    box = [tempfile.mkdtemp(prefix="ce_guard_2d_") if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return {"clean": _fit(os.path.join(box[0], "clean"), dp=2, tp=2, devices=4),
+            "local": _fit(os.path.join(box[0], "local"), dp=2, tp=2, devices=4, fault="local_normalization")}
+
+
+def test_dp2_x_tp2_mesh_is_clean_and_flags_local_normalisation():
+    results = run_distributed(two_d_scenarios, 4, timeout=400)
+    for rank, res in enumerate(results):
+        assert [h["cause"] for h in res["clean"]["history"]] == ["within_budget", "within_budget"], (rank, res)
+        first = res["local"]["history"][0]
+        assert first["step"] == 0 and first["cause"] == "normalization_owner", (rank, first)
+    seam = results[0]["clean"]["receipts"][0]["seam"]
+    assert seam["running_max"].endswith("over the TP group (2 ranks)")
+    assert seam["token_count"] == "non-ignored tokens all-reduced SUM over the token group (2 ranks)"
