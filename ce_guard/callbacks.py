@@ -374,14 +374,11 @@ class _Outcome:
 
 
 def _local_weight(module: nn.Module) -> torch.Tensor:
+    """This rank's weight slice as a plain tensor; a DTensor (fully_shard, parallelize_module) is gathered
+    over its mesh, which costs nothing when it is already replicated."""
     weight = module.weight
-    to_local = getattr(weight, "to_local", None)  # a DTensor after parallelize_module / fully_shard
-    return weight.full_tensor() if to_local is not None and _is_fsdp_sharded(weight) else (
-        to_local() if to_local is not None else weight)
-
-
-def _is_fsdp_sharded(weight: torch.Tensor) -> bool:
-    return any(p.is_shard() for p in getattr(weight, "placements", ()))
+    full_tensor = getattr(weight, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else weight
 
 
 def _replay_weight_grad(module, hidden, weight, targets, upstream, autocast_dtype) -> torch.Tensor | None:
