@@ -6,7 +6,9 @@ Run once per TP degree; each rank holds a V/TP slice of the weight and all N tok
     torchrun --nproc_per_node=2 benchmarks/bench_tp_scaling.py --out tp2.json
     torchrun --nproc_per_node=4 benchmarks/bench_tp_scaling.py --out tp4.json
 
-Rank zero writes the median over ranks' medians (time) and the max over ranks (memory).
+Rank zero writes the median over ranks' medians (time) and the max over ranks (memory). After timing, the
+layer runs once more on the first ``--check-tokens`` tokens under ``check_seam`` (the guard's own verdict,
+reference and budget computed over the same TP group), so each timing comes with its parity.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
+from ce_guard import SeamOutputs, SeamRecord, check_seam
 from ce_guard.contract import CEContract
 from ce_guard.fused import FusedLinearCrossEntropy
 
@@ -29,6 +32,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--check-tokens", type=int, default=2048)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -73,18 +77,35 @@ def main() -> None:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     peak_gb = (torch.cuda.max_memory_allocated() - base) / 2**30
+    verdict = _guard_verdict(layer, hidden[:args.check_tokens], targets[:args.check_tokens])
     mine = torch.tensor([statistics.median(times), peak_gb], device="cuda")
     gathered = [torch.empty_like(mine) for _ in range(tp)]
     dist.all_gather(gathered, mine)
     if rank == 0:
         ms = statistics.median(float(t[0]) for t in gathered)
         result = {"tp": tp, "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab, "median_ms": ms,
-                  "peak_extra_gb_per_rank": max(float(t[1]) for t in gathered),
+                  "peak_extra_gb_per_rank": max(float(t[1]) for t in gathered), "guard": verdict,
                   "device": torch.cuda.get_device_name(), "torch": torch.__version__}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print(json.dumps(result))
     dist.destroy_process_group()
+
+
+def _guard_verdict(layer: FusedLinearCrossEntropy, hidden: torch.Tensor, targets: torch.Tensor) -> dict:
+    """The guard's check of one forward + backward of ``layer`` (every rank takes part; rank 0 reports)."""
+    h = hidden.detach().requires_grad_()
+    layer.weight.grad = None
+    loss = layer(h, targets)
+    loss.backward()
+    fused = SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=layer.weight.grad)
+    result = check_seam(SeamRecord(hidden=hidden, weight=layer.weight.detach(), targets=targets, fused=fused,
+                                   upstream=1.0), layer.ce_contract)
+    layer.weight.grad = None
+    report = result.report
+    return {"cause": result.diagnosis.cause.value, "tokens": len(targets), "loss_rel_err": report.loss_rel_err,
+            "grad_hidden_rel_err": report.grad_hidden_rel_err, "grad_weight_rel_err": report.grad_weight_rel_err,
+            "budget_grad_hidden": report.budget.grad_hidden_rel, "budget_grad_weight": report.budget.grad_weight_rel}
 
 
 if __name__ == "__main__":

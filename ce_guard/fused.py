@@ -142,10 +142,9 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, rows: _TargetRows, 
 
     Consumes ``logits`` (overwritten by the probabilities) to keep one ``(n, V/TP)`` buffer alive.
     """
-    eps = m.label_smoothing
     row_max = all_reduce(logits.amax(dim=1), dist.ReduceOp.MAX, m.tp_group)  # (n,) over TP
     target_logit = torch.where(rows.owned, logits.gather(1, rows.row[:, None]).squeeze(1), 0)  # (n,)
-    logit_sum = logits.sum(dim=1) if eps else torch.zeros_like(row_max)  # (n,) this slice's sum_v z_v
+    logit_sum = logits.sum(dim=1) if m.label_smoothing else torch.zeros_like(row_max)  # (n,) this slice's sum_v z_v
     probs = logits.sub_(row_max[:, None]).exp_()  # (n, V/TP) exp(z - max), in place
     sums = torch.stack([probs.sum(dim=1), target_logit, logit_sum])  # (3, n): denominator, z_y, sum_v z_v
     denominator, target_logit, global_logit_sum = all_reduce(sums, dist.ReduceOp.SUM, m.tp_group).unbind(0)
@@ -156,11 +155,18 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, rows: _TargetRows, 
         mean_logit = logit_sum / m.vocab_slice_size
     else:
         mean_logit = global_logit_sum / m.vocab_size
+    loss = _token_loss(lse, target_logit, mean_logit, targets, m)
+    return _ChunkLoss(lse, loss, probs.div_(denominator[:, None]))
+
+
+def _token_loss(lse: torch.Tensor, target_logit: torch.Tensor, mean_logit: torch.Tensor, targets: torch.Tensor,
+                m: _ChunkMath) -> torch.Tensor:
+    """``(1-eps)(lse - z_y) + eps(lse - mean_v z) + z_loss lse^2`` per token (n,), 0 on ignored tokens."""
+    eps = m.label_smoothing
     loss = lse - (1 - eps) * target_logit - eps * mean_logit
     if m.z_loss:
         loss = loss + m.z_loss * lse.square()
-    loss = torch.where(targets != m.ignore_index, loss, 0)
-    return _ChunkLoss(lse, loss, probs.div_(denominator[:, None]))
+    return torch.where(targets != m.ignore_index, loss, 0)
 
 
 def _logit_grad(probs: torch.Tensor, tanh: torch.Tensor | None, lse: torch.Tensor, rows: _TargetRows,
@@ -308,8 +314,8 @@ def _full_hidden_grad(partial: torch.Tensor, ctx) -> torch.Tensor:
 
 def _gradient_buffers(hidden: torch.Tensor, weight: torch.Tensor, m: _ChunkMath, chunks: list[Rows],
                       want_hidden: bool, want_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    # Partial hidden grads are summed over TP later, so across ranks they accumulate in accum_dtype.
-    hidden_dtype = hidden.dtype if group_size(m.tp_group) == 1 else m.accum_dtype
+    # Partial hidden grads are summed over TP later, so across ranks they accumulate in accum_dtype (or wider).
+    hidden_dtype = hidden.dtype if group_size(m.tp_group) == 1 else torch.promote_types(hidden.dtype, m.accum_dtype)
     # Zeros only where the chunks leave something unwritten: ignored rows that were skipped, or a dW
     # that no chunk overwrites (the first chunk's matmul ignores the old contents, beta=0).
     every_row = bool(chunks) and all(isinstance(rows, slice) for rows in chunks)
@@ -328,33 +334,35 @@ def _accumulate_grads(logit_grad: torch.Tensor, hidden: torch.Tensor, weight: to
     """
     logit_grad = logit_grad.to(hidden.dtype)  # (n, V/TP) back to the input dtype for the matmuls
     if grad_hidden is not None:
-        if not isinstance(rows, slice):
-            grad_hidden.index_copy_(0, rows, (logit_grad @ weight).to(grad_hidden.dtype))  # (n, D) scattered
-        elif grad_hidden.dtype == logit_grad.dtype:
-            torch.mm(logit_grad, weight, out=grad_hidden[rows])  # (n, D) straight into its rows, no temporary
-        else:
-            grad_hidden[rows] = logit_grad @ weight  # (n, D)
+        if isinstance(rows, slice):  # (n, D) straight into its rows, no temporary
+            _matmul_into(grad_hidden[rows], logit_grad, weight, accumulate=False)
+        else:  # (n, D) scattered to the visible tokens' rows
+            product = torch.empty(logit_grad.shape[0], weight.shape[1], dtype=grad_hidden.dtype,
+                                  device=grad_hidden.device)
+            _matmul_into(product, logit_grad, weight, accumulate=False)
+            grad_hidden.index_copy_(0, rows, product)
     if grad_weight is not None:  # (V/TP, D) += (V/TP, n) @ (n, D)
-        _add_weight_grad(grad_weight, logit_grad.T, hidden, accumulate=not first)
+        _matmul_into(grad_weight, logit_grad.T, hidden, accumulate=not first)
 
 
-def _add_weight_grad(grad_weight: torch.Tensor, logit_grad_t: torch.Tensor, hidden: torch.Tensor, *,
-                     accumulate: bool) -> None:
-    """Add one chunk's weight gradient without rounding the product to the input dtype first.
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:
+    """``out (+)= a @ b`` without rounding the product to the operands' dtype first.
 
     Rounding every chunk's product to bf16 before an fp32 add would quietly reintroduce the bf16
-    accumulation the contract rules out; an ``accum_dtype`` of bf16 keeps it, by design (the matmul
-    still sums each chunk's tokens in fp32 and rounds the running total once per chunk).
-    ``beta=0`` ignores the buffer's old contents, so the first chunk needs no zeroed buffer.
+    accumulation the contract rules out (for dW across chunks; for dL/dh across TP ranks, whose partial
+    sums are added later); an ``accum_dtype`` of bf16 keeps it, by design (the matmul still sums each
+    chunk's tokens in fp32 and rounds the running total once per chunk). A first write ignores ``out``'s
+    old contents, so it needs no zeroed buffer.
     """
-    beta = 1 if accumulate else 0
-    if grad_weight.dtype == logit_grad_t.dtype:
-        grad_weight.addmm_(logit_grad_t, hidden, beta=beta)
-    elif logit_grad_t.is_cuda and grad_weight.dtype == torch.float32:
-        # bf16 tensor cores accumulating straight into the fp32 buffer (no product-sized temporary)
-        torch.addmm(grad_weight, logit_grad_t, hidden, beta=beta, out_dtype=torch.float32, out=grad_weight)
-    else:  # CPU (no mixed-dtype mm there): exact upcast of the low-precision operands, then one wide matmul
-        grad_weight.addmm_(logit_grad_t.to(grad_weight.dtype), hidden.to(grad_weight.dtype), beta=beta)
+    # On CUDA, 16-bit tensor cores accumulate straight into an fp32 buffer (no product-sized temporary).
+    mixed = a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and out.dtype == torch.float32
+    if out.dtype != a.dtype and not mixed:
+        a, b = a.to(out.dtype), b.to(out.dtype)  # elsewhere there is no mixed-dtype mm: the buffer's dtype
+    out_dtype = {"out_dtype": torch.float32} if mixed else {}
+    if accumulate:
+        torch.addmm(out, a, b, out=out, **out_dtype)
+    else:
+        torch.mm(a, b, out=out, **out_dtype)
 
 
 def _reduced_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
@@ -435,7 +443,7 @@ def _default_token_chunk(n_tokens: int, vocab_slice: int, hidden_size: int) -> i
     return 1 << (chunk - 1).bit_length()
 
 
-# --- CUDA fast path: one Triton kernel per chunk for softmax, loss and logit gradient --------------------
+# --- CUDA fast path: Triton kernels for each chunk's softmax, loss and logit gradient ---------------------
 
 _KERNEL_LOGITS_BYTES = 1_250_000_000  # one chunk's logits: ~4096 tokens at V=152k in bf16 (see docs/benchmarks.md)
 _KERNEL_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -447,10 +455,8 @@ def _kernel_applies(hidden: torch.Tensor, m: _ChunkMath) -> bool:
 
 
 def _kernel_covers(m: _ChunkMath, input_dtype: torch.dtype) -> bool:
-    """``mean``/``sum`` over one rank's whole vocabulary (no collective between the softmax passes), no
-    softcap, no fault, and dW accumulated in fp32 or in the input dtype itself."""
+    """``mean``/``sum`` without softcap or fault, dW accumulated in fp32 or in the input dtype itself."""
     return (m.reduction != "none" and not m.torch_math_only and m.softcap is None
-            and group_size(m.tp_group) == 1 and m.vocab_start == 0 and m.vocab_end == m.vocab_size
             and input_dtype in _KERNEL_INPUT_DTYPES and m.accum_dtype in (torch.float32, input_dtype))
 
 
@@ -475,67 +481,45 @@ def _kernel_token_chunk(n_tokens: int, vocab_slice: int, itemsize: int) -> int:
 
 def _kernel_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
                   m: _ChunkMath, want_grads: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_torch_chunk`'s results from one matmul and one kernel; the logit gradient overwrites the logits."""
-    logits = hidden @ weight.T  # (n, V) in the input dtype, as the torch path's matmul
-    losses = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)  # (n,)
-    block = min(4096, 1 << (logits.shape[1] - 1).bit_length())
-    _ce_chunk_kernel()[(logits.shape[0],)](
-        logits, logits.stride(0), targets, row_scale, losses, logits.shape[1], m.ignore_index,
-        float(m.label_smoothing), float(m.z_loss), WRITE_GRAD=want_grads, BLOCK=block,
-        num_warps=8 if block >= 2048 else 4)
-    return losses, logits if want_grads else None
+    """:func:`_torch_chunk`'s results from one matmul and Triton kernels; the logit gradient overwrites the logits.
+
+    On one rank's whole vocabulary a single kernel does it all. On a vocab slice the softmax statistics
+    must be reduced over TP between the two passes, so a statistics kernel runs, then the all-reduces
+    (:func:`_chunk_loss`'s, on ``(n,)`` vectors), then a gradient kernel.
+    """
+    logits = hidden @ weight.T  # (n, V/TP) in the input dtype, as the torch path's matmul
+    n_rows, n_cols = logits.shape
+    block = min(4096, 1 << (n_cols - 1).bit_length())
+    launch = dict(BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    whole_row, row_stats, row_grad = _ce_kernels()
+    if group_size(m.tp_group) == 1:
+        losses = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)  # (n,)
+        whole_row[(n_rows,)](logits, logits.stride(0), targets, row_scale, losses, n_cols, m.ignore_index,
+                             float(m.label_smoothing), float(m.z_loss), WRITE_GRAD=want_grads, **launch)
+        return losses, logits if want_grads else None
+
+    stats = torch.empty(4, n_rows, dtype=torch.float32, device=hidden.device)  # max, denominator, z_y, sum_v z_v
+    row_stats[(n_rows,)](logits, logits.stride(0), targets, stats, n_rows, n_cols, m.vocab_start, m.ignore_index,
+                         **launch)
+    row_max, local_denominator, target_logit, logit_sum = stats.unbind(0)  # this slice's (n,) each
+    global_max = all_reduce(row_max.clone(), dist.ReduceOp.MAX, m.tp_group)
+    sums = torch.stack([local_denominator * torch.exp(row_max - global_max), target_logit, logit_sum])
+    denominator, target_logit, logit_sum = all_reduce(sums, dist.ReduceOp.SUM, m.tp_group).unbind(0)
+    lse = global_max + denominator.log()  # (n,) over the global vocab
+    losses = _token_loss(lse, target_logit, logit_sum / m.vocab_size, targets, m)
+    if not want_grads:
+        return losses, None
+    row_grad[(n_rows,)](logits, logits.stride(0), targets, lse, row_scale, n_cols, m.vocab_start, m.vocab_size,
+                        m.ignore_index, float(m.label_smoothing), float(m.z_loss), **launch)
+    return losses, logits
 
 
 @functools.cache
-def _ce_chunk_kernel():
-    """Compile-on-first-use, so that importing ce_guard needs no Triton (CPU machines, CI)."""
-    import triton
-    import triton.language as tl
+def _ce_kernels():
+    """Import-on-first-use, so that importing ce_guard needs no Triton (CPU machines, CI)."""
+    from ce_guard import _triton_ce
 
-    @triton.jit
-    def ce_chunk(logits_ptr, row_stride, targets_ptr, row_scale_ptr, loss_ptr, n_cols, ignore_index,
-                 label_smoothing, z_loss, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per token row: fp32 statistics over the row, then dLoss/dz over the logits in place.
-
-        loss = (1-eps)(lse - z_y) + eps(lse - mean_v z_v) + z_loss lse^2, 0 on ignored tokens;
-        dLoss/dz_v = w (p_v (1 + 2 z_loss lse) - (1-eps)[v = y] - eps/V), w = row_scale (0 if ignored).
-        """
-        row = tl.program_id(0).to(tl.int64)
-        row_ptr = logits_ptr + row * row_stride
-        target = tl.load(targets_ptr + row)
-        visible = target != ignore_index
-        cols = tl.arange(0, BLOCK)
-        # Pass 1: running max and denominator (online softmax) and the logit sum, all fp32.
-        run_max = float("-inf")
-        denominator = 0.0
-        logit_sum = 0.0
-        for start in range(0, n_cols, BLOCK):
-            in_row = start + cols < n_cols
-            z = tl.load(row_ptr + start + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(run_max, tl.max(z, axis=0))
-            denominator = denominator * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-            run_max = new_max
-            logit_sum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
-        lse = run_max + tl.log(denominator)
-        owned = visible & (target >= 0) & (target < n_cols)  # never read outside the row
-        target_logit = tl.load(row_ptr + target, mask=owned, other=0.0).to(tl.float32)
-        loss = lse - (1 - label_smoothing) * target_logit - label_smoothing * (logit_sum / n_cols)
-        loss += z_loss * lse * lse
-        tl.store(loss_ptr + row, tl.where(visible, loss, 0.0))
-        if WRITE_GRAD:
-            # Pass 2: the gradient, written over the logits in their own dtype.
-            weight = tl.where(visible, tl.load(row_scale_ptr), 0.0)
-            prob_scale = weight * (1 + 2 * z_loss * lse)
-            uniform = label_smoothing / n_cols * weight
-            hit = (1 - label_smoothing) * weight
-            for start in range(0, n_cols, BLOCK):
-                in_row = start + cols < n_cols
-                z = tl.load(row_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
-                grad = tl.exp(z - lse) * prob_scale - uniform
-                grad = tl.where(start + cols == target, grad - hit, grad)
-                tl.store(row_ptr + start + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
-
-    return ce_chunk
+    return _triton_ce.whole_row, _triton_ce.slice_statistics, _triton_ce.slice_grad
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

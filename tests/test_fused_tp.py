@@ -7,8 +7,10 @@ test_fused.py has already pinned to float64 PyTorch.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import torch.distributed as dist
 from dist_helpers import run_distributed
 from torch import nn
 
+from ce_guard import fused
 from ce_guard.contract import CEContract
 from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
@@ -124,10 +127,36 @@ def _tp_fault_cases(rank, group):
     return out
 
 
+def _kernel_cases(rank, group):
+    """The Triton path's statistics / all-reduce / gradient split at TP=2 (SP too) against one rank's torch math.
+
+    Runs under Triton's CPU interpreter (forced onto CPU tensors); empty where Triton is not installed.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return {}
+    os.environ["TRITON_INTERPRET"] = "1"  # this spawned child imports the kernels for the first time
+    start, end = SLICES[rank]
+    hidden, weight, targets = (t.float() if t.is_floating_point() else t for t in _inputs(N, seed=5))
+    out = {}
+    for reduction, token_chunk in (("mean", 8), ("sum", None)):
+        options = dict(vocab_size=V, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+        whole = _run(hidden, weight, targets, CEContract(**options), token_chunk=token_chunk)
+        forced = fused._kernel_applies
+        fused._kernel_applies = lambda h, m: fused._kernel_covers(m, h.dtype)
+        try:
+            tp = _run(hidden, weight[start:end], targets, token_chunk=token_chunk,
+                      contract=CEContract(**options, layout="[S,B,V/TP]", vocab_start=start, vocab_end=end,
+                                          tp_group=group))
+        finally:
+            fused._kernel_applies = forced
+        out[f"kernel_tp_{reduction}"] = (tp, (whole[0], whole[1], whole[2][start:end]))
+    return out
+
+
 def _all_cases(rank, world_size):
     group = dist.group.WORLD
     results = {**_vocab_parallel_cases(rank, group), **_sequence_parallel_cases(rank, group),
-               **_global_token_cases(rank, group), **_tp_fault_cases(rank, group)}
+               **_global_token_cases(rank, group), **_tp_fault_cases(rank, group), **_kernel_cases(rank, group)}
     # As bytes: tensors sent through the queue go by shared memory, which dies with the child.
     buffer = io.BytesIO()
     torch.save(results, buffer)
@@ -154,6 +183,14 @@ def test_parallel_layouts_equal_one_rank(ranks, case):
 def test_vocab_parallel_fp32_equals_one_rank(ranks):
     for result in ranks:
         _assert_triplet(*result["tp_fp32"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kernel_path_at_tp2_equals_one_rank(ranks, reduction):
+    if f"kernel_tp_{reduction}" not in ranks[0]:
+        pytest.skip("Triton is not installed")
+    for result in ranks:
+        _assert_triplet(*result[f"kernel_tp_{reduction}"], rtol=1e-5)
 
 
 def test_global_tokens_with_unequal_padding(ranks):
