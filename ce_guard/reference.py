@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ce_guard import _dist
 from ce_guard.contract import CEContract
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M fp32 logits per block: 16 MiB each, ~50 MiB live per step
+DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16M fp32 logits per block: 64 MiB each, ~0.6 GB live at V = 152k (docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def reference_linear_cross_entropy(
     *,
     grad_output: torch.Tensor | float | None = 1.0,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    token_chunk: int = 1024,
+    token_chunk: int = 2048,
 ) -> ReferenceResult:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets`` exactly as ``contract`` defines it.
 
@@ -231,22 +231,24 @@ def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chu
     for rows in _chunks(h.shape[0], token_chunk):
         h_chunk = h[rows]                                                      # (T, D), input dtype
         local_target = y[rows] - contract.vocab_start
-        w_tok = token_weight[rows, None]                                       # (T, 1)
+        w_tok = token_weight[rows, None]                                       # (T, 1) upstream and 1/divisor; 0 if ignored
+        prob_scale = w_tok * (1.0 + 2.0 * contract.z_loss * lse[rows, None])   # (T, 1)
         for cols in _chunks(weight.shape[0], vocab_chunk):
             w_block = weight[cols]                                             # (Vb, D), input dtype
             raw = _exact_mm(h_chunk, w_block.T)                                # (T, Vb) fp32
             z = _softcap(raw, contract.softcap)
-            p = torch.exp(z - lse[rows, None])
-            # d/dz of (1-eps)(lse - z_y) + eps(lse - mean z) + c lse^2 = p (1 + 2 c lse) - (1-eps) 1[v=y] - eps/V
-            dz = p * (1.0 + 2.0 * contract.z_loss * lse[rows, None]) - eps / vocab
+            # w * d/dz of (1-eps)(lse - z_y) + eps(lse - mean z) + c lse^2 = w (p (1 + 2 c lse) - (1-eps) 1[v=y] - eps/V)
+            dz = torch.exp(z - lse[rows, None]).mul_(prob_scale)
+            if eps:
+                dz.sub_(w_tok * (eps / vocab))
             in_block = (local_target >= cols.start) & (local_target < cols.stop)
             idx = (local_target - cols.start).clamp(0, dz.shape[1] - 1)
-            dz.scatter_add_(1, idx[:, None], (in_block.float() * -(1.0 - eps))[:, None])
+            dz.scatter_add_(1, idx[:, None], in_block[:, None] * -(1.0 - eps) * w_tok)
             if contract.softcap is not None:
-                dz = dz * (1.0 - (z / contract.softcap).square())            # d tanh-cap / d raw
-            dz = dz * w_tok                                                    # upstream and 1/divisor; 0 if ignored
-            grad_h[rows] += _fp32_times(dz, w_block)
-            grad_w[cols] += _fp32_times(dz.T, h_chunk)
+                dz.mul_(1.0 - (z / contract.softcap).square())                 # d tanh-cap / d raw
+            for part in _fp32_parts(dz, weight.dtype):
+                grad_h[rows] += _exact_mm(part, w_block)
+                grad_w[cols] += _exact_mm(part.T, h_chunk)
     return grad_h, grad_w
 
 
@@ -265,17 +267,17 @@ def _exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _fp32_times(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``x @ m`` for an fp32 ``x`` and ``m`` in the input dtype.
+def _fp32_parts(x: torch.Tensor, operand_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``x`` (fp32) as summands that multiply exactly against operands of ``operand_dtype``.
 
-    For bf16 ``m`` on CUDA, ``x`` is split into bf16 high and low parts (16 mantissa bits together, a
-    relative error near 2**-17, two orders under any bf16 budget) and each part runs on tensor cores.
+    Against bf16 on CUDA, ``x`` is split into bf16 high and low parts (16 mantissa bits together, a
+    relative error near 2**-17, two orders under any bf16 budget), so each product runs on tensor cores;
+    elsewhere ``x`` itself.
     """
-    if m.is_cuda and m.dtype == torch.bfloat16:
+    if x.is_cuda and operand_dtype == torch.bfloat16:
         high = x.bfloat16()
-        low = (x - high.float()).bfloat16()
-        return _exact_mm(high, m) + _exact_mm(low, m)
-    return x @ m.float()
+        return high, x.sub_(high).bfloat16()
+    return (x,)
 
 
 def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
