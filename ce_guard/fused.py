@@ -5,11 +5,12 @@ reduced to its loss and to its gradients during forward, then dropped (Liger's d
 scales them by the upstream gradient. For ``none`` the upstream gradient differs per token and is
 unknown at forward time, so forward keeps the per-token log-sum-exp and backward recomputes each chunk.
 
-On CUDA, for ``mean``/``sum`` on one rank's whole vocabulary without softcap, each chunk's softmax,
-loss and logit gradient run as one Triton kernel that overwrites the chunk's logits with dLoss/dz in
-place (two reads and one write of the chunk instead of a dozen elementwise kernels and an fp32 copy),
-chunks are larger, and ignored tokens are left out of the matmuls. Everything else, and every fault,
-runs the plain-torch chunk math below. Timings: docs/benchmarks.md, "Output layer".
+On CUDA, for ``mean``/``sum`` without softcap, each chunk's softmax, loss and logit gradient run as
+Triton kernels (``ce_guard._triton_ce``) that overwrite the chunk's logits with dLoss/dz in place (two
+reads and one write of the chunk instead of a dozen elementwise kernels and an fp32 copy): one kernel
+on a whole vocabulary, a statistics kernel, the TP all-reduces and a gradient kernel on a vocab slice.
+Chunks are larger there, and ignored tokens are left out of the matmuls. Everything else, and every
+fault, runs the plain-torch chunk math below. Timings: docs/benchmarks.md, "Output layer" and "TP".
 
 Everything here is derived from the ``CEContract`` alone and shares no code with
 ``ce_guard.reference``: the guard compares two independent derivations of the same promises.
