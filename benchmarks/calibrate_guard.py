@@ -2,144 +2,577 @@
 
     python benchmarks/calibrate_guard.py false-alarms --checks 2000 --out runs/calibration/false_alarms.json
     python benchmarks/calibrate_guard.py power --out runs/calibration/power.json
+    # the same modes on 2 ranks (gloo on CPU, nccl on CUDA): TP = 2 (and DP = 2 for local normalisation)
+    torchrun --standalone --nproc_per_node=2 benchmarks/calibrate_guard.py false-alarms --out runs/calibration/tp2.json
 
-``false-alarms`` runs ``check_seam`` on correct fused paths (ce_guard's fused layer, and
-``F.linear_cross_entropy`` where torch has it) over a grid of dtype, vocab size and token count, with
-fresh random inputs per check, and counts drift verdicts (the target is zero). It also records how
-close each error came to its budget (``err / budget``), the margin that says how the budget scales.
+``false-alarms`` runs ``check_seam`` on correct fused paths over a grid of dtype, shape (N tokens, D, V) and
+token chunk, with fresh random inputs per check, and counts drift verdicts (the target is zero). Paths:
+ce_guard's fused layer (vocab-parallel, layout ``[S,B,V/TP]``, when launched on 2 ranks), Liger's FLCE with
+fp32 accumulation (CUDA, when ``liger_kernel`` imports) and ``F.linear_cross_entropy`` (torch >= 2.13). Per
+grid key it keeps the budget itself and how close each error came to it (``err / budget``): that is the
+table of how the budget scales with dtype, V, N and chunk count.
 
-``power`` injects each fault at growing magnitude into ce_guard's fused layer and reports the smallest
-magnitude the guard flags at the first check, and the cause it names.
+``power`` injects each fault into ce_guard's fused layer at growing magnitude, ``--repeats`` checks per
+magnitude on fresh inputs, and counts the checks that flag it and the causes named. Each check sees a new
+batch, so "flagged in k of R" is the per-check detection rate and the first flagging repeat is the check
+at which a run with independent batches would first be told. On one process: the faults one rank can
+commit (gradient scale, bf16 accumulators, z-loss, padding); on 2 ranks: the partition faults at TP = 2
+and local normalisation with unequal padding at DP = 2.
+
+Both stop cleanly at ``--max-seconds`` (before a check that would not fit, judged by the last one of its
+kind) and rewrite their JSON and ``--out-md`` table as they go, so a killed run still leaves results.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
+import math
+import os
+import statistics
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
-from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam
+from ce_guard import CEContract, CheckResult, SeamOutputs, SeamRecord, check_seam
+from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
 
+IGNORE = -100
 
-def run_fused(layer: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> SeamOutputs:
+
+# --------------------------------------------------------------------------------------------- ranks
+@dataclass(frozen=True)
+class World:
+    """This process's rank among those torchrun started (one when it did not), and its device."""
+
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def group(self):
+        return dist.group.WORLD if self.size > 1 else None
+
+    def vocab_slice(self, vocab: int) -> tuple[int, int]:
+        """This rank's ``[start, end)`` of the vocabulary, by torch.chunk's rule (as DTensor's Shard(-1))."""
+        size = math.ceil(vocab / self.size)
+        return min(self.rank * size, vocab), min((self.rank + 1) * size, vocab)
+
+    def gather(self, item) -> list:
+        if self.size == 1:
+            return [item]
+        out = [None] * self.size
+        dist.all_gather_object(out, item)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """One decision for every rank: a rank that stops alone would leave the others in a collective."""
+        return any(self.gather(flag))
+
+
+def init_world(device: str) -> World:
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(0, 1, torch.device(device))
+    if device == "cuda":
+        local = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=local)
+        return World(dist.get_rank(), size, local)
+    dist.init_process_group("gloo")
+    return World(dist.get_rank(), size, torch.device("cpu"))
+
+
+def device_name(world: World) -> str:
+    return torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else "cpu"
+
+
+# -------------------------------------------------------------------------------------------- inputs
+def make_inputs(n: int, d: int, vocab: tuple[int, int, int], dtype: torch.dtype, world: World, seed: int, *,
+                pad: float = 0.05, weight_seed: int | None = None, unigram: bool = False):
+    """Hidden states (n, d), this rank's weight rows for ids ``[start, end)`` of V, targets with round(pad*n) ignored.
+
+    Everything is drawn on the device (a 256k x 4096 weight drawn on the host takes seconds). The weight
+    rows come from their own seed and slice start, so TP ranks draw disjoint slices of one matrix.
+    ``unigram`` gives every hidden state a constant feature whose weight is -log(1 + id): logits carry a
+    Zipf unigram prior, as in a trained model with a frequency-sorted vocabulary (ids early in the vocab
+    have higher mean logits; at TP = 2 the two halves' mean logits are about 2 log 2 apart).
+    """
+    v, start, end = vocab
+    gen = torch.Generator(device=world.device).manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen, device=world.device)  # (N, D)
+    targets = torch.randint(0, v, (n,), generator=gen, device=world.device)  # (N,)
+    targets[torch.randperm(n, generator=gen, device=world.device)[:round(pad * n)]] = IGNORE
+    weight_seed = seed if weight_seed is None else weight_seed
+    wgen = torch.Generator(device=world.device).manual_seed(weight_seed * 1_000_003 + start)
+    weight = torch.randn(end - start, d, generator=wgen, device=world.device) * (2 / d ** 0.5)  # (V/TP, D)
+    if unigram:
+        hidden[:, 0] = 1.0
+        weight[:, 0] = -torch.arange(start, end, device=world.device).log1p()
+    return hidden.to(dtype), nn.Parameter(weight.to(dtype)), targets
+
+
+def replicate(world: World, *tensors: torch.Tensor) -> None:
+    """Make tokens identical over the TP group: the ``[S,B,V/TP]`` layout's precondition, not left to RNG luck."""
+    if world.size > 1:
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
+# --------------------------------------------------------------------------------------------- check
+def run_check(layer: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *,
+              scale: float = 1.0) -> tuple[CheckResult, int | None]:
+    """Forward + backward of ``layer`` (loss times ``scale`` inside the seam), then ``check_seam``.
+
+    Also returns the token chunk ce_guard's layer used: it keeps it on its autograd node (the Function's
+    ctx); peers' nodes have none.
+    """
     h = hidden.detach().requires_grad_()
     layer.weight.grad = None
-    loss = layer(h, targets) * scale
+    loss = layer(h, targets)
+    token_chunk = getattr(loss.grad_fn, "token_chunk", None)
+    loss = loss * scale
     loss.backward()
-    return SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=layer.weight.grad)
+    fused = SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=layer.weight.grad)
+    record = SeamRecord(hidden=hidden, weight=layer.weight.detach(), targets=targets, fused=fused, upstream=1.0)
+    result = check_seam(record, layer.ce_contract)
+    layer.weight.grad = None
+    return result, token_chunk
 
 
-def inputs(n: int, d: int, v: int, dtype: torch.dtype, device: str, seed: int, pad: float = 0.05):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, d, generator=g).to(device, dtype)
-    weight = (torch.randn(v, d, generator=g) / d ** 0.5 * 2).to(device, dtype)
-    targets = torch.randint(0, v, (n,), generator=g)
-    targets[torch.rand(n, generator=g) < pad] = -100
-    return hidden, torch.nn.Parameter(weight), targets.to(device)
+def margins(result: CheckResult) -> dict[str, float]:
+    r, b = result.report, result.report.budget
+    return {"loss": r.loss_rel_err / b.loss_rel, "dh": (r.grad_hidden_rel_err or 0.0) / b.grad_hidden_rel,
+            "dw": (r.grad_weight_rel_err or 0.0) / b.grad_weight_rel}
 
 
-def paths(d: int, v: int, weight: torch.nn.Parameter) -> dict[str, torch.nn.Module]:
-    contract = CEContract(vocab_size=v)
-    out = {"ce_guard_fused": FusedLinearCrossEntropy(d, contract, weight=weight)}
+class Clock:
+    """``--max-seconds`` for a loop of unequal steps: stop before a step whose last run would not fit."""
+
+    def __init__(self, max_seconds: float, world: World) -> None:
+        self.started, self.max_seconds, self.world = time.time(), max_seconds, world
+        self.last: dict[object, float] = {}
+
+    def fits(self, kind: object) -> bool:
+        left = self.max_seconds - (time.time() - self.started)
+        return not self.world.any(self.last.get(kind, 0.0) > left)
+
+    def record(self, kind: object, seconds: float) -> None:
+        self.last[kind] = seconds
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+
+# -------------------------------------------------------------------------------------- false alarms
+def correct_paths(d: int, contract: CEContract, weight: nn.Parameter, token_chunk: int | None, world: World,
+                  wanted: list[str]) -> dict[str, nn.Module]:
+    """The correct fused paths for these inputs; peers only at TP = 1 and only for the default chunk."""
+    out = {}
+    if "ce_guard" in wanted:
+        out["ce_guard fused"] = FusedLinearCrossEntropy(d, contract, weight=weight, token_chunk=token_chunk)
+    if world.size > 1 or token_chunk is not None:
+        return out
+    v = contract.vocab_size
+    if "liger" in wanted and weight.is_cuda and importlib.util.find_spec("liger_kernel") is not None:
+        from ce_guard.adapters import LigerFusedLinearCrossEntropy
+
+        # accum_dtype=fp32: the adapter then declares fp32 accumulators, the same promise as ours.
+        out["Liger FLCE fp32"] = LigerFusedLinearCrossEntropy(d, v, weight=weight, accum_dtype=torch.float32)
     # torch 2.13's chunked path returns a wrong bf16 loss on CPU (tests/test_adapters_in_the_wild.py): it is
     # not a correct path there, so only its fp32 runs count towards false alarms.
-    if hasattr(torch.nn.functional, "linear_cross_entropy") and (weight.dtype == torch.float32 or weight.is_cuda):
+    if ("torch" in wanted and hasattr(torch.nn.functional, "linear_cross_entropy")
+            and (weight.dtype == torch.float32 or weight.is_cuda)):
         from ce_guard.adapters import TorchLinearCrossEntropy
 
-        out["torch_linear_cross_entropy"] = TorchLinearCrossEntropy(d, v, weight=weight)
+        out["F.linear_cross_entropy"] = TorchLinearCrossEntropy(d, v, weight=weight)
     return out
 
 
-def false_alarms(args) -> dict:
-    grid = list(itertools.product(args.dtypes, args.vocab, args.tokens))
+def grid_shapes(args) -> list[tuple[int, int, int]]:
+    if args.shapes:
+        return [tuple(int(x) for x in s.split("x")) for s in args.shapes]  # NxDxV
+    return [(n, args.hidden, v) for v in args.vocab for n in args.tokens]
+
+
+def false_alarms(args, world: World) -> dict:
+    chunks = [None if c == "auto" else int(c) for c in args.token_chunk]
+    grid = list(itertools.product(args.dtypes, grid_shapes(args), chunks))
+    samples: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     verdicts: Counter = Counter()
-    margins: dict[str, list[float]] = {}
-    rows = []
-    checks, seed, started = 0, 0, time.time()
-    while checks < args.checks:
-        for dtype_name, v, n in grid:
-            dtype = getattr(torch, dtype_name)
-            hidden, weight, targets = inputs(n, args.hidden, v, dtype, args.device, seed)
+    alarms, disagreements, skipped = [], [], {}
+    checks, seed, rounds, stopped = 0, 0, 0, "checks"
+    clock = Clock(args.max_seconds, world)
+    while checks < args.checks and grid:
+        for point in list(grid):
+            dtype_name, (n, d, v), token_chunk = point
+            if checks >= args.checks:
+                break
+            if not clock.fits(point):
+                stopped = "max_seconds"
+                break
+            started = time.time()
             seed += 1
-            for name, layer in paths(args.hidden, v, weight).items():
-                fused = run_fused(layer, hidden, targets)
-                record = SeamRecord(hidden=hidden, weight=weight.detach(), targets=targets, fused=fused, upstream=1.0)
-                result = check_seam(record, layer.ce_contract)
-                r, b = result.report, result.report.budget
-                key = f"{name}/{dtype_name}/V={v}/N={n}"
-                verdicts[result.diagnosis.cause.value] += 1
-                margins.setdefault(key, []).append(max(r.loss_rel_err / b.loss_rel,
-                                                       (r.grad_hidden_rel_err or 0) / b.grad_hidden_rel,
-                                                       (r.grad_weight_rel_err or 0) / b.grad_weight_rel))
-                if result.diagnosis.drift:
-                    rows.append({"key": key, "seed": seed, "summary": result.diagnosis.summary})
-                checks += 1
-        print(f"{checks} checks, {sum(v for k, v in verdicts.items() if k != 'within_budget')} drift,"
-              f" {time.time() - started:.0f}s", flush=True)
-    worst = {k: {"max_err_over_budget": max(m), "median": sorted(m)[len(m) // 2], "checks": len(m)}
-             for k, m in margins.items()}
-    return {"checks": checks, "verdicts": dict(verdicts), "false_alarms": rows, "margins": worst,
-            "device": _device(args.device), "torch": torch.__version__}
+            start, end = world.vocab_slice(v)
+            try:
+                hidden, weight, targets = make_inputs(n, d, (v, start, end), getattr(torch, dtype_name), world, seed)
+                replicate(world, hidden, targets)
+                contract = CEContract(vocab_size=v) if world.size == 1 else CEContract(
+                    vocab_size=v, layout="[S,B,V/TP]", vocab_start=start, vocab_end=end, tp_group=world.group)
+                for name, layer in correct_paths(d, contract, weight, token_chunk, world, args.paths).items():
+                    path_started = time.time()
+                    result, used_chunk = run_check(layer, hidden, targets)
+                    mine = (result.diagnosis.cause.value, result.diagnosis.drift, margins(result))
+                    ranks = world.gather(mine)
+                    key = (name, dtype_name, world.size, n, d, v, token_chunk)
+                    cause = ranks[0][0]
+                    if len({c for c, _, _ in ranks}) > 1:
+                        disagreements.append({"key": list(key), "seed": seed, "causes": [c for c, _, _ in ranks]})
+                    drift = any(dr for _, dr, _ in ranks)
+                    verdicts[cause if not drift else next(c for c, dr, _ in ranks if dr)] += 1
+                    s = samples[key]
+                    for part in ("loss", "dh", "dw"):
+                        s[f"margin_{part}"].append(max(m[part] for _, _, m in ranks))
+                    b = result.report.budget
+                    s["budget_loss"].append(b.loss_rel)
+                    s["budget_dh"].append(b.grad_hidden_rel)
+                    s["budget_dw"].append(b.grad_weight_rel)
+                    s["err_loss"].append(result.report.loss_rel_err)
+                    s["err_dh"].append(result.report.grad_hidden_rel_err or 0.0)
+                    s["err_dw"].append(result.report.grad_weight_rel_err or 0.0)
+                    s["token_chunk"].append(used_chunk)
+                    s["seconds"].append(time.time() - path_started)
+                    if drift:
+                        alarms.append({"key": list(key), "seed": seed, "summary": result.diagnosis.summary})
+                    checks += 1
+                del hidden, weight, targets
+            except torch.OutOfMemoryError as err:  # one process only: a rank that skips alone would hang the others
+                if world.size > 1:
+                    raise
+                skipped[str(point)] = f"out of memory: {str(err).splitlines()[0]}"
+                grid.remove(point)
+                torch.cuda.empty_cache()
+            clock.record(point, time.time() - started)
+            result = _false_alarm_result(args, world, checks, verdicts, alarms, disagreements, skipped, samples,
+                                         rounds, "running", clock)
+            write_outputs(result, args, world, false_alarm_table)  # a killed run still leaves every check so far
+        else:
+            rounds += 1
+            if world.rank == 0:
+                drift = sum(verdicts.values()) - verdicts["within_budget"]
+                print(f"round {rounds}: {checks} checks, {drift} drift, {clock.elapsed:.0f}s", flush=True)
+            continue
+        break
+    return _false_alarm_result(args, world, checks, verdicts, alarms, disagreements, skipped, samples, rounds,
+                               stopped, clock)
 
 
-def power(args) -> dict:
-    n, d, v = args.tokens[0], args.hidden, args.vocab[0]
-    results = []
-
-    def first_flag(label, magnitudes, build):
-        for magnitude in magnitudes:
-            contract, fault_kwargs, scale, dtype = build(magnitude)
-            hidden, weight, targets = inputs(n, d, v, dtype, args.device, seed=7, pad=fault_kwargs.pop("pad", 0.05))
-            layer = FusedLinearCrossEntropy(d, contract, weight=weight, **fault_kwargs)
-            fused = run_fused(layer, hidden, targets, scale)
-            # The scale sits inside the seam: the fused loss and its gradients carry it, the upstream is 1.
-            result = check_seam(SeamRecord(hidden=hidden, weight=weight.detach(), targets=targets, fused=fused,
-                                           upstream=1.0), contract)
-            results.append({"fault": label, "magnitude": magnitude, "flagged": result.diagnosis.drift,
-                            "cause": result.diagnosis.cause.value, "summary": result.diagnosis.summary})
-            print(label, magnitude, result.diagnosis.cause.value, flush=True)
-
-    plain = CEContract(vocab_size=v)
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        # A loss/gradient scale of (1 + delta) applied inside the seam (the upstream stays 1).
-        first_flag(f"gradient scale 1+delta ({dtype_name})", [1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3],
-                   lambda m, dt=dtype: (plain, {}, 1.0 + m, dt))
-        first_flag(f"bf16 accumulators by token chunk ({dtype_name})", [n, n // 4, n // 16, n // 64, max(n // 256, 1)],
-                   lambda m, dt=dtype: (plain, {"fault": "bf16_accumulators", "token_chunk": m}, 1.0, dt))
-        first_flag(f"missing z-loss coefficient ({dtype_name})", [1e-7, 1e-6, 1e-5, 1e-4, 1e-3],
-                   lambda m, dt=dtype: (CEContract(vocab_size=v, z_loss=m), {"fault": "missing_z_loss"}, 1.0, dt))
-        first_flag(f"padding in the denominator, pad fraction ({dtype_name})", [0.001, 0.003, 0.01, 0.03, 0.1],
-                   lambda m, dt=dtype: (plain, {"fault": "ignore_in_denominator", "pad": m}, 1.0, dt))
-    return {"tokens": n, "hidden": d, "vocab": v, "results": results, "device": _device(args.device),
-            "torch": torch.__version__}
+def _false_alarm_result(args, world, checks, verdicts, alarms, disagreements, skipped, samples, rounds, stopped,
+                        clock) -> dict:
+    return {"mode": "false-alarms", "world_size": world.size, "checks": checks, "verdicts": dict(verdicts),
+            "drift_verdicts": sum(verdicts.values()) - verdicts["within_budget"], "false_alarms": alarms,
+            "rank_disagreements": disagreements, "skipped": skipped, "rounds": rounds, "stopped": stopped,
+            "seconds": clock.elapsed, "keys": [_summarize(key, s) for key, s in samples.items()],
+            **_environment(world), "args": vars(args)}
 
 
-def _device(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+def _summarize(key: tuple, s: dict[str, list]) -> dict:
+    path, dtype, tp, n, d, v, token_chunk = key
+    used = Counter(c for c in s["token_chunk"] if c is not None)
+    chunk = used.most_common(1)[0][0] if used else None
+    med = statistics.median
+    return {
+        "path": path, "dtype": dtype, "tp": tp, "tokens": n, "hidden": d, "vocab": v,
+        "token_chunk_arg": token_chunk or "auto", "token_chunk": chunk,
+        "chunks": math.ceil(n / chunk) if chunk else None,  # chunks over all N (the CUDA kernel skips ignored rows)
+        "checks": len(s["seconds"]),
+        "budget": {p: med(s[f"budget_{p}"]) for p in ("loss", "dh", "dw")},
+        "err_median": {p: med(s[f"err_{p}"]) for p in ("loss", "dh", "dw")},
+        "err_max": {p: max(s[f"err_{p}"]) for p in ("loss", "dh", "dw")},
+        "margin_max": {p: max(s[f"margin_{p}"]) for p in ("loss", "dh", "dw")},
+        "margin_median": {p: med(s[f"margin_{p}"]) for p in ("loss", "dh", "dw")},
+        "worst_margin": max(max(s[f"margin_{p}"]) for p in ("loss", "dh", "dw")),
+        "seconds_per_check": med(s["seconds"]),
+    }
+
+
+def false_alarm_table(result: dict) -> str:
+    head = (f"{result['checks']} checks, {result['drift_verdicts']} drift verdicts ({result['device']},"
+            f" torch {result['torch']}, {result['world_size']} rank(s), stopped by {result['stopped']},"
+            f" {result['seconds']:.0f} s)\n\n"
+            "| path | dtype | TP | N | D | V | chunks | checks | budget loss / dL/dh / dL/dW"
+            " | median err/budget loss / dL/dh / dL/dW | max err/budget loss / dL/dh / dL/dW | s/check |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = sorted(result["keys"], key=lambda k: (k["path"], k["dtype"], k["tp"], k["vocab"], k["tokens"],
+                                                  k["hidden"], k["chunks"] or 0))
+    def three(values: dict, fmt: str) -> str:
+        return " / ".join(format(values[p], fmt) for p in ("loss", "dh", "dw"))
+
+    lines = [f"| {k['path']} | {k['dtype']} | {k['tp']} | {k['tokens']} | {k['hidden']} | {k['vocab']}"
+             f" | {k['chunks'] or '-'} | {k['checks']} | {three(k['budget'], '.1e')}"
+             f" | {three(k['margin_median'], '.2f')} | {three(k['margin_max'], '.2f')}"
+             f" | {k['seconds_per_check']:.2f} |"
+             for k in rows]
+    return head + "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- power
+@dataclass(frozen=True)
+class Case:
+    """One check of one fault at one magnitude: the layer (declaring its honest contract) and its inputs."""
+
+    layer: nn.Module
+    hidden: torch.Tensor
+    targets: torch.Tensor
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """One fault at growing magnitude; ``expected`` is the cause the diagnosis should name."""
+
+    fault: str
+    setting: str  # "TP=1", "TP=2" or "DP=2"
+    unit: str
+    magnitudes: list
+    expected: str
+    build: Callable[[object, torch.dtype, int], Case]  # (magnitude, dtype, seed) -> Case
+
+
+def one_rank_ladders(n: int, d: int, v: int, world: World) -> list[Ladder]:
+    """Faults a single rank can commit, in ce_guard's fused layer (whole vocabulary on one rank)."""
+    vocab = (v, 0, v)
+
+    def layer(weight, contract=None, **kwargs):
+        return FusedLinearCrossEntropy(d, contract or CEContract(vocab_size=v), weight=weight, **kwargs)
+
+    def scaled(m, dtype, seed):  # integer k: the layer's own grad_scale fault; otherwise a factor inside the seam
+        hidden, weight, targets = make_inputs(n, d, vocab, dtype, world, seed)
+        if float(m).is_integer():
+            return Case(layer(weight, fault=SeamFault.GRAD_SCALE, fault_scale=int(m)), hidden, targets)
+        return Case(layer(weight), hidden, targets, scale=m)
+
+    def bf16_accumulators(chunks, dtype, seed):
+        hidden, weight, targets = make_inputs(n, d, vocab, dtype, world, seed)
+        faulty = layer(weight, fault=SeamFault.BF16_ACCUMULATORS, token_chunk=math.ceil(n / chunks))
+        return Case(faulty, hidden, targets)
+
+    def missing_z_loss(z, dtype, seed):
+        hidden, weight, targets = make_inputs(n, d, vocab, dtype, world, seed)
+        faulty = layer(weight, CEContract(vocab_size=v, z_loss=z), fault=SeamFault.MISSING_Z_LOSS)
+        return Case(faulty, hidden, targets)
+
+    def padding_in_denominator(pad, dtype, seed):
+        hidden, weight, targets = make_inputs(n, d, vocab, dtype, world, seed, pad=pad)
+        return Case(layer(weight, fault=SeamFault.IGNORE_IN_DENOMINATOR), hidden, targets)
+
+    return [
+        Ladder("loss and gradients scaled by s (integer s: the grad_scale fault)", "TP=1", "s",
+               [1.0001, 1.001, 1.003, 1.01, 1.03, 1.05, 1.1, 1.3, 2], "normalization_scale", scaled),
+        Ladder("bf16 accumulators under an fp32 contract", "TP=1", "token chunks", [1, 4, 16, 64, 256],
+               "accumulator_dtype", bf16_accumulators),
+        Ladder("z-loss dropped", "TP=1", "z", [1e-7, 1e-6, 1e-5, 1e-4, 1e-3], "z_loss_boundary", missing_z_loss),
+        Ladder("padding counted in the mean's divisor", "TP=1", "pad fraction", [0.001, 0.003, 0.01, 0.03, 0.1],
+               "ignore_index_leak", padding_in_denominator),
+    ]
+
+
+def two_rank_ladders(n: int, d: int, v: int, world: World) -> list[Ladder]:
+    """Faults that need 2 ranks: the vocab-parallel ones at TP = 2, local normalisation at DP = 2."""
+    start, end = world.vocab_slice(v)
+
+    def tp_case(m, dtype, seed, *, fault, contract_options=None, unigram=False, boundary_tokens=0, **kwargs):
+        hidden, weight, targets = make_inputs(n, d, (v, start, end), dtype, world, seed, unigram=unigram)
+        if boundary_tokens:  # exactly this many targets sit on the first slice's end (the id rank 0 must not own)
+            edge = math.ceil(v / world.size)
+            targets[targets == edge] = edge + 1
+            targets[:boundary_tokens] = edge
+        replicate(world, hidden, targets)
+        contract = CEContract(vocab_size=v, layout="[S,B,V/TP]", vocab_start=start, vocab_end=end,
+                              tp_group=world.group, **(contract_options or {}))
+        return Case(FusedLinearCrossEntropy(d, contract, weight=weight, fault=fault, **kwargs), hidden, targets)
+
+    def smoothing(unigram):
+        return lambda eps, dtype, seed: tp_case(eps, dtype, seed, fault=SeamFault.SMOOTHING_LOCAL_VOCAB,
+                                                contract_options={"label_smoothing": eps}, unigram=unigram)
+
+    def local_normalization(extra_pad, dtype, seed):
+        # DP = 2: each rank its own tokens (seed + rank), one replicated weight; rank 1 pads extra_pad more.
+        pad = 0.05 + (extra_pad if world.rank == 1 else 0.0)
+        hidden, weight, targets = make_inputs(n, d, (v, 0, v), dtype, world, seed + world.rank, pad=pad,
+                                              weight_seed=seed)
+        contract = CEContract(vocab_size=v, normalize_by="global_tokens", token_group=world.group)
+        return Case(FusedLinearCrossEntropy(d, contract, weight=weight, fault=SeamFault.LOCAL_NORMALIZATION),
+                    hidden, targets)
+
+    on = ["on"]
+    return [
+        Ladder("label smoothing over the local V, Zipf unigram logits", "TP=2", "eps",
+               [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3], "label_smoothing_local_v", smoothing(True)),
+        Ladder("label smoothing over the local V, zero-mean logits", "TP=2", "eps",
+               [1e-3, 1e-2, 0.1, 0.3], "label_smoothing_local_v", smoothing(False)),
+        Ladder("target == slice end admitted (off by one)", "TP=2", "boundary-target tokens", [1, 2, 4, 16, 64],
+               "target_masking", lambda k, dt, s: tp_case(k, dt, s, fault=SeamFault.PARTITION_OFF_BY_ONE,
+                                                          boundary_tokens=k)),
+        Ladder("foreign targets clamped into the slice (unmasked)", "TP=2", "", on, "target_masking",
+               lambda m, dt, s: tp_case(m, dt, s, fault=SeamFault.UNMASKED_PARTITION_TARGETS)),
+        Ladder("denominator summed over TP twice (gathered logits)", "TP=2", "", on, "log_tp_offset",
+               lambda m, dt, s: tp_case(m, dt, s, fault=SeamFault.GATHERED_LOGITS_LOG_TP)),
+        Ladder("loss and gradients times k = 2 at TP = 2", "TP=2", "", on, "normalization_scale",
+               lambda m, dt, s: tp_case(m, dt, s, fault=SeamFault.GRAD_SCALE, fault_scale=2)),
+        Ladder("local normalisation, rank 1 pads more", "DP=2", "extra pad fraction", [0.001, 0.003, 0.01, 0.03, 0.1],
+               "normalization_owner", local_normalization),
+    ]
+
+
+def power(args, world: World) -> dict:
+    n, d, v = grid_shapes(args)[0]
+    ladders = one_rank_ladders(n, d, v, world) if world.size == 1 else two_rank_ladders(n, d, v, world)
+    rows, stopped = [], "done"
+    clock = Clock(args.max_seconds, world)
+    for ladder, dtype_name in itertools.product(ladders, args.dtypes):
+        for magnitude in ladder.magnitudes:
+            if not clock.fits(ladder.fault):
+                stopped = "max_seconds"
+                break
+            started = time.time()
+            causes, flagged_at, summary, excess = Counter(), [], None, []
+            for repeat in range(args.repeats):
+                case = ladder.build(magnitude, getattr(torch, dtype_name), 7 + 7919 * repeat)
+                result, _ = run_check(case.layer, case.hidden, case.targets, scale=case.scale)
+                ranks = world.gather((result.diagnosis.cause.value, result.diagnosis.drift, result.diagnosis.summary))
+                excess.append(margins(result))
+                drifting = [(c, s) for c, dr, s in ranks if dr]
+                cause = drifting[0][0] if drifting else ranks[0][0]
+                causes[cause] += 1
+                if drifting:
+                    flagged_at.append(repeat + 1)
+                    summary = summary or drifting[0][1]
+            rows.append({"fault": ladder.fault, "setting": ladder.setting, "dtype": dtype_name, "unit": ladder.unit,
+                         "magnitude": magnitude, "expected": ladder.expected, "checks": args.repeats,
+                         "flagged": len(flagged_at), "first_flagged_check": flagged_at[0] if flagged_at else None,
+                         "named": causes[ladder.expected], "causes": dict(causes), "summary": summary,
+                         # rank 0's err / budget, median over the repeats: how far past the budget the fault lands
+                         "margin_median": {p: statistics.median(m[p] for m in excess) for p in ("loss", "dh", "dw")}})
+            clock.record(ladder.fault, time.time() - started)
+            if world.rank == 0:
+                print(f"{ladder.setting} {ladder.fault} ({dtype_name}) {magnitude}: {len(flagged_at)}/{args.repeats}"
+                      f" flagged, {dict(causes)}", flush=True)
+        else:
+            write_outputs(_power_result(args, world, n, d, v, rows, "running", clock), args, world, power_table)
+            continue
+        break
+    return _power_result(args, world, n, d, v, rows, stopped, clock)
+
+
+def _power_result(args, world, n, d, v, rows, stopped, clock) -> dict:
+    return {"mode": "power", "world_size": world.size, "tokens": n, "hidden": d, "vocab": v, "repeats": args.repeats,
+            "results": rows, "stopped": stopped, "seconds": clock.elapsed, **_environment(world), "args": vars(args)}
+
+
+def power_table(result: dict) -> str:
+    """One row per fault and dtype: each magnitude's flagged count, and where flagging and naming become certain."""
+    head = (f"N = {result['tokens']}, D = {result['hidden']}, V = {result['vocab']}, {result['repeats']} checks per"
+            f" magnitude ({result['device']}, torch {result['torch']}, {result['world_size']} rank(s))\n\n"
+            "| fault | setting | dtype | flagged / checks at each magnitude | flagged at every check from"
+            " | named at every check from |\n|---|---|---|---|---|---|\n")
+    groups: dict[tuple, list] = defaultdict(list)
+    for row in result["results"]:
+        groups[(row["fault"], row["setting"], row["dtype"])].append(row)
+    lines = []
+    for (fault, setting, dtype), rows in groups.items():
+        unit = rows[0]["unit"]
+        ladder = ", ".join(f"{r['magnitude']:g}: {r['flagged']}/{r['checks']}" if unit else
+                           f"{r['flagged']}/{r['checks']} ({', '.join(f'{c} {k}' for c, k in r['causes'].items())})"
+                           for r in rows)
+        lines.append(f"| {fault} | {setting} | {dtype} | {(unit + ' ') if unit else ''}{ladder}"
+                     f" | {_from(rows, 'flagged')} | {_from(rows, 'named')} `{rows[0]['expected']}` |")
+    detail = [("\n| fault | setting | dtype | magnitude | flagged | median err/budget loss / dL/dh / dL/dW"
+               " | causes |\n|---|---|---|---|---|---|---|")]
+    for r in result["results"]:
+        m = r["margin_median"]
+        detail.append(f"| {r['fault']} | {r['setting']} | {r['dtype']} | {r['unit']} {r['magnitude']}"
+                      f" | {r['flagged']}/{r['checks']} | {m['loss']:.3g} / {m['dh']:.3g} / {m['dw']:.3g}"
+                      f" | {', '.join(f'{c} {k}' for c, k in r['causes'].items())} |")
+    return head + "\n".join(lines) + "\n" + "\n".join(detail) + "\n"
+
+
+def _from(rows: list[dict], field: str) -> str:
+    """The smallest magnitude from which every larger one is at R of R ('always' for an on/off fault), else 'never'."""
+    certain = None
+    for row in reversed(rows):
+        if row[field] < row["checks"]:
+            break
+        certain = row
+    if certain is None:
+        return "never"
+    return "always" if not certain["unit"] else f"{certain['magnitude']:g}"
+
+
+# -------------------------------------------------------------------------------------------- output
+def _environment(world: World) -> dict:
+    liger = None
+    if importlib.util.find_spec("liger_kernel") is not None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            liger = version("liger_kernel")
+        except PackageNotFoundError:
+            liger = "unknown"
+    return {"device": device_name(world), "torch": torch.__version__, "liger_kernel": liger}
+
+
+def write_outputs(result: dict, args, world: World, table: Callable[[dict], str]) -> None:
+    if world.rank != 0:
+        return
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    if args.out_md:
+        Path(args.out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_md).write_text(table(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["false-alarms", "power"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--checks", type=int, default=2000)
+    parser.add_argument("--checks", type=int, default=2000, help="false-alarms: stop after this many checks")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--vocab", nargs="+", type=int, default=[32768])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1024])
     parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="NxDxV shapes instead of the --tokens x --vocab grid at --hidden (power: the first)")
+    parser.add_argument("--token-chunk", nargs="+", default=["auto"],
+                        help="ce_guard fused layer's token_chunk values ('auto' = the layer's own choice)")
+    parser.add_argument("--paths", nargs="+", default=["ce_guard", "liger", "torch"],
+                        choices=["ce_guard", "liger", "torch"])
+    parser.add_argument("--repeats", type=int, default=5, help="power: checks (fresh inputs) per magnitude")
+    parser.add_argument("--max-seconds", type=float, default=math.inf)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--out-md", default=None, help="also write the markdown table here")
     args = parser.parse_args()
-    result = false_alarms(args) if args.mode == "false-alarms" else power(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k in ("checks", "verdicts")}))
+    world = init_world(args.device)
+    try:
+        if args.mode == "false-alarms":
+            write_outputs(false_alarms(args, world), args, world, false_alarm_table)
+        else:
+            write_outputs(power(args, world), args, world, power_table)
+        if world.rank == 0:
+            print(Path(args.out_md).read_text() if args.out_md else Path(args.out).read_text()[:2000])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything that needs GPUs, in one go (the numbers in docs/benchmarks.md come from this script):
 #   GPU tests, the output-layer table, vocab-parallel TP scaling, the example model under TP / DP / TP x DP
-#   with the guard (clean, then the local-normalisation fault), and the spike-detector comparison.
+#   with the guard (clean, then the local-normalisation fault), the guard's calibration on large shapes, and
+#   the spike-detector comparison.
 # Usage, from the repository root on a machine with 4 GPUs:
-#   OUT=runs/gpu bash benchmarks/gpu_suite.sh [tests] [output_layer] [tp] [examples] [spike]   (default: all)
+#   OUT=runs/gpu bash benchmarks/gpu_suite.sh [tests] [output_layer] [tp] [examples] [calibrate] [spike]
+#   (default: all; calibrate and spike take at most 5.7 and 5.5 minutes)
 set -u
-SECTIONS=${*:-tests output_layer tp examples spike}
+SECTIONS=${*:-tests output_layer tp examples calibrate spike}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 OUT=${OUT:-runs/gpu}
 LOGS="$OUT/logs"
@@ -53,11 +55,56 @@ for run in ${EXAMPLE_RUNS:-gpu_dp2:clean gpu_dp2:local_normalization gpu_tp2:cle
 done
 fi
 
+if want calibrate; then
+step "guard calibration: false alarms at V 32k-256k, N 1k-64k (1 GPU, Liger if importable; TP=2 on 2 GPUs), power"
+# Each job stops itself at its --max-seconds (its JSON and table are rewritten after every check) and is killed
+# 45 s later at the latest. With 4 GPUs three chains run side by side (GPU 0 | GPUs 1,2 | GPU 3), at most
+# 5.7 minutes; with fewer GPUs one after another on shorter budgets, about 5.5 minutes.
+BF16=(--dtypes bfloat16 --hidden 4096 --tokens 1024 8192 65536 --vocab 32768 131072 262144 --token-chunk auto 512)
+FP32=(--dtypes float32 --hidden 1024 --tokens 1024 8192 65536 --vocab 32768 131072 262144 --token-chunk auto 512)
+FA=(python benchmarks/calibrate_guard.py false-alarms --checks 1000000)
+FA_TP2=(torchrun --standalone --nproc_per_node=2 benchmarks/calibrate_guard.py false-alarms --checks 1000000)
+POWER=(python benchmarks/calibrate_guard.py power --shapes 8192x1024x131072 --repeats 3)
+cal() {  # cal NAME DEVICES SECONDS COMMAND...
+  local name=$1 devices=$2 seconds=$3; shift 3
+  CUDA_VISIBLE_DEVICES=$devices timeout $((seconds + 45)) "$@" --max-seconds "$seconds" \
+    --out "$LOGS/calibrate_$name.json" --out-md "$LOGS/calibrate_$name.md" > "$LOGS/calibrate_$name.log" 2>&1
+  echo "calibrate $name exit=$?" >> "$OUT/summary.txt"
+}
+if [ "$GPUS" -ge 4 ]; then
+  cal fa_bf16 0 270 "${FA[@]}" "${BF16[@]}" &
+  { cal fa_tp2_bf16 1,2 140 "${FA_TP2[@]}" "${BF16[@]}"; cal fa_tp2_fp32 1,2 100 "${FA_TP2[@]}" "${FP32[@]}"; } &
+  { cal fa_fp32 3 150 "${FA[@]}" "${FP32[@]}"; cal power 3 100 "${POWER[@]}"; } &
+  wait
+else
+  cal fa_bf16 0 110 "${FA[@]}" "${BF16[@]}"
+  cal fa_fp32 0 60 "${FA[@]}" "${FP32[@]}"
+  cal power 0 50 "${POWER[@]}"
+  if [ "$GPUS" -ge 2 ]; then
+    cal fa_tp2_bf16 0,1 30 "${FA_TP2[@]}" "${BF16[@]}"
+    cal fa_tp2_fp32 0,1 20 "${FA_TP2[@]}" "${FP32[@]}"
+  fi
+fi
+for md in "$LOGS"/calibrate_*.md; do echo "$(basename "$md"): $(head -1 "$md")"; done >> "$OUT/summary.txt"
+fi
+
 if want spike; then
-step "spike detectors vs the guard (one GPU, 1000 steps per fault)"
-CUDA_VISIBLE_DEVICES=0 timeout 240 python benchmarks/spike_vs_guard.py --out "$LOGS/spike_vs_guard.json" \
-  --d-model 256 --seq-len 256 --batch-size 8 --precision bf16-mixed > "$LOGS/spike_vs_guard.log" 2>&1
-tail -4 "$LOGS/spike_vs_guard.log" >> "$OUT/summary.txt"
+step "spike detectors vs the guard (1000 steps per fault, one fault per GPU side by side)"
+# One process per fault on its own GPU; repro bundles (~200 MB per drifting check) stay out of the tarball.
+SPIKE_FAULTS=${SPIKE_FAULTS:-grad_scale bf16_accumulators ignore_in_denominator missing_z_loss}
+i=0
+for fault in $SPIKE_FAULTS; do
+  CUDA_VISIBLE_DEVICES=$((i % GPUS)) timeout 330 python benchmarks/spike_vs_guard.py --faults "$fault" \
+    --out "$LOGS/spike_$fault.json" --run-dir "$OUT/spike_runs" \
+    --d-model 256 --seq-len 256 --batch-size 8 --precision bf16-mixed > "$LOGS/spike_$fault.log" 2>&1 &
+  i=$((i + 1))
+done
+wait
+for fault in $SPIKE_FAULTS; do
+  grep -h '^{"fault"' "$LOGS/spike_$fault.log" >> "$OUT/summary.txt" || echo "spike $fault: no result" >> "$OUT/summary.txt"
+  cp "$OUT/spike_runs/$fault/ce_guard/receipts.jsonl" "$LOGS/spike_$fault.receipts.jsonl" 2>/dev/null
+done
+rm -rf "$OUT/spike_runs"
 fi
 
 step "done"

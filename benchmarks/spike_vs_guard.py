@@ -56,7 +56,10 @@ def run(fault: str, args) -> dict:
                           n_kv_heads=2, mamba_n_heads=4, mamba_head_dim=args.d_model // 2,
                           mamba_n_groups=2, mamba_d_state=32, max_seq_len=args.seq_len)
     module = HybridLitModule(config, token_chunk=256, **FAULTS[fault])
-    parity = CEParityCallback(every_n_steps=args.every, run_dir=str(Path(args.out).parent / fault))
+    # Every drifting check writes a repro bundle (the weight included: ~200 MB at d_model 256), so the run
+    # dir can be kept apart from the results that get shipped.
+    run_dir = Path(args.run_dir or Path(args.out).parent) / fault
+    parity = CEParityCallback(every_n_steps=args.every, run_dir=str(run_dir))
     health = SeamHealthCallback(warmup=20)
     spike = RecordingSpikeDetection(warmup=20)
     trainer = pl.Trainer(max_steps=args.steps, accelerator=args.accelerator, devices=1, logger=False,
@@ -65,12 +68,13 @@ def run(fault: str, args) -> dict:
                          limit_val_batches=0, precision=args.precision)
     started = time.time()
     trainer.fit(module, datamodule=data)
-    first = lambda steps: next((s for s in steps if s >= args.switch_step), None)  # noqa: E731
+    first = lambda steps: next((s for s in steps if s >= args.switch_step), None)
     return {
         "fault": fault,
         "guard_first_flag": first([h["step"] for h in parity.history if h["drift"]]),
         "guard_cause": next((h["cause"] for h in parity.history if h["drift"]), None),
         "guard_clean_before_switch": all(not h["drift"] for h in parity.history if h["step"] < args.switch_step),
+        "guard_checks": [[h["step"], h["cause"]] for h in parity.history],
         "spike_detection_first": first(spike.fired),
         "zscore_first": first([s["step"] for s in health.spikes]),
         "seconds": time.time() - started,
@@ -91,6 +95,7 @@ def main() -> None:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--run-dir", default=None, help="receipts and repro bundles (default: beside --out)")
     args = parser.parse_args()
     results = []
     for fault in args.faults:
