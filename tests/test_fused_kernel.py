@@ -8,7 +8,6 @@ held to the plain-torch chunk math and, through the whole layer, to float64 ``F.
 from __future__ import annotations
 
 import importlib.util
-import sys
 
 import pytest
 import torch
@@ -24,18 +23,11 @@ KERNEL_OPTIONS = [option for option in OPTIONS if "softcap" not in OPTIONS[optio
 
 
 @pytest.fixture
-def kernel_device(monkeypatch):
-    """'cuda', or 'cpu' under TRITON_INTERPRET=1; skips without Triton."""
+def kernel_device():
+    """'cuda', or 'cpu' under Triton's interpreter (conftest.py sets it up); skips without Triton."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed")
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    # Triton reads TRITON_INTERPRET when a kernel is defined: define them again under this setting.
-    sys.modules.pop("ce_guard._triton_ce", None)
-    fused._ce_kernels.cache_clear()
-    yield "cuda" if torch.cuda.is_available() else "cpu"
-    sys.modules.pop("ce_guard._triton_ce", None)
-    fused._ce_kernels.cache_clear()
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_kernel(fn, *args, **kwargs):

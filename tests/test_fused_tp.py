@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import math
-import os
 
 import pytest
 import torch
@@ -134,7 +133,6 @@ def _kernel_cases(rank, group):
     """
     if importlib.util.find_spec("triton") is None:
         return {}
-    os.environ["TRITON_INTERPRET"] = "1"  # this spawned child imports the kernels for the first time
     start, end = SLICES[rank]
     hidden, weight, targets = (t.float() if t.is_floating_point() else t for t in _inputs(N, seed=5))
     out = {}
