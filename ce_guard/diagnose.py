@@ -3,7 +3,8 @@
 Each rule tests one signature from the fault catalogue (docs/faults.md) against the report, most
 specific first: non-finite values, an empty check, padding in the gradient, a scale that one of the
 token counts or a parallel group size explains, a loss offset that log(TP), z-loss or local-V smoothing
-explains, errors piled on slice edges, then precision drift. Nothing matched is said plainly.
+explains, errors piled on slice edges, a scale the gradients carry too, a constant shift of dL/dz over the
+vocab slice (local-V smoothing the loss cannot show), then precision drift. Nothing matched is said plainly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ce_guard.parity import ParityReport
 SCALE_COSINE = 0.999     # a pure scale leaves the gradient's direction intact
 SCALE_TOLERANCE = 0.005  # relative tolerance on (expected - 1) for a named scale factor
 OFFSET_TOLERANCE = 0.05  # relative tolerance on a named loss offset
+SHIFT_SHARE = 0.5        # a constant dL/dz shift puts all its error in one common row; rounding 1/rows of it
 
 
 class Cause(str, Enum):
@@ -78,7 +80,7 @@ def diagnose(report: ParityReport, *, group_sizes: Mapping[str, int] | None = No
     sizes.setdefault("TP", report.tp_size)
     sizes.setdefault("DP", report.token_group_size)
     for rule in (_non_finite, _empty, _within_budget, _ignored_rows, _named_scale, _offset, _target_masking,
-                 _unnamed_scale, _precision):
+                 _unnamed_scale, _smoothing_shift, _precision):
         found = rule(report, sizes)
         if found is not None:
             return found
@@ -187,13 +189,24 @@ def _named_scale(r: ParityReport, sizes) -> Diagnosis | None:
 
 
 def _unnamed_scale(r: ParityReport, sizes) -> Diagnosis | None:
-    """A pure scale that no count explains: only when dL/dh visibly carries it too, not the loss alone."""
+    """A pure scale that no count explains: only when the gradients visibly carry the loss's factor too.
+
+    Rounding can bias a gradient's norm ratio by up to ``budget.grad_scale`` (less than the per-element
+    budget), so each gradient's ratio must sit farther than that from 1 and nearer than that to the loss
+    ratio, with only rounding left after the scale.
+    """
     ratio = _scale_factor(r)
-    grad_ratio, residual = r.grad_hidden_norm_ratio, r.grad_hidden_scaled_residual
-    if ratio is None or grad_ratio is None or residual is None:
+    if ratio is None or r.grad_hidden_norm_ratio is None or r.grad_hidden_scaled_residual is None:
         return None
-    if abs(grad_ratio - 1.0) <= r.budget.grad_hidden_rel or residual > r.budget.grad_hidden_rel:
-        return None
+    noise = r.budget.grad_scale
+    for grad_ratio, residual, budget in (
+            (r.grad_hidden_norm_ratio, r.grad_hidden_scaled_residual, r.budget.grad_hidden_rel),
+            (r.grad_weight_norm_ratio, r.grad_weight_scaled_residual, r.budget.grad_weight_rel)):
+        if grad_ratio is None:
+            continue
+        if abs(grad_ratio - 1.0) <= noise or abs(grad_ratio - ratio) > noise or residual > budget:
+            return None
+    residual = r.grad_hidden_scaled_residual
     return Diagnosis(Cause.NORMALIZATION_SCALE, True,
                      f"{_scale_head(r, ratio)}: loss and gradients are {ratio:.4g}x"
                      f" {'too large' if ratio > 1 else 'too small'}, a pure scale (dL/dh residual after it"
@@ -247,6 +260,35 @@ def _target_masking(r: ParityReport, sizes) -> Diagnosis | None:
                      " targets outside this partition are clipped or masked off by one before the gather",
                      {**_core_evidence(r), "grad_weight_edge_row_share": edge, "grad_hidden_boundary_share": boundary,
                       "boundary_token_fraction": r.boundary_token_fraction})
+
+
+def _smoothing_shift(r: ParityReport, sizes) -> Diagnosis | None:
+    """Local-V smoothing read from the gradients, for when the loss barely moves (zero-mean logits).
+
+    The uniform term eps/V_local instead of eps/V shifts dL/dz by one constant over this rank's slice:
+    dL/dW gains the same vector on every row, dL/dh (equal token weights) the same on every token, while
+    the loss moves only by the local-V offset, which vanishes when the slices' mean logits agree.
+    """
+    eps = r.contract.get("label_smoothing", 0.0) or 0.0
+    if not eps or r.tp_size < 2:
+        return None
+    unexplained_offset = abs(r.loss_offset_per_token - r.smoothing_local_offset)
+    if unexplained_offset > r.budget.loss_rel * max(abs(r.loss_ref), 1e-12):
+        return None
+    grads = (("dL/dh", r.grad_hidden_rel_err, r.budget.grad_hidden_rel, r.grad_hidden_shift_share),
+             ("dL/dW", r.grad_weight_rel_err, r.budget.grad_weight_rel, r.grad_weight_shift_share))
+    off = [(name, share) for name, err, budget, share in grads if (err or 0.0) > budget]
+    if not off or any(share < SHIFT_SHARE for _, share in off):
+        return None
+    shares = ", ".join(f"{name} {share:.1%}" for name, share in off)
+    return Diagnosis(Cause.LABEL_SMOOTHING_LOCAL_V, True,
+                     f"the gradient error is one constant shift of dL/dz over this vocab slice ({shares} of"
+                     f" it in a common row) at TP={r.tp_size}, label smoothing {eps:g}, loss offset"
+                     f" {r.loss_offset_per_token:.3g} per token (local-V smoothing predicts"
+                     f" {r.smoothing_local_offset:.3g}): label smoothing's uniform term uses the local vocab slice",
+                     {**_core_evidence(r), "loss_offset_per_token": r.loss_offset_per_token,
+                      "smoothing_local_offset": r.smoothing_local_offset,
+                      **{f"shift_share_{name}": share for name, share in off}})
 
 
 def _precision(r: ParityReport, sizes) -> Diagnosis | None:

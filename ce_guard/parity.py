@@ -25,6 +25,24 @@ _FLOORS = {torch.float64: (1e-11, 1e-10), torch.float32: (2e-6, 2e-5), torch.bfl
            torch.float16: (5e-5, 5e-4)}
 
 
+# Unit roundoff of what fp32 matmuls round to under torch.set_float32_matmul_precision: TF32, bf16.
+_FP32_MATMUL_ROUNDOFF = {"highest": 0.0, "high": 2.0 ** -11, "medium": 2.0 ** -8}
+
+
+def _grad_scale(dtype: torch.dtype) -> float:
+    """The largest common scale rounding alone can put on a gradient computed from ``dtype`` inputs.
+
+    Rounding every element the same way by up to half an ulp scales the whole gradient by up to the unit
+    roundoff of the matmuls' precision (bf16: 2^-8 = 0.39%). It happens when one rounded factor dominates,
+    e.g. the target term -1/n of dL/dz: correct bf16 paths show 0.2-0.3% on CPU. Never below the dtype's
+    gradient floor.
+    """
+    roundoff = torch.finfo(dtype).eps / 2
+    if dtype == torch.float32:
+        roundoff = max(roundoff, _FP32_MATMUL_ROUNDOFF.get(torch.get_float32_matmul_precision(), 0.0))
+    return max(roundoff, _FLOORS.get(dtype, _FLOORS[torch.float32])[1])
+
+
 @dataclass(frozen=True)
 class SeamOutputs:
     """What a fused output layer produced on the recorded inputs.
@@ -41,12 +59,17 @@ class SeamOutputs:
 
 @dataclass(frozen=True)
 class ErrorBudget:
-    """Largest errors a correct path may show, relative to the reference (``per_token_abs`` absolute)."""
+    """Largest errors a correct path may show, relative to the reference (``per_token_abs`` absolute).
+
+    ``grad_scale`` bounds the gradients' common scale alone (norm ratio - 1): rounding biases it by at most
+    one unit roundoff of the input dtype, less than the per-element budget allows.
+    """
 
     loss_rel: float
     grad_hidden_rel: float
     grad_weight_rel: float
     per_token_abs: float
+    grad_scale: float
     source: str
 
     @classmethod
@@ -55,6 +78,7 @@ class ErrorBudget:
         loss_floor, grad_floor = _FLOORS.get(dtype, _FLOORS[torch.float32])
         return cls(loss_rel=safety * loss_floor, grad_hidden_rel=safety * grad_floor,
                    grad_weight_rel=safety * grad_floor, per_token_abs=safety * grad_floor,
+                   grad_scale=_grad_scale(dtype),
                    source=f"{safety:g} x the {dtype} floors ({loss_floor:g} loss, {grad_floor:g} gradients)")
 
 
@@ -102,6 +126,7 @@ def native_error_budget(
         grad_hidden_rel=safety * _rel(native[1], exact[1]) + grad_floor,
         grad_weight_rel=safety * _rel(native[2], exact[2]) + grad_floor,
         per_token_abs=safety * float((native[0] - exact[0]).abs().max()) + grad_floor,
+        grad_scale=_grad_scale(hidden.dtype),
         source=f"{safety:g} x native {hidden.dtype} path on {rows.numel()} tokens + floors"
                f" ({loss_floor:g} loss, {grad_floor:g} gradients)",
     )
@@ -125,12 +150,15 @@ class ParityReport:
     grad_hidden_max_abs_diff: float | None
     grad_hidden_rel_err: float | None
     grad_hidden_scaled_residual: float | None  # what a single scale factor leaves unexplained, relative
+    grad_hidden_shift_share: float | None   # share of the dL/dh error in one vector common to all visible tokens
     grad_weight_norm_fused: float | None
     grad_weight_norm_ref: float | None
     grad_weight_norm_ratio: float | None
     grad_weight_cosine: float | None
     grad_weight_max_abs_diff: float | None
     grad_weight_rel_err: float | None
+    grad_weight_scaled_residual: float | None  # as for dL/dh
+    grad_weight_shift_share: float | None   # share of the dL/dW error in one vector common to all rows of the slice
     budget: ErrorBudget
     within_budget: bool
     nonfinite: dict[str, int]
@@ -210,9 +238,12 @@ def compare(
         grad_hidden_norm_ratio=gh["ratio"], grad_hidden_cosine=gh["cosine"],
         grad_hidden_max_abs_diff=gh["max_abs"], grad_hidden_rel_err=gh["rel_err"],
         grad_hidden_scaled_residual=gh["scaled_residual"],
+        grad_hidden_shift_share=_shift_share(fused.grad_hidden, reference.grad_hidden, visible),
         grad_weight_norm_fused=gw["norm_fused"], grad_weight_norm_ref=gw["norm_ref"],
         grad_weight_norm_ratio=gw["ratio"], grad_weight_cosine=gw["cosine"],
         grad_weight_max_abs_diff=gw["max_abs"], grad_weight_rel_err=gw["rel_err"],
+        grad_weight_scaled_residual=gw["scaled_residual"],
+        grad_weight_shift_share=_shift_share(fused.grad_weight, reference.grad_weight),
         budget=budget, within_budget=within, nonfinite=nonfinite,
         n_tokens=reference.n_tokens, n_visible=reference.n_visible,
         n_visible_shard=reference.n_visible_shard, n_visible_global=reference.n_visible_global,
@@ -291,6 +322,22 @@ def _edge_row_share(fused: torch.Tensor | None, ref: torch.Tensor | None) -> flo
     err = (_rows(fused) - _rows(ref)).square().sum(dim=1)  # (V_local,)
     total = float(err.sum())
     return float(err[0] + err[-1]) / total if total > 0 else 0.0
+
+
+def _shift_share(fused: torch.Tensor | None, ref: torch.Tensor | None,
+                 mask: torch.Tensor | None = None) -> float | None:
+    """Share of the error's energy in its mean row, ``rows * |mean row|^2 / |error|^2``, over the masked rows.
+
+    1 when the error is one vector added to every row, as a constant shift of dL/dz over a vocab slice
+    leaves in dL/dW (and, with equal token weights, in dL/dh); rounding has no common row, about 1/rows.
+    """
+    if fused is None or ref is None or fused.shape != ref.shape:
+        return None
+    err = _rows(fused) - _rows(ref)  # (rows, D)
+    if mask is not None:
+        err = err[mask.reshape(-1)]
+    total = float(err.square().sum())
+    return err.shape[0] * float(err.mean(dim=0).square().sum()) / total if total > 0 else 0.0
 
 
 def _tp_spread(loss: float, contract: CEContract, device: torch.device) -> float:

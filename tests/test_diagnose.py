@@ -8,6 +8,7 @@ import torch
 from broken_paths import broken_fused
 from ce_guard.contract import CEContract
 from ce_guard.diagnose import Cause, diagnose
+from ce_guard.fused import FusedLinearCrossEntropy
 from ce_guard.parity import ErrorBudget, SeamOutputs, compare, native_error_budget
 from ce_guard.reference import reference_linear_cross_entropy
 
@@ -52,6 +53,52 @@ def test_scale_with_no_matching_group_says_so():
                          group_sizes={"DP": 2})
     assert diagnosis.cause is Cause.NORMALIZATION_SCALE
     assert "k = 3 matches no parallel group or accumulation size" in diagnosis.summary
+
+
+def scaled_fused_layer(loss_factor, pad_every, n=1024, d=32, v=8192):
+    """ce_guard's fused layer in bf16 at the power benchmark's shapes, its loss times ``loss_factor``."""
+    hidden = torch.randn(n, d).bfloat16()
+    weight = torch.nn.Parameter((torch.randn(v, d) * 2 / d ** 0.5).bfloat16())
+    targets = torch.randint(0, v, (n,))
+    targets[::pad_every] = -100
+    contract = CEContract(vocab_size=v)
+    h = hidden.clone().requires_grad_()
+    loss = FusedLinearCrossEntropy(d, contract, weight=weight)(h, targets) * loss_factor
+    loss.backward()
+    fused = SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=weight.grad)
+    reference = reference_linear_cross_entropy(hidden, weight.detach(), targets, contract)
+    budget = native_error_budget(hidden, weight.detach(), targets, contract)
+    report = compare(fused, reference, contract, budget=budget)
+    return report, diagnose(report)
+
+
+def test_small_bf16_scale_the_gradients_carry_is_named():
+    # 960 visible tokens: 1/960 rounds up in bf16, and both gradients carry the 1.003 past what rounding
+    # alone can do (2^-8), in the same direction as the loss: a scale, though within the gradients' budgets.
+    report, diagnosis = scaled_fused_layer(1.003, pad_every=16)
+    assert report.grad_hidden_rel_err < report.budget.grad_hidden_rel
+    assert diagnosis.cause is Cause.NORMALIZATION_SCALE, diagnosis.summary
+    assert math.isclose(diagnosis.evidence["scale"], 1.003, rel_tol=1e-4)
+
+
+def test_bf16_loss_factor_the_gradients_do_not_carry_is_not_a_scale():
+    # 992 visible tokens: bf16 rounding of dL/dz swallows most of the 1.003 (the gradients read about
+    # 1.002, as a correct bf16 path can): only the loss shows it, and the diagnosis says so.
+    report, diagnosis = scaled_fused_layer(1.003, pad_every=32)
+    assert abs(report.grad_hidden_norm_ratio - 1) < report.budget.grad_scale
+    assert diagnosis.cause is Cause.UNEXPLAINED and "only the loss is off" in diagnosis.summary
+
+
+def test_bf16_rounded_pure_scale_is_named():
+    hidden, weight, targets = inputs(torch.bfloat16)
+    contract = CEContract(vocab_size=8000)
+    reference = reference_linear_cross_entropy(hidden, weight, targets, contract)
+    fused = SeamOutputs(loss=reference.loss * 1.005, grad_hidden=(reference.grad_hidden * 1.005).bfloat16(),
+                        grad_weight=(reference.grad_weight * 1.005).bfloat16())
+    budget = native_error_budget(hidden, weight, targets, contract)
+    report = compare(fused, reference, contract, budget=budget)
+    assert report.grad_hidden_rel_err < report.budget.grad_hidden_rel
+    assert diagnose(report).cause is Cause.NORMALIZATION_SCALE
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -68,6 +68,11 @@ def tp_cases(rank, world):
     contract = _tp_contract(rank, world, label_smoothing=0.1)
     for fault in (None, "unmasked_targets", "off_by_one", "smoothing_local_vocab", "log_tp_offset"):
         out[f"diag_{fault}"] = _diagnose(hidden, weight[rows], targets, contract, fault, TP=world)
+    # Every slice's rows share one mean: local and global mean logits agree, local-V smoothing moves no loss.
+    slice_means = weight.reshape(world, V // world, D).mean(dim=1).repeat_interleave(V // world, dim=0)
+    even = weight - slice_means + weight.mean(dim=0)
+    out["diag_smoothing_no_offset"] = _diagnose(hidden, even[rows], targets, contract, "smoothing_local_vocab",
+                                                TP=world)
     unpadded = targets.masked_fill(targets == -100, 1)  # equal counts per shard: the scale is exactly SP
     out["diag_sp_shard"] = _diagnose(hidden[seq], weight[rows], unpadded[seq],
                                      _tp_contract(rank, world, layout="[S/SP,B,V/TP]"), "shard_normalization",
@@ -167,6 +172,12 @@ def test_local_vocab_smoothing_is_named(tp_results):
     causes = [r["diag_smoothing_local_vocab"] for r in tp_results]
     assert all(c == "label_smoothing_local_v" for c, _ in causes), causes
     assert "differs across TP ranks" in causes[0][1]
+
+
+def test_local_vocab_smoothing_without_a_loss_offset_is_named_from_the_gradients(tp_results):
+    causes = [r["diag_smoothing_no_offset"] for r in tp_results]
+    assert all(c == "label_smoothing_local_v" for c, _ in causes), causes
+    assert "one constant shift of dL/dz over this vocab slice" in causes[0][1]
 
 
 def test_gathered_logits_offset_is_log_tp(tp_results):
