@@ -121,10 +121,16 @@ def native_error_budget(
 
     native, exact = run(hidden.dtype), run(torch.float64)
     loss_rel = _rel(native[0].mean(), exact[0].mean())
+    grad_hidden_rel = _rel(native[1], exact[1])
+    # The sample leaves most rows of a large vocab's dW without a target (128 tokens, 262k rows), and there
+    # the native rounding nearly vanishes: its dW error falls with V while a full batch's does not (the
+    # bf16 margin rose from 0.36 to 0.79 between V = 32k and 262k, docs/benchmarks.md "Calibration").
+    # dL/dh is dense at any V and comes from the same rounded logit gradient, so it bounds dW's from below.
+    grad_weight_rel = max(_rel(native[2], exact[2]), grad_hidden_rel)
     return ErrorBudget(
         loss_rel=safety * loss_rel + loss_floor,
-        grad_hidden_rel=safety * _rel(native[1], exact[1]) + grad_floor,
-        grad_weight_rel=safety * _rel(native[2], exact[2]) + grad_floor,
+        grad_hidden_rel=safety * grad_hidden_rel + grad_floor,
+        grad_weight_rel=safety * grad_weight_rel + grad_floor,
         per_token_abs=safety * float((native[0] - exact[0]).abs().max()) + grad_floor,
         grad_scale=_grad_scale(hidden.dtype),
         source=f"{safety:g} x native {hidden.dtype} path on {rows.numel()} tokens + floors"
