@@ -70,8 +70,9 @@ def slice_statistics(logits_ptr, row_stride, targets_ptr, stats_ptr, n_rows, n_c
     """A vocab slice's max, denominator, target logit (0 unless owned) and logit sum, for the TP reduction."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
-    local = tl.load(targets_ptr + row) - vocab_start
-    owned = (tl.load(targets_ptr + row) != ignore_index) & (local >= 0) & (local < n_cols)
+    target = tl.load(targets_ptr + row)
+    local = target - vocab_start
+    owned = (target != ignore_index) & (local >= 0) & (local < n_cols)
     run_max, denominator, logit_sum = statistics(row_ptr, n_cols, BLOCK)
     tl.store(stats_ptr + row, run_max)
     tl.store(stats_ptr + n_rows + row, denominator)
