@@ -219,7 +219,7 @@ def compare(
     offset_scale = reference.divisor / max(reference.n_visible, 1) if contract.reduction == "mean" else (
         1.0 / max(reference.n_visible, 1) if contract.reduction == "sum" else 1.0)
 
-    gh = _grad_stats(fused.grad_hidden, reference.grad_hidden)
+    gh = _grad_stats(fused.grad_hidden, reference.grad_hidden, common_rows=visible)
     gw = _grad_stats(fused.grad_weight, reference.grad_weight)
     nonfinite = {**{f"input_{k}": v for k, v in reference.nonfinite_inputs.items()},
                  "fused_loss": count_nonfinite(fused.loss),
@@ -244,20 +244,20 @@ def compare(
         grad_hidden_norm_ratio=gh["ratio"], grad_hidden_cosine=gh["cosine"],
         grad_hidden_max_abs_diff=gh["max_abs"], grad_hidden_rel_err=gh["rel_err"],
         grad_hidden_scaled_residual=gh["scaled_residual"],
-        grad_hidden_shift_share=_shift_share(fused.grad_hidden, reference.grad_hidden, visible),
+        grad_hidden_shift_share=gh["shift_share"],
         grad_weight_norm_fused=gw["norm_fused"], grad_weight_norm_ref=gw["norm_ref"],
         grad_weight_norm_ratio=gw["ratio"], grad_weight_cosine=gw["cosine"],
         grad_weight_max_abs_diff=gw["max_abs"], grad_weight_rel_err=gw["rel_err"],
         grad_weight_scaled_residual=gw["scaled_residual"],
-        grad_weight_shift_share=_shift_share(fused.grad_weight, reference.grad_weight),
+        grad_weight_shift_share=gw["shift_share"],
         budget=budget, within_budget=within, nonfinite=nonfinite,
         n_tokens=reference.n_tokens, n_visible=reference.n_visible,
         n_visible_shard=reference.n_visible_shard, n_visible_global=reference.n_visible_global,
         divisor=reference.divisor, token_group_size=reference.token_group_size, tp_size=reference.tp_size,
-        grad_hidden_ignored_norm=_rows_norm(fused.grad_hidden, ~visible),
-        grad_hidden_boundary_share=_row_error_share(fused.grad_hidden, reference.grad_hidden, boundary),
+        grad_hidden_ignored_norm=_masked_norm(gh["row_fused_sq"], ~visible),
+        grad_hidden_boundary_share=_error_share(gh["row_error_sq"], boundary),
         boundary_token_fraction=float(boundary.double().mean()) if boundary.numel() else 0.0,
-        grad_weight_edge_row_share=_edge_row_share(fused.grad_weight, reference.grad_weight),
+        grad_weight_edge_row_share=_edge_row_share(gw["row_error_sq"]),
         fused_loss_tp_spread=_tp_spread(loss_f, contract, fused.loss.device),
         mean_lse_sq=_masked_mean(reference.lse.double().square(), vis_f),
         smoothing_local_offset=contract.label_smoothing * _masked_mean(
@@ -274,24 +274,63 @@ def _scalar_loss(loss: torch.Tensor, visible: torch.Tensor) -> float:
     return _masked_mean(loss.reshape(-1), visible.double()) if loss.numel() == visible.numel() else float(loss.mean())
 
 
-def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None) -> dict[str, float | None]:
+_STAT_BLOCK_ELEMENTS = 1 << 24  # one float64 block of 128 MiB: a 152k x 4096 dW is never copied whole
+
+
+def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
+                common_rows: torch.Tensor | None = None) -> dict[str, Any]:
+    """Norms, cosine, errors and per-row error energy of a gradient against the reference, in float64.
+
+    Read a block of rows at a time: a float64 copy of a whole dL/dW (5 GB at V = 152k, D = 4096) would put
+    the check itself on the training job's memory peak. ``common_rows`` (a mask over the rows) restricts
+    the shift share to the rows that should share one (the visible tokens for dL/dh).
+    """
     if fused is None or ref is None:
-        return dict.fromkeys(("norm_fused", "norm_ref", "ratio", "cosine", "max_abs", "rel_err", "scaled_residual"))
+        return dict.fromkeys(("norm_fused", "norm_ref", "ratio", "cosine", "max_abs", "rel_err", "scaled_residual",
+                              "shift_share", "row_error_sq", "row_fused_sq"))
     if fused.shape != ref.shape:
         raise ValueError(f"fused gradient shape {tuple(fused.shape)} does not match the reference's"
                          f" {tuple(ref.shape)}; was the gradient recorded on another rank's shard?")
-    f, r = fused.detach().double().reshape(-1), ref.double().reshape(-1)
-    norm_f, norm_r = float(f.norm()), float(r.norm())
-    diff = float((f - r).norm())
+    f_rows, r_rows = fused.detach().reshape(-1, fused.shape[-1]), ref.detach().reshape(-1, ref.shape[-1])
+    step = max(1, _STAT_BLOCK_ELEMENTS // max(f_rows.shape[1], 1))
+    blocks = [slice(start, start + step) for start in range(0, f_rows.shape[0], step)]
+    zero = torch.zeros((), dtype=torch.float64, device=f_rows.device)
+    row_error_sq = torch.zeros(f_rows.shape[0], dtype=torch.float64, device=f_rows.device)
+    row_fused_sq = torch.zeros_like(row_error_sq)
+    error_sum = torch.zeros(f_rows.shape[1], dtype=torch.float64, device=f_rows.device)  # over common rows
+    ref_sq, dot, max_abs = zero.clone(), zero.clone(), zero.clone()
+    for rows in blocks:
+        f, r = f_rows[rows].double(), r_rows[rows].double()
+        error = f - r
+        row_error_sq[rows] = error.square().sum(dim=1)
+        row_fused_sq[rows] = f.square().sum(dim=1)
+        ref_sq += r.square().sum()
+        dot += (f * r).sum()
+        max_abs = torch.maximum(max_abs, error.abs().max()) if error.numel() else max_abs
+        error_sum += (error if common_rows is None else error[common_rows.reshape(-1)[rows]]).sum(dim=0)
+    norm_f, norm_r = math.sqrt(float(row_fused_sq.sum())), math.sqrt(float(ref_sq))
+    error_sq, dot = float(row_error_sq.sum()), float(dot)
+    # |f - s r| / |r| at the least-squares s = <f, r> / <r, r>: zero for a pure scale, whatever s is. A second
+    # pass, since |f|^2 - <f, r>^2 / |r|^2 cancels to nothing for the tiny residuals of a clean fp64 check.
+    scale = dot / norm_r ** 2 if norm_r > 0 else 0.0
+    residual_sq = sum(float((f_rows[rows].double() - scale * r_rows[rows].double()).square().sum()) for rows in blocks)
+    n_common = f_rows.shape[0] if common_rows is None else int(common_rows.sum())
+    common_error_sq = float(row_error_sq.sum() if common_rows is None else row_error_sq[common_rows.reshape(-1)].sum())
     return {
         "norm_fused": norm_f,
         "norm_ref": norm_r,
         "ratio": norm_f / norm_r if norm_r > 0 else (1.0 if norm_f == 0 else math.inf),
-        "cosine": float(f @ r) / (norm_f * norm_r) if norm_f > 0 and norm_r > 0 else (1.0 if norm_f == norm_r else 0.0),
-        "max_abs": _max_abs(f - r),
-        "rel_err": diff / norm_r if norm_r > 0 else (0.0 if diff == 0 else math.inf),
-        # |f - s r| / |r| at the least-squares s = <f, r> / <r, r>: zero for a pure scale, whatever s is.
-        "scaled_residual": float((f - (f @ r) / (r @ r) * r).norm()) / norm_r if norm_r > 0 else None,
+        "cosine": dot / (norm_f * norm_r) if norm_f > 0 and norm_r > 0 else (1.0 if norm_f == norm_r else 0.0),
+        "max_abs": float(max_abs),
+        "rel_err": math.sqrt(error_sq) / norm_r if norm_r > 0 else (0.0 if error_sq == 0 else math.inf),
+        "scaled_residual": math.sqrt(residual_sq) / norm_r if norm_r > 0 else None,
+        # Share of the error's energy in its mean row, rows * |mean row|^2 / |error|^2: 1 when the error is one
+        # vector added to every row, as a constant shift of dL/dz over a vocab slice leaves in dL/dW (and, with
+        # equal token weights, in dL/dh); rounding has no common row, about 1/rows.
+        "shift_share": (float(error_sum.square().sum()) / n_common / common_error_sq
+                        if common_error_sq > 0 and n_common else 0.0),
+        "row_error_sq": row_error_sq,  # (rows,) error energy per token (dL/dh) or vocab row (dL/dW)
+        "row_fused_sq": row_fused_sq,  # (rows,)
     }
 
 
@@ -304,46 +343,23 @@ def _boundary_tokens(targets: torch.Tensor, contract: CEContract) -> torch.Tenso
     return mask
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().double().reshape(-1, t.shape[-1])  # (N, D)
+def _masked_norm(row_sq: torch.Tensor | None, mask: torch.Tensor) -> float | None:
+    return None if row_sq is None else math.sqrt(float(row_sq[mask.reshape(-1)].sum()))
 
 
-def _rows_norm(grad: torch.Tensor | None, mask: torch.Tensor) -> float | None:
-    if grad is None:
+def _error_share(row_error_sq: torch.Tensor | None, mask: torch.Tensor) -> float | None:
+    if row_error_sq is None:
         return None
-    return float(_rows(grad)[mask.reshape(-1)].norm())
+    total = float(row_error_sq.sum())
+    return float(row_error_sq[mask.reshape(-1)].sum()) / total if total > 0 else 0.0
 
 
-def _row_error_share(fused: torch.Tensor | None, ref: torch.Tensor | None, mask: torch.Tensor) -> float | None:
-    if fused is None or ref is None or fused.shape != ref.shape:
+def _edge_row_share(row_error_sq: torch.Tensor | None) -> float | None:
+    """Share of the dL/dW error on the first and last row of this slice (where partition bugs land)."""
+    if row_error_sq is None or row_error_sq.numel() < 3:
         return None
-    err = (_rows(fused) - _rows(ref)).square().sum(dim=1)  # (N,)
-    total = float(err.sum())
-    return float(err[mask.reshape(-1)].sum()) / total if total > 0 else 0.0
-
-
-def _edge_row_share(fused: torch.Tensor | None, ref: torch.Tensor | None) -> float | None:
-    if fused is None or ref is None or fused.shape != ref.shape or fused.shape[0] < 3:
-        return None
-    err = (_rows(fused) - _rows(ref)).square().sum(dim=1)  # (V_local,)
-    total = float(err.sum())
-    return float(err[0] + err[-1]) / total if total > 0 else 0.0
-
-
-def _shift_share(fused: torch.Tensor | None, ref: torch.Tensor | None,
-                 mask: torch.Tensor | None = None) -> float | None:
-    """Share of the error's energy in its mean row, ``rows * |mean row|^2 / |error|^2``, over the masked rows.
-
-    1 when the error is one vector added to every row, as a constant shift of dL/dz over a vocab slice
-    leaves in dL/dW (and, with equal token weights, in dL/dh); rounding has no common row, about 1/rows.
-    """
-    if fused is None or ref is None or fused.shape != ref.shape:
-        return None
-    err = _rows(fused) - _rows(ref)  # (rows, D)
-    if mask is not None:
-        err = err[mask.reshape(-1)]
-    total = float(err.square().sum())
-    return err.shape[0] * float(err.mean(dim=0).square().sum()) / total if total > 0 else 0.0
+    total = float(row_error_sq.sum())
+    return float(row_error_sq[0] + row_error_sq[-1]) / total if total > 0 else 0.0
 
 
 def _tp_spread(loss: float, contract: CEContract, device: torch.device) -> float:

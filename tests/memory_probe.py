@@ -34,6 +34,10 @@ class AllocationProbe(TorchDispatchMode):
                 self._track(t)
         return out
 
+    def ignore(self, *tensors: torch.Tensor | None) -> None:
+        """Existing tensors whose views (``detach``, ``reshape``) an op may return: they are not new bytes."""
+        self._seen.update(t.untyped_storage().data_ptr() for t in tensors if t is not None)
+
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         key = storage.data_ptr()
