@@ -148,3 +148,27 @@ def test_dp2_x_tp2_mesh_is_clean_and_flags_local_normalisation():
     seam = results[0]["clean"]["receipts"][0]["seam"]
     assert seam["running_max"].endswith("over the TP group (2 ranks)")
     assert seam["token_count"] == "non-ignored tokens all-reduced SUM over the token group (2 ranks)"
+
+
+def _grad_norm_child(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from ce_guard.callbacks import _total_grad_norm
+
+    line, grid = init_device_mesh("cpu", (2,)), init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "tp"))
+    g = torch.Generator().manual_seed(0)  # the same full tensors on both ranks
+    a, b, c = torch.randn(8, 6, generator=g), torch.randn(5, 4, generator=g), torch.randn(3, 4, generator=g)
+    partial_parts = torch.randn(2, 7, generator=g)  # the partial gradient's full value is their sum
+    own = torch.randn(4, generator=g) * (rank + 1)  # a plain tensor: this rank's own slice (vocab-parallel head)
+    grads = [distribute_tensor(a, line, [Shard(0)]), distribute_tensor(b, line, [Replicate()]),
+             distribute_tensor(c, grid, [Replicate(), Shard(1)]),
+             DTensor.from_local(partial_parts[rank], line, [Partial()]), own]
+    expected = torch.stack([a.norm(), b.norm(), c.norm(), partial_parts.sum(0).norm(), own.norm()]).norm()
+    return float(_total_grad_norm(grads)), float(expected)
+
+
+def test_total_grad_norm_sums_shards_once_across_meshes_and_placements():
+    """Shard, Replicate, a 2-D mesh, a not-yet-reduced Partial and a plain tensor, in one norm."""
+    for got, expected in run_distributed(_grad_norm_child, 2):
+        assert got == pytest.approx(expected, rel=1e-6)
