@@ -21,9 +21,10 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from ce_guard import SeamOutputs, SeamRecord, check_seam
 from ce_guard.contract import CEContract
 from ce_guard.fused import FusedLinearCrossEntropy
+
+from calibrate_guard import run_check  # a sibling script: forward + backward, then check_seam
 
 
 def main() -> None:
@@ -94,14 +95,7 @@ def main() -> None:
 
 def _guard_verdict(layer: FusedLinearCrossEntropy, hidden: torch.Tensor, targets: torch.Tensor) -> dict:
     """The guard's check of one forward + backward of ``layer`` (every rank takes part; rank 0 reports)."""
-    h = hidden.detach().requires_grad_()
-    layer.weight.grad = None
-    loss = layer(h, targets)
-    loss.backward()
-    fused = SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=layer.weight.grad)
-    result = check_seam(SeamRecord(hidden=hidden, weight=layer.weight.detach(), targets=targets, fused=fused,
-                                   upstream=1.0), layer.ce_contract)
-    layer.weight.grad = None
+    result, _ = run_check(layer, hidden, targets)
     report = result.report
     return {"cause": result.diagnosis.cause.value, "tokens": len(targets), "loss_rel_err": report.loss_rel_err,
             "grad_hidden_rel_err": report.grad_hidden_rel_err, "grad_weight_rel_err": report.grad_weight_rel_err,

@@ -29,6 +29,7 @@ def statistics(row_ptr, n_cols, BLOCK: tl.constexpr):
         logit_sum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
     return run_max, denominator, logit_sum
 
+
 @triton.jit
 def write_grad(row_ptr, n_cols, target_col, lse, row_weight, vocab_size, label_smoothing, z_loss,
                BLOCK: tl.constexpr):
@@ -43,6 +44,7 @@ def write_grad(row_ptr, n_cols, target_col, lse, row_weight, vocab_size, label_s
         grad = tl.exp(z - lse) * prob_scale - uniform
         grad = tl.where(start + cols == target_col, grad - hit, grad)
         tl.store(row_ptr + start + cols, grad.to(row_ptr.dtype.element_ty), mask=in_row)
+
 
 @triton.jit
 def whole_row(logits_ptr, row_stride, targets_ptr, row_scale_ptr, loss_ptr, n_cols, ignore_index,
@@ -64,6 +66,7 @@ def whole_row(logits_ptr, row_stride, targets_ptr, row_scale_ptr, loss_ptr, n_co
         write_grad(row_ptr, n_cols, tl.where(owned, target, -1), lse, row_weight, n_cols, label_smoothing,
                    z_loss, BLOCK)
 
+
 @triton.jit
 def slice_statistics(logits_ptr, row_stride, targets_ptr, stats_ptr, n_rows, n_cols, vocab_start,
                      ignore_index, BLOCK: tl.constexpr):
@@ -78,6 +81,7 @@ def slice_statistics(logits_ptr, row_stride, targets_ptr, stats_ptr, n_rows, n_c
     tl.store(stats_ptr + n_rows + row, denominator)
     tl.store(stats_ptr + 2 * n_rows + row, tl.load(row_ptr + local, mask=owned, other=0.0).to(tl.float32))
     tl.store(stats_ptr + 3 * n_rows + row, logit_sum)
+
 
 @triton.jit
 def slice_grad(logits_ptr, row_stride, targets_ptr, lse_ptr, row_scale_ptr, n_cols, vocab_start, vocab_size,

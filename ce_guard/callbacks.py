@@ -519,21 +519,18 @@ def _total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     (which cost a third of the throughput at TP=2 x DP=2, docs/benchmarks.md). A ``Partial`` gradient (not yet
     reduced) has no local norm to sum, so it is reduced on its own.
     """
-    groups: dict[Any, list[torch.Tensor]] = {}
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    local_groups: dict[Any, list[torch.Tensor]] = {}  # (mesh, placements), or None for plain tensors
     for grad in grads:
         grad = grad.detach()
         placements = getattr(grad, "placements", None)
-        if placements is not None and any(p.is_partial() for p in placements):
-            key = ("partial", id(grad))
+        if placements is None:
+            local_groups.setdefault(None, []).append(grad)
+        elif any(p.is_partial() for p in placements):
+            total += torch.linalg.vector_norm(grad.float()).full_tensor().square()
         else:
-            key = None if placements is None else (grad.device_mesh, tuple(placements))
-        groups.setdefault(key, []).append(grad)
-    total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
-    for key, members in groups.items():
-        if key is not None and key[0] == "partial":
-            total += torch.linalg.vector_norm(members[0].float()).full_tensor().square()
-            continue
-        local = [g.to_local() if key is not None else g for g in members]
+            local_groups.setdefault((grad.device_mesh, tuple(placements)), []).append(grad.to_local())
+    for key, local in local_groups.items():
         squares = torch.nn.utils.get_total_norm(local, 2.0).float().square()
         if key is not None:
             mesh, placements = key

@@ -515,7 +515,6 @@ def _kernel_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     return losses, logits
 
 
-@functools.cache
 def _ce_kernels():
     """Import-on-first-use, so that importing ce_guard needs no Triton (CPU machines, CI)."""
     from ce_guard import _triton_ce

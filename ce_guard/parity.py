@@ -292,6 +292,7 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
         raise ValueError(f"fused gradient shape {tuple(fused.shape)} does not match the reference's"
                          f" {tuple(ref.shape)}; was the gradient recorded on another rank's shard?")
     f_rows, r_rows = fused.detach().reshape(-1, fused.shape[-1]), ref.detach().reshape(-1, ref.shape[-1])
+    common = None if common_rows is None else common_rows.reshape(-1)
     step = max(1, _STAT_BLOCK_ELEMENTS // max(f_rows.shape[1], 1))
     blocks = [slice(start, start + step) for start in range(0, f_rows.shape[0], step)]
     zero = torch.zeros((), dtype=torch.float64, device=f_rows.device)
@@ -307,15 +308,15 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
         ref_sq += r.square().sum()
         dot += (f * r).sum()
         max_abs = torch.maximum(max_abs, error.abs().max()) if error.numel() else max_abs
-        error_sum += (error if common_rows is None else error[common_rows.reshape(-1)[rows]]).sum(dim=0)
+        error_sum += (error if common is None else error[common[rows]]).sum(dim=0)
     norm_f, norm_r = math.sqrt(float(row_fused_sq.sum())), math.sqrt(float(ref_sq))
     error_sq, dot = float(row_error_sq.sum()), float(dot)
     # |f - s r| / |r| at the least-squares s = <f, r> / <r, r>: zero for a pure scale, whatever s is. A second
     # pass, since |f|^2 - <f, r>^2 / |r|^2 cancels to nothing for the tiny residuals of a clean fp64 check.
     scale = dot / norm_r ** 2 if norm_r > 0 else 0.0
     residual_sq = sum(float((f_rows[rows].double() - scale * r_rows[rows].double()).square().sum()) for rows in blocks)
-    n_common = f_rows.shape[0] if common_rows is None else int(common_rows.sum())
-    common_error_sq = float(row_error_sq.sum() if common_rows is None else row_error_sq[common_rows.reshape(-1)].sum())
+    n_common = f_rows.shape[0] if common is None else int(common.sum())
+    common_error_sq = error_sq if common is None else float(row_error_sq[common].sum())
     return {
         "norm_fused": norm_f,
         "norm_ref": norm_r,
