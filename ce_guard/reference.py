@@ -4,12 +4,18 @@ Shares no math with any fused path. It reads only the contract and the tensors, 
 the per-token losses and the gradients w.r.t. hidden and the weight slice *directly* (no autograd):
 the callback compares gradients the training backward produced, so the reference must hand back
 numbers, not a graph. ``[N, V]`` logits are never materialised: each step holds one
-``(token_chunk, vocab_chunk)`` fp32 block at a time, so peak extra memory is ``~5 * chunk_elements * 4`` bytes
-plus fp32 copies of one hidden chunk and one weight block.
+``(token_chunk, vocab_chunk)`` fp32 block at a time, so peak extra memory is ``~2 * chunk_elements * 4`` bytes
+plus one hidden chunk and one weight block in the backward operands' dtype.
 
-Matmuls accumulate in fp32 with exact products: fp32 operands run without TF32; bf16 operands on CUDA run
-on tensor cores with an fp32 output, and the fp32 logit gradient is split into two bf16 parts for the
-backward products (relative error near 2**-17, far under any bf16 budget).
+Logits are exact: fp32 operands run without TF32, and bf16 operands on CUDA run on tensor cores with an
+fp32 output (a bf16 product is exact in fp32). The backward products take their operands in
+``backward_dtype``: fp32 (exact; the default on CPU and for fp32 inputs) or, by default for 16-bit inputs
+on CUDA, fp16. There hidden and weight enter fp16 exactly (bf16's 8 significant bits fit in fp16's 11,
+scaled by powers of two into its range) and the fp32 logit gradient is rounded once to fp16 after a
+power-of-two scale per token: a relative error under 2**-11 per element, an eighth of the bf16 rounding
+that the paths it judges carry, for one tensor-core matmul per product instead of the two a bf16
+high/low split needs. On CUDA each block's elementwise math is ``torch.compile``d (one read of the
+block instead of one per eager op; the first call compiles for ~15 s). Costs: docs/benchmarks.md.
 
 Two passes per call:
   1. statistics: per token, fp32 running max / denominator over local vocab blocks, the target logit
@@ -21,6 +27,7 @@ Two passes per call:
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +39,9 @@ import torch.distributed as dist
 from ce_guard import _dist
 from ce_guard.contract import CEContract
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16M fp32 logits per block: 64 MiB each, ~0.6 GB live at V = 152k (docs/benchmarks.md)
+DEFAULT_CHUNK_ELEMENTS = 1 << 26  # 64M fp32 logits per block: 256 MiB, ~0.7 GB live in all at V = 152k
+DEFAULT_TOKEN_CHUNK = 16384  # 16384 x 4096 blocks: dL/dW written once per call (docs/benchmarks.md)
+_FP16_EXPONENT = 14  # scaled fp16 operands stay under 2**14: headroom below fp16's 65504, 28 binades above its normals' floor
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,8 @@ def reference_linear_cross_entropy(
     *,
     grad_output: torch.Tensor | float | None = 1.0,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    token_chunk: int = 2048,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    backward_dtype: torch.dtype | None = None,
 ) -> ReferenceResult:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets`` exactly as ``contract`` defines it.
 
@@ -85,6 +95,9 @@ def reference_linear_cross_entropy(
             of targets' shape (or a scalar applied to every token); ``None`` skips the gradient pass.
         chunk_elements: upper bound on the logits held at once (token chunk x vocab chunk).
         token_chunk: tokens per chunk; the vocab chunk is ``chunk_elements // token_chunk``.
+        backward_dtype: operands of the gradient matmuls: ``torch.float32`` (exact products) or
+            ``torch.float16`` (the logit gradient rounded once to fp16, per-token scaled; see the module
+            docstring). ``None`` picks fp16 for bf16/fp16 inputs on CUDA and fp32 otherwise.
 
     Returns:
         A :class:`ReferenceResult`.
@@ -98,7 +111,7 @@ def reference_linear_cross_entropy(
         >>> r.loss.shape, r.grad_hidden.shape
         (torch.Size([]), torch.Size([4, 8]))
     """
-    _validate(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk)
+    _validate(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk, backward_dtype)
     tp, token_group = contract.tp_group, contract.token_group
     tp_size = _dist.group_size(tp)
     nonfinite = {"hidden": count_nonfinite(hidden), "weight": count_nonfinite(weight)}
@@ -138,7 +151,9 @@ def reference_linear_cross_entropy(
         grad_hidden = grad_weight = None
         if grad_output is not None:
             token_weight = _upstream_per_token(grad_output, contract, visible, divisor, tp, y.device)
-            grad_h, grad_weight = _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chunk)
+            operands = backward_dtype or _default_backward_dtype(weight)
+            grad_h, grad_weight = _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chunk,
+                                             operands)
             _dist.all_reduce(grad_h, dist.ReduceOp.SUM, tp)  # each rank held its vocab slice's share
             grad_hidden = _local_rows(grad_h, contract, local_shape, tp).reshape(hidden.shape)
 
@@ -198,19 +213,22 @@ def _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk):
     denom = torch.zeros(n, dtype=torch.float32, device=device)
     target_logit = torch.zeros(n, dtype=torch.float32, device=device)
     logit_sum = torch.zeros(n, dtype=torch.float32, device=device)
+    block_statistics = _elementwise(_block_statistics, device)
     for rows in _chunks(n, token_chunk):
         h_chunk = h[rows]                                                      # (T, D), input dtype
         local_target = y[rows] - contract.vocab_start                          # (T,) index into this slice
         for cols in _chunks(weight.shape[0], vocab_chunk):
-            z = _logits(h_chunk, weight[cols], contract)                      # (T, Vb) fp32
-            block_max = torch.maximum(run_max[rows], z.amax(dim=1))
-            denom[rows] = denom[rows] * torch.exp(run_max[rows] - block_max) + torch.exp(
-                z - block_max[:, None]).sum(dim=1)
-            run_max[rows] = block_max
-            logit_sum[rows] += z.sum(dim=1)
+            raw = _exact_mm(h_chunk, weight[cols].T)                          # (T, Vb) fp32, before softcap
+            block_max, block_denom, block_sum = block_statistics(raw, contract.softcap)
+            new_max = torch.maximum(run_max[rows], block_max)
+            denom[rows] = denom[rows] * torch.exp(run_max[rows] - new_max) + block_denom * torch.exp(
+                block_max - new_max)
+            run_max[rows] = new_max
+            logit_sum[rows] += block_sum
             in_block = (local_target >= cols.start) & (local_target < cols.stop)  # also drops ignore_index
-            idx = (local_target - cols.start).clamp(0, z.shape[1] - 1)
-            target_logit[rows] += torch.where(in_block, z.gather(1, idx[:, None]).squeeze(1), 0.0)
+            idx = (local_target - cols.start).clamp(0, raw.shape[1] - 1)
+            picked = _softcap(raw.gather(1, idx[:, None]).squeeze(1), contract.softcap)
+            target_logit[rows] += torch.where(in_block, picked, 0.0)
 
     # Vocab-parallel: max over the TP group, then rescale each rank's denominator to the global max.
     tp = contract.tp_group
@@ -223,37 +241,83 @@ def _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk):
     return global_max + torch.log(denom), target_logit, logit_sum, logit_sum_local
 
 
-def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chunk):
-    """Pass 2: dL/dh (this rank's vocab share) and dL/dW (this rank's slice), accumulated in fp32."""
-    eps, vocab = contract.label_smoothing, contract.vocab_size
+def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chunk, operands):
+    """Pass 2: dL/dh (this rank's vocab share) and dL/dW (this rank's slice), accumulated in fp32.
+
+    With fp16 operands every scale is a power of two, undone exactly: token t's logit gradient is scaled
+    by ``2**e_t`` so its bound ``|w_t (1 + 2 c lse_t)| + |w_t|`` sits at ``2**14``; W by one shared
+    ``2**e_w``; and h_t, which meets the scaled gradient in dL/dW, by ``2**(e_h - e_t)``, so each token's
+    dL/dW share keeps its size relative to the others.
+    """
+    eps = contract.label_smoothing
     grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+    prob_scale = token_weight * (1.0 + 2.0 * contract.z_loss * lse)           # (N,)
+    token_exp = torch.zeros(h.shape[0], dtype=torch.int32, device=h.device)    # e_t
+    weight_exp = hidden_exp = 0
+    if operands == torch.float16:
+        token_exp = _FP16_EXPONENT - _ceil_log2(prob_scale.abs() + token_weight.abs())
+        h_min, h_max = torch.aminmax(h, dim=1)
+        h_share = torch.maximum(-h_min, h_max).float() * _pow2(-token_exp) * (token_weight != 0)
+        weight_exp, hidden_exp = (_FP16_EXPONENT - _ceil_log2(torch.stack(
+            [_abs_max(weight), h_share.max()]))).tolist()                      # one host sync per call
+    block_logit_grad = _elementwise(_block_logit_grad, h.device)
     for rows in _chunks(h.shape[0], token_chunk):
         h_chunk = h[rows]                                                      # (T, D), input dtype
+        visible = (token_weight[rows] != 0)[:, None]                         # ignored rows: 0, never inf * 0
+        h_operand = (h_chunk * (_pow2(hidden_exp - token_exp[rows])[:, None] * visible)).to(operands)
         local_target = y[rows] - contract.vocab_start
-        w_tok = token_weight[rows, None]                                       # (T, 1) upstream and 1/divisor; 0 if ignored
-        prob_scale = w_tok * (1.0 + 2.0 * contract.z_loss * lse[rows, None])   # (T, 1)
+        token_scale = _pow2(token_exp[rows])                                   # (T,)
+        w_tok = token_weight[rows] * token_scale                               # (T,) upstream and 1/divisor; 0 if ignored
+        p_scale, uniform, hit = prob_scale[rows] * token_scale, w_tok * (eps / contract.vocab_size), w_tok * (1 - eps)
         for cols in _chunks(weight.shape[0], vocab_chunk):
             w_block = weight[cols]                                             # (Vb, D), input dtype
-            raw = _exact_mm(h_chunk, w_block.T)                                # (T, Vb) fp32
-            z = _softcap(raw, contract.softcap)
-            # w * d/dz of (1-eps)(lse - z_y) + eps(lse - mean z) + c lse^2 = w (p (1 + 2 c lse) - (1-eps) 1[v=y] - eps/V)
-            dz = torch.exp(z - lse[rows, None]).mul_(prob_scale)
-            if eps:
-                dz.sub_(w_tok * (eps / vocab))
+            raw = _exact_mm(h_chunk, w_block.T)                                # (T, Vb) fp32, before softcap
             in_block = (local_target >= cols.start) & (local_target < cols.stop)
-            idx = (local_target - cols.start).clamp(0, dz.shape[1] - 1)
-            dz.scatter_add_(1, idx[:, None], in_block[:, None] * -(1.0 - eps) * w_tok)
-            if contract.softcap is not None:
-                dz.mul_(1.0 - (z / contract.softcap).square())                 # d tanh-cap / d raw
-            for part in _fp32_parts(dz, weight.dtype):
-                grad_h[rows] += _exact_mm(part, w_block)
-                grad_w[cols] += _exact_mm(part.T, h_chunk)
+            target_col = torch.where(in_block, local_target - cols.start, -1)
+            dz = block_logit_grad(raw, lse[rows], p_scale, uniform, hit, target_col, contract.softcap, operands)
+            del raw
+            w_operand = torch.mul(w_block, 2.0 ** weight_exp, out=torch.empty_like(w_block, dtype=operands))
+            _add_product(grad_h[rows], dz, w_operand)
+            _add_product(grad_w[cols], dz.T, h_operand, alpha=2.0 ** -hidden_exp)
+        grad_h[rows] *= _pow2(-token_exp[rows] - weight_exp)[:, None]
     return grad_h, grad_w
 
 
-def _logits(h_chunk: torch.Tensor, w_block: torch.Tensor, contract: CEContract) -> torch.Tensor:
-    return _softcap(_exact_mm(h_chunk, w_block.T), contract.softcap)
+def _block_statistics(raw: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of one logits block: the max, the sum of exp(z - max) and the sum of z, z softcapped."""
+    z = _softcap(raw, softcap)
+    block_max = z.amax(dim=1)
+    return block_max, torch.exp(z - block_max[:, None]).sum(dim=1), z.sum(dim=1)
+
+
+def _block_logit_grad(raw, lse, prob_scale, uniform, hit, target_col, softcap: float | None,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """dL/dz of one block, rounded once to ``dtype``: ``p_v prob_scale - uniform - hit [v = y]``, times the softcap's
+    derivative.
+
+    Per token: ``prob_scale = w (1 + 2 z_loss lse)``, ``uniform = w eps / V``, ``hit = w (1 - eps)``, where w is
+    the token's weight (upstream gradient / divisor, 0 if ignored) times its fp16 scale; ``target_col`` is the
+    target's column in this block, -1 if elsewhere. The target's term is subtracted in fp32, where ``p_y ~ 1``
+    cancels.
+    """
+    z = _softcap(raw, softcap)
+    grad = torch.exp(z - lse[:, None]) * prob_scale[:, None] - uniform[:, None]
+    cols = torch.arange(raw.shape[1], device=raw.device)
+    grad = torch.where(cols[None, :] == target_col[:, None], grad - hit[:, None], grad)
+    if softcap is not None:
+        grad = grad * (1.0 - (z / softcap).square())                            # d tanh-cap / d raw
+    return grad.to(dtype)
+
+
+def _elementwise(fn, device: torch.device):
+    """``fn`` compiled on CUDA: one kernel reads a logits block once, instead of one pass per eager op."""
+    return _compiled(fn) if device.type == "cuda" else fn
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn)
 
 
 def _exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -267,17 +331,32 @@ def _exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _fp32_parts(x: torch.Tensor, operand_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """``x`` (fp32) as summands that multiply exactly against operands of ``operand_dtype``.
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """``out += alpha * a @ b`` into fp32 ``out``: fp16 operands on CUDA on tensor cores (exact products)."""
+    if a.is_cuda and a.dtype == torch.float16:
+        torch.addmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
+    else:  # fp16 x fp16 is exact in fp32, so upcasting first gives the same products
+        out.addmm_(a.float(), b.float(), alpha=alpha)
 
-    Against bf16 on CUDA, ``x`` is split into bf16 high and low parts (16 mantissa bits together, a
-    relative error near 2**-17, two orders under any bf16 budget), so each product runs on tensor cores;
-    elsewhere ``x`` itself.
-    """
-    if x.is_cuda and operand_dtype == torch.bfloat16:
-        high = x.bfloat16()
-        return high, x.sub_(high).bfloat16()
-    return (x,)
+
+def _default_backward_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float16 if weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _ceil_log2(x: torch.Tensor) -> torch.Tensor:
+    """e with ``x <= 2**e`` (int32; 0 for 0), from the exponent bits."""
+    return torch.frexp(x.float()).exponent.clamp(-100, 100)
+
+
+def _pow2(exponent: torch.Tensor | int) -> torch.Tensor:
+    """``2**exponent`` in fp32, built from its bits, so it is exact."""
+    exponent = torch.as_tensor(exponent, dtype=torch.int32)
+    return ((exponent.clamp(-126, 127) + 127) << 23).view(torch.float32)
+
+
+def _abs_max(t: torch.Tensor) -> torch.Tensor:
+    low, high = torch.aminmax(t)  # no |t|-sized temporary
+    return torch.maximum(-low, high).float()
 
 
 def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -349,7 +428,7 @@ def _exact_fp32_matmul() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def _validate(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk) -> None:
+def _validate(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk, backward_dtype) -> None:
     if not isinstance(contract, CEContract):
         raise TypeError(f"`contract` must be a CEContract, got {type(contract).__name__}.")
     if not (hidden.is_floating_point() and weight.is_floating_point()):
@@ -375,6 +454,8 @@ def _validate(hidden, weight, targets, contract, grad_output, chunk_elements, to
                          f" found {int(targets[first])} at {first} ({int(bad.sum())} such targets).")
     if chunk_elements < 1 or token_chunk < 1:
         raise ValueError(f"`chunk_elements` and `token_chunk` must be >= 1, got {chunk_elements} and {token_chunk}.")
+    if backward_dtype not in (None, torch.float16, torch.float32):
+        raise ValueError(f"`backward_dtype` must be None, torch.float16 or torch.float32, got {backward_dtype}.")
     if grad_output is not None and contract.reduction != "none" and not _is_scalar(grad_output):
         raise ValueError(f"`grad_output` must be a scalar for reduction={contract.reduction!r}.")
     tp_size = _dist.group_size(contract.tp_group)

@@ -146,6 +146,45 @@ def test_chunking_never_changes_the_answer(n, d, v, token_chunk, chunk_elements,
     torch.testing.assert_close(result.grad_weight.double(), grad_w, rtol=1e-4, atol=1e-5)
 
 
+FP16_UNIT_ROUNDOFF = 2.0 ** -11  # the fp16 backward's one rounding of the logit gradient, per element
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_fp16_backward_stays_within_one_fp16_rounding(option, reduction):
+    """The GPU default for bf16 inputs, emulated on CPU (fp16 x fp16 is exact in fp32, as on tensor cores).
+
+    Upstream weights a billion apart check the per-token scale: the smallest token's dL/dh is as accurate
+    as the largest's, where one scale for the chunk would flush its gradient to fp16 zero.
+    """
+    hidden, weight, targets = make_inputs(dtype=torch.bfloat16)
+    contract = CEContract(vocab_size=weight.shape[0], reduction=reduction, **OPTIONS[option])
+    grad_output = 1.0
+    if reduction == "none":
+        grad_output = torch.rand(targets.shape) * 2
+        grad_output[1], grad_output[2] = 1e-6, 1e3
+    result = reference_linear_cross_entropy(hidden, weight, targets, contract, grad_output=grad_output,
+                                            token_chunk=8, chunk_elements=8 * 17, backward_dtype=torch.float16)
+    loss, grad_h, grad_w = float64_loss(hidden, weight, targets, contract,
+                                        grad_output if reduction == "none" else None)
+    torch.testing.assert_close(result.loss.double(), loss, rtol=2e-6, atol=2e-6)  # the forward stays exact
+    row_err = (result.grad_hidden.double() - grad_h).norm(dim=1) / grad_h.norm(dim=1)
+    assert float(row_err[grad_h.norm(dim=1) > 0].max()) < FP16_UNIT_ROUNDOFF
+    assert float((result.grad_weight.double() - grad_w).norm() / grad_w.norm()) < FP16_UNIT_ROUNDOFF
+
+
+@pytest.mark.parametrize("hidden_scale, weight_scale", [(2.0 ** 20, 2.0 ** -20), (2.0 ** -30, 2.0 ** 25)])
+def test_fp16_backward_scales_operands_into_range(hidden_scale, weight_scale):
+    """Hidden states past fp16's 65504 and weights under its normals would overflow or flush unscaled."""
+    hidden, weight, targets = make_inputs(dtype=torch.bfloat16)
+    hidden, weight = (hidden.float() * hidden_scale).bfloat16(), (weight.float() * weight_scale).bfloat16()
+    contract = CEContract(vocab_size=weight.shape[0])
+    result = reference_linear_cross_entropy(hidden, weight, targets, contract, backward_dtype=torch.float16)
+    _, grad_h, grad_w = float64_loss(hidden, weight, targets, contract)
+    assert float((result.grad_hidden.double() - grad_h).norm() / grad_h.norm()) < FP16_UNIT_ROUNDOFF
+    assert float((result.grad_weight.double() - grad_w).norm() / grad_w.norm()) < FP16_UNIT_ROUNDOFF
+
+
 def test_peak_memory_is_bounded_by_the_chunk_not_by_n_times_v():
     n, d, v = 2048, 64, 20000
     hidden, weight, targets = torch.randn(n, d), torch.randn(v, d) * 0.1, torch.randint(0, v, (n,))
@@ -213,3 +252,10 @@ def test_non_finite_inputs_are_counted_not_hidden():
     result = reference_linear_cross_entropy(hidden, weight, targets, CEContract(vocab_size=123))
     assert result.nonfinite_inputs == {"hidden": 1, "weight": 1}
     assert not math.isfinite(float(result.loss))
+
+
+def test_backward_dtype_other_than_fp16_or_fp32_is_refused():
+    hidden, weight, targets = make_inputs()
+    with pytest.raises(ValueError, match="`backward_dtype` must be None, torch.float16 or torch.float32"):
+        reference_linear_cross_entropy(hidden, weight, targets, CEContract(vocab_size=123),
+                                       backward_dtype=torch.bfloat16)
