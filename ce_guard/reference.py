@@ -4,11 +4,12 @@ Shares no math with any fused path. It reads only the contract and the tensors, 
 the per-token losses and the gradients w.r.t. hidden and the weight slice *directly* (no autograd):
 the callback compares gradients the training backward produced, so the reference must hand back
 numbers, not a graph. ``[N, V]`` logits are never materialised: each step holds one
-``(token_chunk, vocab_chunk)`` fp32 block at a time, so peak extra memory is ``~2 * chunk_elements * 4`` bytes
-plus one hidden chunk and one weight block in the backward operands' dtype.
+``(token_chunk, vocab_chunk)`` fp32 block at a time, so peak extra memory on CUDA is ``~2 * chunk_elements * 4``
+bytes plus one hidden chunk and one weight block in the backward operands' dtype (eager CPU steps hold a
+few more blocks).
 
-Logits are exact: fp32 operands run without TF32, and bf16 operands on CUDA run on tensor cores with an
-fp32 output (a bf16 product is exact in fp32). The backward products take their operands in
+Logits are exact: fp32 operands run without TF32, and bf16/fp16 operands on CUDA run on tensor cores
+with an fp32 output (a 16-bit product is exact in fp32). The backward products take their operands in
 ``backward_dtype``: fp32 (exact; the default on CPU and for fp32 inputs) or, by default for 16-bit inputs
 on CUDA, fp16. There hidden and weight enter fp16 exactly (bf16's 8 significant bits fit in fp16's 11,
 scaled by powers of two into its range) and the fp32 logit gradient is rounded once to fp16 after a
@@ -255,7 +256,7 @@ def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chu
     prob_scale = token_weight * (1.0 + 2.0 * contract.z_loss * lse)           # (N,)
     token_exp = torch.zeros(h.shape[0], dtype=torch.int32, device=h.device)    # e_t
     weight_exp = hidden_exp = 0
-    if operands == torch.float16:
+    if operands == torch.float16 and h.shape[0]:
         token_exp = _FP16_EXPONENT - _ceil_log2(prob_scale.abs() + token_weight.abs())
         h_min, h_max = torch.aminmax(h, dim=1)
         h_share = torch.maximum(-h_min, h_max).float() * _pow2(-token_exp) * (token_weight != 0)
@@ -323,10 +324,10 @@ def _compiled(fn):
 def _exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` accumulated in fp32, from operands in the input dtype.
 
-    bf16 operands on CUDA run on tensor cores with an fp32 output: a bf16 x bf16 product is exact in fp32,
-    so this equals the fp32 matmul of the upcast operands up to summation order, at bf16 speed.
+    16-bit operands on CUDA run on tensor cores with an fp32 output: a bf16 or fp16 product is exact in fp32,
+    so this equals the fp32 matmul of the upcast operands up to summation order, at tensor-core speed.
     """
-    if a.is_cuda and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16:
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 

@@ -10,14 +10,15 @@ from ce_guard.fused import FusedLinearCrossEntropy
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backward_dtype, grad_tolerance", [(None, 2.0 ** -11), (torch.float32, 5e-6)])
 @pytest.mark.parametrize("options", [{}, dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0)])
-def test_reference_tensor_core_path_matches_float64(options, backward_dtype, grad_tolerance):
-    """Exact logits on bf16 tensor cores; the default fp16 backward within one fp16 rounding, fp32 exact."""
+def test_reference_tensor_core_path_matches_float64(options, backward_dtype, grad_tolerance, dtype):
+    """Exact logits on 16-bit tensor cores; the default fp16 backward within one fp16 rounding, fp32 exact."""
     torch.manual_seed(0)
     n, d, v = 1000, 256, 5003
-    hidden = torch.randn(n, d).bfloat16()
-    weight = (torch.randn(v, d) / d ** 0.5).bfloat16()
+    hidden = torch.randn(n, d).to(dtype)
+    weight = (torch.randn(v, d) / d ** 0.5).to(dtype)
     targets = torch.randint(0, v, (n,))
     targets[::9] = -100
     contract = CEContract(vocab_size=v, **options)

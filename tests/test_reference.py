@@ -259,3 +259,11 @@ def test_backward_dtype_other_than_fp16_or_fp32_is_refused():
     with pytest.raises(ValueError, match="`backward_dtype` must be None, torch.float16 or torch.float32"):
         reference_linear_cross_entropy(hidden, weight, targets, CEContract(vocab_size=123),
                                        backward_dtype=torch.bfloat16)
+
+
+def test_fp16_backward_of_no_tokens_is_zero_not_an_error():
+    contract = CEContract(vocab_size=10)
+    result = reference_linear_cross_entropy(torch.randn(0, 4).bfloat16(), torch.randn(10, 4).bfloat16(),
+                                            torch.zeros(0, dtype=torch.long), contract, backward_dtype=torch.float16)
+    assert float(result.loss) == 0.0 and result.grad_hidden.shape == (0, 4)
+    assert not result.grad_weight.any()
