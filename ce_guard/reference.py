@@ -258,8 +258,7 @@ def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chu
     weight_exp = hidden_exp = 0
     if operands == torch.float16 and h.shape[0]:
         token_exp = _FP16_EXPONENT - _ceil_log2(prob_scale.abs() + token_weight.abs())
-        h_min, h_max = torch.aminmax(h, dim=1)
-        h_share = torch.maximum(-h_min, h_max).float() * _pow2(-token_exp) * (token_weight != 0)
+        h_share = _abs_max(h, dim=1) * _pow2(-token_exp) * (token_weight != 0)
         weight_exp, hidden_exp = (_FP16_EXPONENT - _ceil_log2(torch.stack(
             [_abs_max(weight), h_share.max()]))).tolist()                      # one host sync per call
     block_logit_grad = _elementwise(_block_logit_grad, h.device)
@@ -355,8 +354,8 @@ def _pow2(exponent: torch.Tensor | int) -> torch.Tensor:
     return ((exponent.clamp(-126, 127) + 127) << 23).view(torch.float32)
 
 
-def _abs_max(t: torch.Tensor) -> torch.Tensor:
-    low, high = torch.aminmax(t)  # no |t|-sized temporary
+def _abs_max(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    low, high = torch.aminmax(t, dim=dim)  # no |t|-sized temporary
     return torch.maximum(-low, high).float()
 
 
