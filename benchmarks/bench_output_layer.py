@@ -8,6 +8,7 @@ script's own chunked float32 code (not ``ce_guard.reference``, so the benchmark 
     python benchmarks/bench_output_layer.py                  # GPU, the two LLM-head shapes
     python benchmarks/bench_output_layer.py --quick          # tiny shapes, runs on CPU in seconds
     python benchmarks/bench_output_layer.py --sweep-chunks 2048,8192   # plus ce_guard fused at these chunks
+    python benchmarks/bench_output_layer.py --paths reference --sweep-reference 8192x67108864  # reference blocks
 
 Writes a JSON record (``--out``) and prints a markdown table (also to ``--out-md``), with each path's
 time over the bf16 matmul floor (6 N D V flops at a rate measured in the same run). Peers that are not
@@ -100,14 +101,19 @@ class SkipPath(Exception):
     """This path cannot run here (peer not installed, or not worth it on this device)."""
 
 
-def reference_path(weight: nn.Parameter) -> GradFn:
-    """ce_guard's trusted path: chunked, fp32 logits, gradients returned directly (no autograd), in fp32."""
-    contract = CEContract(vocab_size=weight.shape[0], ignore_index=IGNORE)
+def reference_path(**blocks) -> Callable[[nn.Parameter], GradFn]:
+    """ce_guard's trusted path: chunked, fp32 logits, gradients returned directly (no autograd), in fp32.
 
-    def grads(hidden, targets):
-        result = reference_linear_cross_entropy(hidden, weight.detach(), targets, contract)
-        return result.loss, result.grad_hidden, result.grad_weight
-    return grads
+    ``blocks``: its ``token_chunk`` and ``chunk_elements``, where not the defaults.
+    """
+    def build(weight: nn.Parameter) -> GradFn:
+        contract = CEContract(vocab_size=weight.shape[0], ignore_index=IGNORE)
+
+        def grads(hidden, targets):
+            result = reference_linear_cross_entropy(hidden, weight.detach(), targets, contract, **blocks)
+            return result.loss, result.grad_hidden, result.grad_weight
+        return grads
+    return build
 
 
 def fused(d: int, v: int, **options) -> Callable[[nn.Parameter], LossFn]:
@@ -116,12 +122,12 @@ def fused(d: int, v: int, **options) -> Callable[[nn.Parameter], LossFn]:
     return lambda weight: FusedLinearCrossEntropy(d, contract, weight=weight, **options)
 
 
-def build_paths(d: int, v: int, device: torch.device,
-                sweep_chunks: tuple[int, ...] = ()) -> dict[str, Callable[[nn.Parameter], LossFn | GradFn]]:
+def build_paths(d: int, v: int, device: torch.device, sweep_chunks: tuple[int, ...] = (),
+                reference_blocks: tuple[tuple[int, int], ...] = ()) -> dict[str, Callable[[nn.Parameter], LossFn | GradFn]]:
     """Constructors taking the weight, so a missing peer fails (and is skipped) when built, not at import.
 
     A constructor's result is a ``LossFn`` (autograd computes the gradients), or a ``GradFn`` for the
-    reference (marked by :data:`DIRECT_GRADS`).
+    reference (its names start with :data:`DIRECT_GRADS`).
     """
     def compiled(weight):
         if device.type != "cuda":
@@ -139,8 +145,11 @@ def build_paths(d: int, v: int, device: torch.device,
         paths[f"ce_guard fused (fp32 dW, token_chunk={chunk})"] = fused(d, v, token_chunk=chunk)
         paths[f"ce_guard fused (bf16 dW contract, token_chunk={chunk})"] = fused(d, v, accum_dtype=bf16,
                                                                                  token_chunk=chunk)
+    paths[f"{DIRECT_GRADS} (default blocks, backward_dtype)"] = reference_path()
+    for token_chunk, chunk_elements in reference_blocks:
+        paths[f"{DIRECT_GRADS} (token_chunk={token_chunk}, chunk_elements={chunk_elements})"] = reference_path(
+            token_chunk=token_chunk, chunk_elements=chunk_elements)
     return paths | {
-        DIRECT_GRADS: reference_path,
         "materialised bf16 matmul + fp32 CE": materialised,
         "torch.compile of materialised": compiled,
         "Liger FLCE (default)": lambda weight: LigerFusedLinearCrossEntropy(d, v, weight=weight),
@@ -149,7 +158,7 @@ def build_paths(d: int, v: int, device: torch.device,
     }
 
 
-DIRECT_GRADS = "ce_guard reference (trusted path, default backward_dtype)"
+DIRECT_GRADS = "ce_guard reference, trusted path"
 
 
 def step(loss_fn: LossFn, weight: nn.Parameter, hidden: torch.Tensor, targets: torch.Tensor):
@@ -208,11 +217,11 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def bench_shape(n: int, d: int, v: int, device: torch.device, warmup: int, repeats: int,
                 sweep_chunks: tuple[int, ...] = (), floor_ms: float | None = None,
-                only: tuple[str, ...] = ()) -> list[Row]:
+                only: tuple[str, ...] = (), reference_blocks: tuple[tuple[int, int], ...] = ()) -> list[Row]:
     hidden, weight, targets = make_inputs(n, d, v, device, torch.bfloat16)
     ref_loss, ref_dh, ref_dw = fp32_reference(hidden, weight, targets)
     rows = []
-    for name, build in build_paths(d, v, device, sweep_chunks).items():
+    for name, build in build_paths(d, v, device, sweep_chunks, reference_blocks).items():
         if only and not any(word.lower() in name.lower() for word in only):
             continue
         row = Row(name)
@@ -226,7 +235,7 @@ def bench_shape(n: int, d: int, v: int, device: torch.device, warmup: int, repea
         except SkipPath as reason:
             rows.append(Row(name, status=f"skipped: {reason}"))
             continue
-        if name == DIRECT_GRADS:
+        if name.startswith(DIRECT_GRADS):
             run = functools.partial(loss_fn, hidden, targets)
         else:
             run = functools.partial(step, loss_fn, w, hidden, targets)
@@ -276,6 +285,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sweep-chunks", default="", help="comma-separated token chunks for extra fused rows")
+    parser.add_argument("--sweep-reference", default="",
+                        help="comma-separated token_chunk x chunk_elements, e.g. 8192x67108864, for extra reference rows")
     parser.add_argument("--paths", default="", help="comma-separated words; run only paths whose name has one")
     parser.add_argument("--shapes", default="", help="e.g. 16384x4096x151936 (default: both LLM-head shapes)")
     parser.add_argument("--out", default="bench_output_layer.json")
@@ -288,11 +299,12 @@ def main() -> None:
         shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     only = tuple(word for word in args.paths.split(",") if word)
     sweep_chunks = tuple(int(c) for c in args.sweep_chunks.split(",") if c)
+    reference_blocks = tuple(tuple(int(x) for x in b.split("x")) for b in args.sweep_reference.split(",") if b)
     tflops = matmul_tflops(device)
     results = []
     for n, d, v in shapes:
         floor_ms = None if tflops is None else 6 * n * d * v / (tflops * 1e12) * 1e3
-        rows = bench_shape(n, d, v, device, args.warmup, args.repeats, sweep_chunks, floor_ms, only)
+        rows = bench_shape(n, d, v, device, args.warmup, args.repeats, sweep_chunks, floor_ms, only, reference_blocks)
         results.append({"N": n, "D": d, "V": v, "tflops": tflops, "floor_ms": floor_ms,
                         "rows": [asdict(r) for r in rows]})
         print(markdown(results[-1:]), flush=True)  # progress: a long run still leaves its finished shapes
