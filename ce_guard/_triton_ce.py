@@ -1,12 +1,13 @@
-"""Triton kernels of the fused layer's CUDA fast path: softmax statistics, loss and logit gradient per chunk.
+"""Triton kernels of the fused layer's CUDA fast path: softmax statistics, loss and logit gradient per chunk,
+and the hand-over of the fp32 weight gradient in the weight's dtype.
 
-Every kernel runs one program per token row, holds its statistics in fp32 and reads the logits in
+The chunk kernels run one program per token row, hold its statistics in fp32 and read the logits in
 ``BLOCK``-wide strips; the gradient is written over the logits in their own dtype.
 
     loss = (1-eps)(lse - z_y) + eps(lse - mean_v z_v) + z_loss lse^2, 0 on ignored tokens
     dLoss/dz_v = w (p_v (1 + 2 z_loss lse) - (1-eps)[v = y] - eps/V), w = row_scale (0 if ignored)
 
-Imported only when a chunk runs on CUDA (``ce_guard.fused._ce_kernels``): ce_guard imports without Triton.
+Imported only when a chunk runs on CUDA (``ce_guard.fused._triton_kernels``): ce_guard imports without Triton.
 """
 
 import triton
@@ -95,3 +96,12 @@ def slice_grad(logits_ptr, row_stride, targets_ptr, lse_ptr, row_scale_ptr, n_co
     row_weight = tl.where(visible, tl.load(row_scale_ptr), 0.0)
     write_grad(logits_ptr + row * row_stride, n_cols, tl.where(owned, local, -1), tl.load(lse_ptr + row),
                row_weight, vocab_size, label_smoothing, z_loss, BLOCK)
+
+
+@triton.jit
+def scale_cast(source_ptr, scale_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
+    """``out = source * scale`` in fp32, rounded once (to nearest even) to ``out``'s dtype."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offsets < n_elements
+    product = tl.load(source_ptr + offsets, mask=in_range) * tl.load(scale_ptr)
+    tl.store(out_ptr + offsets, product.to(out_ptr.dtype.element_ty), mask=in_range)

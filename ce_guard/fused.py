@@ -299,7 +299,26 @@ def _times_upstream(saved: torch.Tensor | None, grad_loss: torch.Tensor, *, dtyp
     dtype = dtype or saved.dtype
     if may_alias and saved.dtype == dtype and bool(grad_loss == 1):
         return saved
-    return torch.mul(saved, grad_loss, out=torch.empty_like(saved, dtype=dtype))
+    product = torch.empty_like(saved, dtype=dtype)
+    if saved.is_cuda and saved.dtype == torch.float32 and saved.is_contiguous() and _triton_available():
+        _scale_cast(saved, grad_loss, product)
+    else:
+        torch.mul(saved, grad_loss, out=product)
+    return product
+
+
+SCALE_CAST_BLOCK = 8192
+
+
+def _scale_cast(source: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = source * scale`` in fp32, rounded once to ``out``'s dtype, in one vectorised pass.
+
+    torch's ``mul(out=)`` into a narrower dtype runs a non-vectorised kernel, in two launches once the
+    source passes 2^31 bytes: 2.9 ms for the fp32 dW at V x D = 152k x 4096 on an H200, 3% of the layer.
+    """
+    n_elements = source.numel()
+    _triton_kernels().scale_cast[(-(-n_elements // SCALE_CAST_BLOCK),)](
+        source, scale.to(torch.float32), out, n_elements, BLOCK=SCALE_CAST_BLOCK, num_warps=8)
 
 
 def _full_hidden_grad(partial: torch.Tensor, ctx) -> torch.Tensor:
@@ -492,16 +511,16 @@ def _kernel_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     n_rows, n_cols = logits.shape
     block = min(4096, 1 << (n_cols - 1).bit_length())
     launch = dict(BLOCK=block, num_warps=8 if block >= 2048 else 4)
-    whole_row, row_stats, row_grad = _ce_kernels()
+    kernels = _triton_kernels()
     if group_size(m.tp_group) == 1:
         losses = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)  # (n,)
-        whole_row[(n_rows,)](logits, logits.stride(0), targets, row_scale, losses, n_cols, m.ignore_index,
-                             float(m.label_smoothing), float(m.z_loss), WRITE_GRAD=want_grads, **launch)
+        kernels.whole_row[(n_rows,)](logits, logits.stride(0), targets, row_scale, losses, n_cols, m.ignore_index,
+                                     float(m.label_smoothing), float(m.z_loss), WRITE_GRAD=want_grads, **launch)
         return losses, logits if want_grads else None
 
     stats = torch.empty(4, n_rows, dtype=torch.float32, device=hidden.device)  # max, denominator, z_y, sum_v z_v
-    row_stats[(n_rows,)](logits, logits.stride(0), targets, stats, n_rows, n_cols, m.vocab_start, m.ignore_index,
-                         **launch)
+    kernels.slice_statistics[(n_rows,)](logits, logits.stride(0), targets, stats, n_rows, n_cols, m.vocab_start,
+                                         m.ignore_index, **launch)
     row_max, local_denominator, target_logit, logit_sum = stats.unbind(0)  # this slice's (n,) each
     global_max = all_reduce(row_max.clone(), dist.ReduceOp.MAX, m.tp_group)
     sums = torch.stack([local_denominator * torch.exp(row_max - global_max), target_logit, logit_sum])
@@ -510,16 +529,16 @@ def _kernel_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     losses = _token_loss(lse, target_logit, logit_sum / m.vocab_size, targets, m)
     if not want_grads:
         return losses, None
-    row_grad[(n_rows,)](logits, logits.stride(0), targets, lse, row_scale, n_cols, m.vocab_start, m.vocab_size,
-                        m.ignore_index, float(m.label_smoothing), float(m.z_loss), **launch)
+    kernels.slice_grad[(n_rows,)](logits, logits.stride(0), targets, lse, row_scale, n_cols, m.vocab_start,
+                                  m.vocab_size, m.ignore_index, float(m.label_smoothing), float(m.z_loss), **launch)
     return losses, logits
 
 
-def _ce_kernels():
+def _triton_kernels():
     """Import-on-first-use, so that importing ce_guard needs no Triton (CPU machines, CI)."""
     from ce_guard import _triton_ce
 
-    return _triton_ce.whole_row, _triton_ce.slice_statistics, _triton_ce.slice_grad
+    return _triton_ce
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

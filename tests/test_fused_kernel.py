@@ -163,6 +163,21 @@ def test_unit_upstream_hands_over_the_saved_grads_and_other_upstreams_scale_them
         torch.testing.assert_close(three, 3 * unit, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scale_cast_rounds_the_fp32_product_once_like_torch(kernel_device, dtype):
+    source = torch.randn(3 * fused.SCALE_CAST_BLOCK + 5, generator=torch.Generator().manual_seed(0)) * 1e-3
+    scale = torch.tensor(0.37)
+    out = torch.empty_like(source, dtype=dtype, device=kernel_device)
+    run_kernel(fused._scale_cast, source.to(kernel_device), scale.to(kernel_device), out)
+    expected = torch.mul(source, scale, out=torch.empty_like(source, dtype=dtype))
+    if dtype == torch.bfloat16 and kernel_device == "cpu":
+        # Triton's CPU interpreter truncates to bf16 where the GPU rounds to nearest even (tests/test_gpu.py
+        # holds the GPU to torch's bits): here, within one bf16 step.
+        torch.testing.assert_close(out.float(), expected.float(), rtol=2 ** -7, atol=0)
+    else:
+        assert torch.equal(out.cpu(), expected)
+
+
 def test_no_tokens_give_zero_grads_not_uninitialised_memory():
     head = FusedLinearCrossEntropy(D := 8, CEContract(vocab_size=V), weight=nn.Parameter(torch.randn(V, D)))
     h = torch.randn(0, D, requires_grad=True)

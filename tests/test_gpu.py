@@ -53,3 +53,19 @@ def test_fused_cuda_path_is_within_budget_under_the_guard():
     result = check_seam(SeamRecord(hidden=hidden, weight=weight.detach(), targets=targets, fused=fused, upstream=1.0),
                         layer.ce_contract)
     assert result.diagnosis.cause.value == "within_budget", result.diagnosis.summary
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.25])
+def test_fused_cuda_weight_grad_is_the_fp32_accumulator_rounded_once(upstream):
+    """The backward's hand-over (a Triton cast on CUDA) gives torch's bits: fp32 dW times upstream, one rounding."""
+    torch.manual_seed(0)
+    n, d, v = 2048, 256, 32000
+    hidden = torch.randn(n, d, device="cuda").bfloat16().requires_grad_()
+    weight = torch.nn.Parameter((torch.randn(v, d, device="cuda") / d ** 0.5).bfloat16())
+    targets = torch.randint(0, v, (n,), device="cuda")
+    layer = FusedLinearCrossEntropy(d, CEContract(vocab_size=v), weight=weight)
+    loss = layer(hidden, targets)
+    _, saved_weight_grad = loss.grad_fn.saved_tensors  # the fp32 accumulator, for an upstream gradient of 1
+    grad_weight, = torch.autograd.grad(loss, weight, torch.tensor(upstream, device="cuda"))
+    assert saved_weight_grad.dtype == torch.float32
+    assert torch.equal(grad_weight, (saved_weight_grad * upstream).bfloat16())
