@@ -9,6 +9,7 @@ script's own chunked float32 code (not ``ce_guard.reference``, so the benchmark 
     python benchmarks/bench_output_layer.py --quick          # tiny shapes, runs on CPU in seconds
     python benchmarks/bench_output_layer.py --sweep-chunks 2048,8192   # plus ce_guard fused at these chunks
     python benchmarks/bench_output_layer.py --paths reference --sweep-reference 8192x67108864  # reference blocks
+    python benchmarks/bench_output_layer.py --paths Liger --profile trace.json  # + a profile of the fused layer
 
 Writes a JSON record (``--out``) and prints a markdown table (also to ``--out-md``), with each path's
 time over the bf16 matmul floor (6 N D V flops at a rate measured in the same run). Peers that are not
@@ -278,6 +279,28 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_fused(n: int, d: int, v: int, device: torch.device, trace_path: str) -> None:
+    """Two steps of the default fused layer under torch.profiler: its kernels by time, and a Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    hidden, weight, targets = make_inputs(n, d, v, device, torch.bfloat16)
+    weight = nn.Parameter(weight)
+    layer = fused(d, v)(weight)
+    for _ in range(3):
+        step(layer, weight, hidden, targets)
+    on_cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_cuda) as prof:
+        for _ in range(2):
+            step(layer, weight, hidden, targets)
+        if on_cuda:
+            torch.cuda.synchronize()
+    print(f"\n# ce_guard fused (default), N={n} D={d} V={v}: two steps under torch.profiler\n")
+    print(prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "cpu_time_total", row_limit=15,
+                                    max_name_column_width=70))
+    prof.export_chrome_trace(trace_path)
+    print(f"wrote {trace_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes; runs on CPU in seconds")
@@ -291,6 +314,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="", help="e.g. 16384x4096x151936 (default: both LLM-head shapes)")
     parser.add_argument("--out", default="bench_output_layer.json")
     parser.add_argument("--out-md", default=None, help="also write the markdown table here")
+    parser.add_argument("--profile", default=None, metavar="TRACE",
+                        help="also profile two steps of the default fused layer at the first shape; Chrome trace here")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32, not TF32
@@ -320,6 +345,8 @@ def main() -> None:
             f.write(table + "\n")
     print("\n" + table)
     print(f"\nwrote {args.out}")
+    if args.profile:
+        profile_fused(*shapes[0], device, args.profile)
 
 
 if __name__ == "__main__":
