@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from functools import partial
 
 import torch
 import triton
 import triton.language as tl
+from bench_output_layer import time_ms  # a sibling script: median of CUDA-event timings
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 EPILOGUES = {"bf16": 0, "int8 low": 8, "int4 low": 4}  # low-part bits; 0 = a plain bf16 store
@@ -115,20 +115,6 @@ class CompensatedDW:
                         BM=bm, BN=bn, BK=bk, NUM_SMS=grid[0], num_warps=warps, num_stages=stages)
 
 
-def time_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(begin.elapsed_time(end))
-    return statistics.median(samples)
-
-
 def chunk_inputs(n: int, vocab: int, hidden_size: int, device, seed: int):
     g = torch.Generator(device=device).manual_seed(seed)
     logit_grad = ((torch.rand(n, vocab, device=device, generator=g) - 0.3) * 1e-6).bfloat16()
@@ -145,14 +131,14 @@ def time_chunks(vocab: int, hidden_size: int, chunks: list[int], configs: list[t
         bf16_out = torch.empty(vocab, hidden_size, dtype=torch.bfloat16, device=device)
         timings = {
             "cuBLAS addmm into fp32 (the layer today)": time_ms(
-                partial(torch.addmm, acc32, logit_grad.T, hidden, out=acc32, out_dtype=torch.float32)),
-            "cuBLAS mm, bf16 store": time_ms(partial(torch.mm, logit_grad.T, hidden, out=bf16_out)),
+                partial(torch.addmm, acc32, logit_grad.T, hidden, out=acc32, out_dtype=torch.float32), device, 3, 10),
+            "cuBLAS mm, bf16 store": time_ms(partial(torch.mm, logit_grad.T, hidden, out=bf16_out), device, 3, 10),
         }
         for config in configs:
             for name, low_bits in EPILOGUES.items():
                 dw = CompensatedDW(vocab, hidden_size, low_bits, config, device)
                 timings[f"Triton {'x'.join(map(str, config))}, {name}"] = time_ms(
-                    partial(dw.add, logit_grad, hidden, first=False))
+                    partial(dw.add, logit_grad, hidden, first=False), device, 3, 10)
         tflops = {name: 2 * n * vocab * hidden_size / (ms * 1e-3) / 1e12 for name, ms in timings.items()}
         rows.append({"tokens": n, "ms": timings, "tflops": tflops})
         for name, ms in timings.items():
