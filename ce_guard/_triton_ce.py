@@ -1,7 +1,7 @@
 """Triton kernels of the fused layer's CUDA fast path: softmax statistics, loss and logit gradient per chunk,
 and the hand-over of the fp32 weight gradient in the weight's dtype.
 
-The chunk kernels run one program per token row, hold its statistics in fp32 and read the logits in
+The chunk kernels run one program per token row, hold their statistics in fp32 and read the logits in
 ``BLOCK``-wide strips; the gradient is written over the logits in their own dtype.
 
     loss = (1-eps)(lse - z_y) + eps(lse - mean_v z_v) + z_loss lse^2, 0 on ignored tokens
