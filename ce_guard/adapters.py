@@ -80,9 +80,9 @@ class CutCrossEntropy(nn.Module):
 
     No label smoothing and no z-loss (this release returns no lse for a caller to add one). Its default
     ``filter_eps="high"`` skips small gradient blocks in backward, an approximation the contract cannot
-    express (FAULTS.md row 9): the guard is expected to name it ``gradient_approximation``; pass
-    ``filter_eps=None`` for exact gradients. Gradients accumulate in the input dtype, which the contract
-    declares.
+    express (docs/faults.md #9); pass ``filter_eps=None`` to turn it off. This release sums dL/dh over vocab
+    blocks in the input dtype (it has no ``accum_e_fp32``): the contract declares that dtype, and in bf16
+    the guard names the short hidden gradient ``accumulator_dtype`` (docs/faults.md #3).
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, *, weight: nn.Parameter | None = None,

@@ -407,7 +407,7 @@ def _print_check(out: Console, contract: CEContract, result: CheckResult) -> Non
                                  f" rel err {r.grad_weight_rel_err:.3g}"
                                  f" (budget {r.budget.grad_weight_rel:.3g})")
     _print_row(out, "budget", r.budget.source)
-    row = f" (FAULTS.md row {d.fault_row})" if d.fault_row else ""
+    row = f" ({d.catalogue_entry})" if d.catalogue_entry else ""
     verdict = f"{'DRIFT' if d.drift else 'ok'}: {d.cause.value}{row}: {d.summary}"
     _print_row(out, "verdict", verdict, style="bold red" if d.drift else "bold green")
 

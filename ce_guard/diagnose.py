@@ -3,8 +3,10 @@
 Each rule tests one signature from the fault catalogue (docs/faults.md) against the report, most
 specific first: non-finite values, an empty check, padding in the gradient, a scale that one of the
 token counts or a parallel group size explains, a loss offset that log(TP), z-loss or local-V smoothing
-explains, errors piled on slice edges, a scale the gradients carry too, a constant shift of dL/dz over the
-vocab slice (local-V smoothing the loss cannot show), then precision drift. Nothing matched is said plainly.
+explains, a hidden gradient left unreduced (or reduced twice) over TP, errors piled on slice edges, a scale
+the gradients carry too, a constant shift of dL/dz over the vocab slice (local-V smoothing the loss cannot
+show), a hidden gradient alone off (rounded in a narrow running sum, or terms skipped), then precision
+drift. Nothing matched is said plainly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ SCALE_COSINE = 0.999     # a pure scale leaves the gradient's direction intact
 SCALE_TOLERANCE = 0.005  # relative tolerance on (expected - 1) for a named scale factor
 OFFSET_TOLERANCE = 0.05  # relative tolerance on a named loss offset
 SHIFT_SHARE = 0.5        # a constant dL/dz shift puts all its error in one common row; rounding 1/rows of it
+ROUNDING_COUPLING = 1.6  # error-to-size coupling: skipped terms 1.0-1.2, a narrow running sum 2.3-3.7 (docs/faults.md #3)
 
 
 class Cause(str, Enum):
@@ -35,14 +38,16 @@ class Cause(str, Enum):
     TARGET_MASKING = "target_masking"
     GRADIENT_APPROXIMATION = "gradient_approximation"
     ACCUMULATOR_DTYPE = "accumulator_dtype"
+    TP_GRAD_REDUCTION = "tp_grad_reduction"
     UNEXPLAINED = "unexplained"
 
 
-# The row of the fault catalogue (docs/faults.md, FAULTS.md) each cause belongs to.
+# The row of the fault catalogue (docs/faults.md) each cause belongs to.
 FAULT_ROW = {
     Cause.NORMALIZATION_OWNER: 1, Cause.NORMALIZATION_SCALE: 2, Cause.ACCUMULATOR_DTYPE: 3,
     Cause.TARGET_MASKING: 4, Cause.IGNORE_INDEX_LEAK: 5, Cause.LABEL_SMOOTHING_LOCAL_V: 6,
     Cause.LOG_TP_OFFSET: 7, Cause.Z_LOSS_BOUNDARY: 8, Cause.GRADIENT_APPROXIMATION: 9, Cause.NON_FINITE: 10,
+    Cause.TP_GRAD_REDUCTION: 11,
 }
 
 
@@ -58,6 +63,12 @@ class Diagnosis:
     @property
     def fault_row(self) -> int | None:
         return FAULT_ROW.get(self.cause)
+
+    @property
+    def catalogue_entry(self) -> str | None:
+        """Where the user's fault catalogue describes this cause, e.g. ``docs/faults.md#6-label_smoothing_local_v``."""
+        row = self.fault_row
+        return None if row is None else f"docs/faults.md#{row}-{self.cause.value}"
 
     def to_dict(self) -> dict[str, object]:
         return {"cause": self.cause.value, "drift": self.drift, "summary": self.summary,
@@ -79,8 +90,8 @@ def diagnose(report: ParityReport, *, group_sizes: Mapping[str, int] | None = No
     sizes = dict(group_sizes or {})
     sizes.setdefault("TP", report.tp_size)
     sizes.setdefault("DP", report.token_group_size)
-    for rule in (_non_finite, _empty, _within_budget, _ignored_rows, _named_scale, _offset, _target_masking,
-                 _unnamed_scale, _smoothing_shift, _precision):
+    for rule in (_non_finite, _empty, _within_budget, _ignored_rows, _named_scale, _offset, _tp_grad_reduction,
+                 _target_masking, _unnamed_scale, _smoothing_shift, _gradient_only, _precision):
         found = rule(report, sizes)
         if found is not None:
             return found
@@ -243,6 +254,34 @@ def _offset(r: ParityReport, sizes) -> Diagnosis | None:
     return None
 
 
+def _tp_grad_reduction(r: ParityReport, sizes) -> Diagnosis | None:
+    """Loss exact, dL/dh off because the vocab-parallel backward's all-reduce over TP is missing or doubled.
+
+    Each rank's slice contributes a partial dL/dh; the copy-to-TP-region op sums them. Missing, the ranks'
+    fused gradients sum to the reference; done twice, each is exactly TP times it.
+    """
+    if r.tp_size < 2 or r.grad_hidden_rel_err is None or r.loss_rel_err > r.budget.loss_rel:
+        return None
+    evidence = {**_core_evidence(r), "tp_size": r.tp_size}
+    summed = r.grad_hidden_tp_sum_rel_err
+    if summed is not None and summed <= r.budget.grad_hidden_rel:
+        return Diagnosis(Cause.TP_GRAD_REDUCTION, True,
+                         f"loss exact but dL/dh norm ratio {r.grad_hidden_norm_ratio:.4f} (cosine"
+                         f" {r.grad_hidden_cosine:.4f}), and the TP={r.tp_size} ranks' dL/dh summed matches the"
+                         f" reference (rel err {summed:.3g}, budget {r.budget.grad_hidden_rel:.3g}): each rank returns"
+                         " only its vocab slice's partial dL/dh; the all-reduce over TP of the output layer's input"
+                         " gradient (copy-to-TP-region backward) is missing",
+                         {**evidence, "grad_hidden_tp_sum_rel_err": summed})
+    ratio, cosine = r.grad_hidden_norm_ratio, r.grad_hidden_cosine
+    if (ratio is not None and cosine is not None and cosine >= SCALE_COSINE
+            and abs(ratio - r.tp_size) <= max(4 * r.budget.grad_scale * r.tp_size, 1e-6)):
+        return Diagnosis(Cause.TP_GRAD_REDUCTION, True,
+                         f"loss exact but dL/dh norm ratio {ratio:.4f} = TP = {r.tp_size} (cosine {cosine:.6f}):"
+                         " the hidden gradient is all-reduced over TP twice (once in the loss, once in the"
+                         " output layer's copy-to-TP-region backward)", evidence)
+    return None
+
+
 def _target_masking(r: ParityReport, sizes) -> Diagnosis | None:
     if r.tp_size < 2:
         return None
@@ -291,6 +330,38 @@ def _smoothing_shift(r: ParityReport, sizes) -> Diagnosis | None:
                       **{f"shift_share_{name}": share for name, share in off}})
 
 
+def _gradient_only(r: ParityReport, sizes) -> Diagnosis | None:
+    """Loss exact, dL/dh off, and not by a scale: a backward that rounds its running sum, or one that skips terms.
+
+    Both leave the gradient a little short. They differ in how the error relates to each element: a sum over
+    vocab blocks kept in bf16 rounds every element relative to its own size (coupling 2-4), while skipped
+    small-probability terms leave an error that ignores the element's size (coupling about 1).
+    """
+    b = r.budget
+    if (r.grad_hidden_rel_err is None or r.grad_hidden_rel_err <= b.grad_hidden_rel or r.loss_rel_err > b.loss_rel
+            or (r.grad_hidden_cosine or 0.0) < 0.9 or (r.grad_hidden_scaled_residual or 0.0) <= b.grad_hidden_rel):
+        return None
+    coupling = r.grad_hidden_magnitude_coupling or 0.0
+    excess_dw = (r.grad_weight_rel_err or 0.0) / b.grad_weight_rel
+    if coupling >= ROUNDING_COUPLING and excess_dw > r.grad_hidden_rel_err / b.grad_hidden_rel:
+        return None  # rounding worst on dL/dW: the general accumulator signature, _precision's
+    ratio = r.grad_hidden_norm_ratio
+    head = (f"loss exact ({r.loss_rel_err / b.loss_rel:.2f}x budget) but dL/dh error {r.grad_hidden_rel_err:.3g} is"
+            f" {r.grad_hidden_rel_err / b.grad_hidden_rel:.1f}x budget, norm ratio {ratio:.4f}"
+            f" ({'short' if ratio < 1 else 'long'}), error-to-size coupling {coupling:.2f}")
+    evidence = {**_core_evidence(r), "excess_loss": r.loss_rel_err / b.loss_rel,
+                "excess_dL/dh": r.grad_hidden_rel_err / b.grad_hidden_rel, "excess_dL/dW": excess_dw,
+                "grad_hidden_magnitude_coupling": coupling}
+    if coupling >= ROUNDING_COUPLING:
+        return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
+                         f"{head} (each element rounded relative to its own size; skipped terms give ~1): the hidden"
+                         " gradient is summed over vocab blocks in a narrower dtype than fp32 (e.g. the input dtype)",
+                         evidence)
+    return Diagnosis(Cause.GRADIENT_APPROXIMATION, True,
+                     f"{head} (the error ignores each element's size; a narrow running sum gives 2-4): the backward"
+                     " skips small terms (e.g. a gradient filter on small-probability blocks)", evidence)
+
+
 def _precision(r: ParityReport, sizes) -> Diagnosis | None:
     b = r.budget
     excess = {
@@ -308,11 +379,8 @@ def _precision(r: ParityReport, sizes) -> Diagnosis | None:
                          f"only the loss is off ({r.loss_ratio:.5f}x, {excess['loss']:.1f}x its budget) while dL/dh"
                          " and dL/dW are within budget: a scale, penalty or reduced-precision accumulator too small"
                          " for the gradients to resolve at this dtype; watch whether it grows", evidence)
-    if excess["loss"] <= 1.0 and excess["dL/dh"] > 1.0 and worst == "dL/dh":
-        return Diagnosis(Cause.GRADIENT_APPROXIMATION, True,
-                         f"loss exact ({excess['loss']:.2f}x budget) but dL/dh error {r.grad_hidden_rel_err:.3g} is"
-                         f" {excess['dL/dh']:.1f}x budget with scale ratio {ratio:.4f}: the backward approximates"
-                         " (e.g. skipped small-gradient blocks)", evidence)
+    if excess["loss"] <= 1.0 and worst == "dL/dh":
+        return None  # the hidden gradient off in no way _gradient_only knows: unexplained
     return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
                      f"scale ratio {ratio:.4f}, cosine {r.grad_hidden_cosine if r.grad_hidden_cosine is not None else 1:.6f},"
                      f" errors above budget (loss {excess['loss']:.1f}x, dL/dh {excess['dL/dh']:.1f}x,"

@@ -1,4 +1,4 @@
-"""The seam faults an output layer can be told to commit, named after the catalogue in FAULTS.md.
+"""The seam faults an output layer can be told to commit, named after the fault catalogue, docs/faults.md.
 
 For demonstrations and tests only: a layer built with a fault keeps declaring its honest
 ``CEContract`` while computing the broken thing, which is exactly what the guard must catch.
@@ -11,7 +11,7 @@ import enum
 
 
 class SeamFault(enum.StrEnum):
-    """One deliberate break of the logits-to-loss contract (FAULTS.md row in brackets)."""
+    """One deliberate break of the logits-to-loss contract (docs/faults.md row in brackets)."""
 
     LOCAL_NORMALIZATION = "local_normalization"  # [1] divide by this rank's count though the contract says global
     GRAD_SCALE = "grad_scale"  # [2] loss and grads times an integer k (a missing grad-accumulation divide)

@@ -399,7 +399,7 @@ def _reduced_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     # math holds them in accum_dtype, as the contract (or a fault) states.
     row_scale = row_scale.to(torch.float32 if use_kernel else m.accum_dtype)
     # The loss total is not one of the contract's accumulators; keep it at least fp32 so a bf16
-    # accumulator contract shows up where FAULTS.md says it does (dW worst, loss least).
+    # accumulator contract shows up where docs/faults.md #3 says it does (dW worst, loss least).
     loss = torch.zeros((), dtype=_loss_dtype(m), device=hidden.device)
     chunk_step = _kernel_chunk if use_kernel else _torch_chunk
     for i, rows in enumerate(chunks):

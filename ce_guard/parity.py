@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ce_guard import _dist
@@ -157,6 +158,8 @@ class ParityReport:
     grad_hidden_rel_err: float | None
     grad_hidden_scaled_residual: float | None  # what a single scale factor leaves unexplained, relative
     grad_hidden_shift_share: float | None   # share of the dL/dh error in one vector common to all visible tokens
+    grad_hidden_magnitude_coupling: float | None  # how much the dL/dh error grows with each element's size (1: not)
+    grad_hidden_tp_sum_rel_err: float | None  # the TP group's fused dL/dh summed, against the reference
     grad_weight_norm_fused: float | None
     grad_weight_norm_ref: float | None
     grad_weight_norm_ratio: float | None
@@ -245,6 +248,9 @@ def compare(
         grad_hidden_max_abs_diff=gh["max_abs"], grad_hidden_rel_err=gh["rel_err"],
         grad_hidden_scaled_residual=gh["scaled_residual"],
         grad_hidden_shift_share=gh["shift_share"],
+        grad_hidden_magnitude_coupling=gh["magnitude_coupling"],
+        grad_hidden_tp_sum_rel_err=_tp_sum_rel_err(fused.grad_hidden, reference.grad_hidden, contract,
+                                                   over_budget=(gh["rel_err"] or 0.0) > budget.grad_hidden_rel),
         grad_weight_norm_fused=gw["norm_fused"], grad_weight_norm_ref=gw["norm_ref"],
         grad_weight_norm_ratio=gw["ratio"], grad_weight_cosine=gw["cosine"],
         grad_weight_max_abs_diff=gw["max_abs"], grad_weight_rel_err=gw["rel_err"],
@@ -287,7 +293,7 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
     """
     if fused is None or ref is None:
         return dict.fromkeys(("norm_fused", "norm_ref", "ratio", "cosine", "max_abs", "rel_err", "scaled_residual",
-                              "shift_share", "row_error_sq", "row_fused_sq"))
+                              "shift_share", "magnitude_coupling", "row_error_sq", "row_fused_sq"))
     if fused.shape != ref.shape:
         raise ValueError(f"fused gradient shape {tuple(fused.shape)} does not match the reference's"
                          f" {tuple(ref.shape)}; was the gradient recorded on another rank's shard?")
@@ -299,7 +305,7 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
     row_error_sq = torch.zeros(f_rows.shape[0], dtype=torch.float64, device=f_rows.device)
     row_fused_sq = torch.zeros_like(row_error_sq)
     error_sum = torch.zeros(f_rows.shape[1], dtype=torch.float64, device=f_rows.device)  # over common rows
-    ref_sq, dot, max_abs = zero.clone(), zero.clone(), zero.clone()
+    ref_sq, dot, max_abs, coupled_sq = zero.clone(), zero.clone(), zero.clone(), zero.clone()  # coupled: e^2 r^2
     for rows in blocks:
         f, r = f_rows[rows].double(), r_rows[rows].double()
         error = f - r
@@ -307,6 +313,7 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
         row_fused_sq[rows] = f.square().sum(dim=1)
         ref_sq += r.square().sum()
         dot += (f * r).sum()
+        coupled_sq += (error * r).square().sum()
         max_abs = torch.maximum(max_abs, error.abs().max()) if error.numel() else max_abs
         error_sum += (error if common is None else error[common[rows]]).sum(dim=0)
     norm_f, norm_r = math.sqrt(float(row_fused_sq.sum())), math.sqrt(float(ref_sq))
@@ -317,6 +324,8 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
     residual_sq = sum(float((f_rows[rows].double() - scale * r_rows[rows].double()).square().sum()) for rows in blocks)
     n_common = f_rows.shape[0] if common is None else int(common.sum())
     common_error_sq = error_sq if common is None else float(row_error_sq[common].sum())
+    # Mean r^2 over the common rows' elements: rows that should be zero (ignored tokens) must not dilute it.
+    mean_ref_sq = float(ref_sq) / (n_common * f_rows.shape[1]) if n_common and f_rows.shape[1] else 0.0
     return {
         "norm_fused": norm_f,
         "norm_ref": norm_r,
@@ -330,6 +339,11 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
         # equal token weights, in dL/dh); rounding has no common row, about 1/rows.
         "shift_share": (float(error_sum.square().sum()) / n_common / common_error_sq
                         if common_error_sq > 0 and n_common else 0.0),
+        # sum(e^2 r^2) / (sum(e^2) mean(r^2)): 1 when the error ignores each element's size (terms skipped, as a
+        # gradient filter does), about E[r^4] / E[r^2]^2 (3 for Gaussian r) when it is a relative rounding of the
+        # element itself, as a running sum kept in a narrow dtype leaves.
+        "magnitude_coupling": (float(coupled_sq) / error_sq / mean_ref_sq
+                               if error_sq > 0 and mean_ref_sq > 0 else None),
         "row_error_sq": row_error_sq,  # (rows,) error energy per token (dL/dh) or vocab row (dL/dW)
         "row_fused_sq": row_fused_sq,  # (rows,)
     }
@@ -368,6 +382,24 @@ def _tp_spread(loss: float, contract: CEContract, device: torch.device) -> float
         return 0.0
     gathered = _dist.all_gather_dim0(torch.tensor([loss], dtype=torch.float64, device=device), contract.tp_group)
     return float(gathered.max() - gathered.min())
+
+
+def _tp_sum_rel_err(fused: torch.Tensor | None, ref: torch.Tensor | None, contract: CEContract, *,
+                    over_budget: bool) -> float | None:
+    """Relative error of the TP group's fused dL/dh *summed* against the reference: near zero when each rank
+    returned only its vocab slice's partial sum (the copy-to-TP-region all-reduce missing).
+
+    Only where hidden is replicated over TP (not the SP layout, whose shards sum to nothing meaningful), and
+    only when some rank's dL/dh is over budget: one scalar all-reduce decides, so clean checks move no
+    gradient between ranks and every rank of the group takes the same branch.
+    """
+    if fused is None or ref is None or contract.sequence_parallel or _dist.group_size(contract.tp_group) == 1:
+        return None
+    flag = torch.tensor([float(over_budget)], device=fused.device)
+    if not float(_dist.all_reduce(flag, dist.ReduceOp.MAX, contract.tp_group)):
+        return None
+    summed = _dist.all_reduce(fused.detach().float().clone(), dist.ReduceOp.SUM, contract.tp_group)
+    return _grad_stats(summed, ref)["rel_err"]
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

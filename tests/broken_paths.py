@@ -18,7 +18,8 @@ from ce_guard.parity import SeamOutputs
 
 FAULTS = ("local_normalization", "shard_normalization", "grad_scale", "bf16_accumulators", "unmasked_targets", "off_by_one",
           "smoothing_local_vocab", "log_tp_offset", "ignore_in_denominator", "ignored_as_class_zero",
-          "missing_z_loss", "coarse_backward", "nan")
+          "missing_z_loss", "coarse_backward", "nan", "bf16_grad_hidden_sum", "partial_grad_hidden",
+          "doubled_grad_hidden")
 
 
 class _ReplicatedSum(torch.autograd.Function):
@@ -77,6 +78,8 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
     acc = torch.bfloat16 if fault == "bf16_accumulators" else torch.float32
     if fault == "bf16_accumulators":  # logits and all running sums in bf16, dW summed chunk by chunk in bf16
         z = _bf16_chunked_logits(hh, w, chunks)
+    elif fault == "bf16_grad_hidden_sum":  # dL/dh summed over vocab blocks in bf16 (Cut CE 25.1.1's dL/de)
+        z = _Bf16HiddenSumLinear.apply(hh, w, chunks)
     else:
         z = (hh @ w.T).float()                                                    # (N, V/TP)
     if fault == "coarse_backward":
@@ -146,9 +149,11 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
     else:
         loss.backward()
     grad_h = h.grad
-    if not contract.sequence_parallel:  # hidden is replicated over TP: sum each slice's share (copy-to-TP backward)
-        grad_h = grad_h.clone()
-        _dist.all_reduce(grad_h, dist.ReduceOp.SUM, tp)
+    if not contract.sequence_parallel and fault != "partial_grad_hidden":
+        # hidden is replicated over TP: sum each slice's share (copy-to-TP backward); the fault does it twice
+        for _ in range(2 if fault == "doubled_grad_hidden" else 1):
+            grad_h = grad_h.clone()
+            _dist.all_reduce(grad_h, dist.ReduceOp.SUM, tp)
     return SeamOutputs(loss=loss.detach(), grad_hidden=grad_h, grad_weight=w.grad)
 
 
@@ -173,3 +178,21 @@ class _Bf16ChunkedLinear(torch.autograd.Function):
         for rows in torch.arange(h.shape[0]).chunk(ctx.chunks):
             grad_w += g16[rows].T @ h[rows].bfloat16()
         return grad_h, grad_w.to(w.dtype), None
+
+
+class _Bf16HiddenSumLinear(torch.autograd.Function):
+    """fp32 logits; in backward dL/dh is a running sum over ``blocks`` vocab blocks rounded to bf16 after each."""
+
+    @staticmethod
+    def forward(ctx, h, w, blocks):
+        ctx.save_for_backward(h, w)
+        ctx.blocks = blocks
+        return h.float() @ w.float().T                                          # (N, V/TP)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        running = torch.zeros(h.shape, dtype=torch.bfloat16)                    # (N, D)
+        for cols in torch.arange(w.shape[0]).chunk(ctx.blocks):
+            running = (running.float() + g[:, cols] @ w[cols].float()).bfloat16()
+        return running.to(h.dtype), (g.T @ h.float()).to(w.dtype), None

@@ -146,6 +146,20 @@ def test_filtered_backward_is_a_gradient_approximation(dtype):
     hidden, weight, targets = inputs(dtype)
     _, diagnosis = check(hidden, weight, targets, CEContract(vocab_size=8000), "coarse_backward")
     assert diagnosis.cause is Cause.GRADIENT_APPROXIMATION and "loss exact" in diagnosis.summary
+    assert diagnosis.evidence["grad_hidden_magnitude_coupling"] < 1.3, diagnosis.evidence
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocks", [128, 512])
+def test_hidden_gradient_summed_in_bf16_is_an_accumulator_not_a_filter(dtype, blocks):
+    """Cut CE 25.1.1's dL/de: loss exact, dL/dh short, each element rounded relative to its own size."""
+    hidden, weight, targets = inputs(dtype)
+    report, diagnosis = check(hidden, weight, targets, CEContract(vocab_size=8000), "bf16_grad_hidden_sum",
+                              chunks=blocks)
+    assert diagnosis.cause is Cause.ACCUMULATOR_DTYPE, diagnosis.summary
+    assert "summed over vocab blocks in a narrower dtype" in diagnosis.summary and "short" in diagnosis.summary
+    assert report.loss_rel_err <= report.budget.loss_rel and report.grad_hidden_norm_ratio < 1
+    assert diagnosis.evidence["grad_hidden_magnitude_coupling"] > 2.0, diagnosis.evidence
 
 
 def test_nan_is_reported_never_averaged_away():

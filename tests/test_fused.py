@@ -237,7 +237,7 @@ def test_forward_rejects_bad_inputs():
         head(torch.randn(N, D), torch.zeros(N + 1, dtype=torch.long))
 
 
-# --- faults: each must change the numbers exactly as FAULTS.md says -------------------------------------
+# --- faults: each must change the numbers exactly as docs/faults.md says -------------------------------------
 
 
 def f64_run(contract_kwargs, *, fault=None, fault_scale=2, reduction="mean", ignore_every=4, upstream=None):
@@ -292,7 +292,7 @@ def test_bf16_accumulators_blow_the_dw_budget():
                                    SeamFault.SMOOTHING_LOCAL_VOCAB, SeamFault.GATHERED_LOGITS_LOG_TP,
                                    SeamFault.LOCAL_NORMALIZATION])
 def test_partition_and_group_faults_are_invisible_on_one_rank(fault):
-    """FAULTS.md rows 1, 4, 6, 7: TP=1 (and a token group of one) is clean; test_fused_tp shows them at 2."""
+    """docs/faults.md rows 1, 4, 6, 7: TP=1 (and a token group of one) is clean; test_fused_tp shows them at 2."""
     (loss, dh, dw), _ = f64_run(dict(label_smoothing=0.1))
     (bad_loss, bad_dh, bad_dw), _ = f64_run(dict(label_smoothing=0.1), fault=fault)
     for a, b in ((loss, bad_loss), (dh, bad_dh), (dw, bad_dw)):

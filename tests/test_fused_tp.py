@@ -211,7 +211,7 @@ def test_global_tokens_with_unequal_padding(ranks):
 
 def test_local_normalization_fault_is_off_by_the_count_ratio(ranks):
     for r in ranks:
-        ratio = (r["global_count"] / 2) / r["local_count"]  # FAULTS.md row 1: n_global / (size * n_local)
+        ratio = (r["global_count"] / 2) / r["local_count"]  # docs/faults.md row 1: n_global / (size * n_local)
         honest, faulty = r["global_average"], r["global_local_fault"]
         assert (faulty[0] / honest[0]).item() == pytest.approx(ratio, rel=1e-12)
         torch.testing.assert_close(faulty[1], honest[1] * ratio, rtol=1e-12, atol=1e-15)

@@ -81,6 +81,15 @@ def tp_cases(rank, world):
     out["diag_sp_shard_unequal"] = _diagnose(hidden[seq], weight[rows], targets[seq],
                                              _tp_contract(rank, world, layout="[S/SP,B,V/TP]"),
                                              "shard_normalization", TP=world, SP=world)
+    for dtype in (torch.float32, torch.bfloat16):
+        h, w = hidden.to(dtype), weight[rows].to(dtype)
+        for fault in ("partial_grad_hidden", "doubled_grad_hidden"):
+            fused = broken_fused(h, w, targets, contract, fault)
+            reference = reference_linear_cross_entropy(h, w, targets, contract)
+            report = compare(fused, reference, contract, budget=native_error_budget(h, w, targets, contract))
+            d = diagnose(report)
+            out[f"diag_{fault}_{dtype}"] = (d.cause.value, d.summary, report.grad_hidden_norm_ratio,
+                                            report.grad_hidden_tp_sum_rel_err)
     return out
 
 
@@ -183,6 +192,27 @@ def test_local_vocab_smoothing_without_a_loss_offset_is_named_from_the_gradients
 def test_gathered_logits_offset_is_log_tp(tp_results):
     cause, summary = tp_results[0]["diag_log_tp_offset"]
     assert cause == "log_tp_offset" and "= log(2)" in summary and f"{math.log(2):.5f}" in summary
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unreduced_hidden_gradient_is_named_from_the_ranks_sum(tp_results, dtype):
+    for res in tp_results:
+        cause, summary, ratio, summed = res[f"diag_partial_grad_hidden_{dtype}"]
+        assert cause == "tp_grad_reduction" and "partial dL/dh" in summary, summary
+        assert ratio < 0.9 and summed is not None and summed < 0.02, (ratio, summed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hidden_gradient_reduced_twice_is_exactly_tp_times(tp_results, dtype):
+    for res in tp_results:
+        cause, summary, ratio, summed = res[f"diag_doubled_grad_hidden_{dtype}"]
+        assert cause == "tp_grad_reduction" and "all-reduced over TP twice" in summary, summary
+        assert abs(ratio - 2) < 0.02 and summed is not None and summed > 1, (ratio, summed)
+
+
+def test_clean_tp_check_moves_no_gradient_between_ranks(tp_results):
+    assert all(r["diag_None"][0] == "within_budget" for r in tp_results)
+    assert all(r["diag_partial_grad_hidden_torch.float32"][3] is not None for r in tp_results)
 
 
 def test_sp_shard_divide_is_named_with_k_equals_sp(tp_results):
