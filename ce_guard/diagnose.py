@@ -355,7 +355,8 @@ def _gradient_only(r: ParityReport, sizes) -> Diagnosis | None:
     if coupling >= ROUNDING_COUPLING:
         return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
                          f"{head} (each element rounded relative to its own size; skipped terms give ~1): the hidden"
-                         " gradient is summed over vocab blocks in a narrower dtype than fp32 (e.g. the input dtype)",
+                         " gradient carries a narrower dtype's rounding than the inputs': its sum over vocab blocks, or"
+                         " the logit gradient itself, is kept in bf16 or the input dtype",
                          evidence)
     return Diagnosis(Cause.GRADIENT_APPROXIMATION, True,
                      f"{head} (the error ignores each element's size; a narrow running sum gives 2-4): the backward"

@@ -1,15 +1,17 @@
 """LightningModule for the hybrid demo: builds the model with a guarded fused output, its parallel plan, AdamW.
 
 ``configure_model`` reads the strategy's device mesh: under ``ModelParallelStrategy`` the output layer is
-ce_guard's vocab-parallel :class:`~ce_guard.fused.FusedLinearCrossEntropy` over the ``tensor_parallel`` dim,
-normalised by the global token count of the ``data_parallel`` dim, and the plan of ``parallelize.py`` is
-applied (TP, then FSDP2). On one device the same layer holds the whole vocabulary. Either way the layer
-declares an honest ``CEContract``; ``fault`` makes it compute a broken one, for demonstrations.
+ce_guard's vocab-parallel :class:`~ce_guard.fused.FusedLinearCrossEntropy` over the ``tensor_parallel`` dim
+(or Megatron-core's, :class:`~ce_guard.adapters.MegatronOutputLayer`), normalised by the global token count
+of the ``data_parallel`` dim, and the plan of ``parallelize.py`` is applied (TP, then FSDP2). On one device
+ce_guard's layer holds the whole vocabulary. Either way the layer declares an honest ``CEContract``;
+``fault`` makes ce_guard's compute a broken one, for demonstrations.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -25,6 +27,9 @@ from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
 
 
+OUTPUT_LAYERS = ("ce_guard", "megatron")
+
+
 class HybridLitModule(pl.LightningModule):
     """Train a :class:`~ce_guard.demos.hybrid.HybridLM` whose output layer is guarded by ce_guard.
 
@@ -37,13 +42,16 @@ class HybridLitModule(pl.LightningModule):
         betas: AdamW betas.
         warmup_steps: linear warm-up from ``lr / warmup_steps``.
         min_lr_ratio: the cosine's floor, as a fraction of ``lr``.
-        label_smoothing: the contract's label smoothing (over the global vocabulary).
+        label_smoothing: the output layer's label smoothing: PyTorch's formula over the global vocabulary for
+            ce_guard's layer; Megatron's convention (eps / (V - 1) on every non-target class) for Megatron's.
         z_loss: the contract's coefficient on ``lse**2``.
         token_chunk: tokens per chunk of the fused layer; ``None`` lets it choose.
         sequence_parallel: under TP, split the residual stream along the sequence between blocks. The
             output layer still receives the full ``(B, S, D)`` hidden states (``apply_tp`` gathers them), so
             its layout is ``[S,B,V/TP]`` either way.
-        fault: for demonstrations: a :class:`~ce_guard.faults.SeamFault` value (e.g. ``"grad_scale"``); the
+        output_layer: ``"ce_guard"`` (its fused layer) or ``"megatron"`` (Megatron-core's ColumnParallelLinear
+            and vocab-parallel cross-entropy, under ``ModelParallelStrategy`` only; the ``megatron`` extra).
+        fault: for demonstrations: a :class:`~ce_guard.faults.SeamFault` value (e.g. ``"grad_scale"``); ce_guard's
             output layer computes that broken contract while declaring the honest one.
         fault_scale: the integer k of ``grad_scale``.
         seed: seeds the weights; every rank builds the same full model before the plan shards it.
@@ -66,6 +74,7 @@ class HybridLitModule(pl.LightningModule):
         z_loss: float = 0.0,
         token_chunk: int | None = None,
         sequence_parallel: bool = False,
+        output_layer: Literal["ce_guard", "megatron"] = "ce_guard",
         fault: str | None = None,
         fault_scale: int = 2,
         seed: int = 0,
@@ -81,6 +90,11 @@ class HybridLitModule(pl.LightningModule):
             raise ValueError(f"Expected `min_lr_ratio` in [0, 1], got {min_lr_ratio}.")
         if fault is not None and fault not in set(SeamFault):
             raise ValueError(f"Expected `fault` to be None or one of {[f.value for f in SeamFault]}, got {fault!r}.")
+        if output_layer not in OUTPUT_LAYERS:
+            raise ValueError(f"Expected `output_layer` to be one of {OUTPUT_LAYERS}, got {output_layer!r}.")
+        if output_layer == "megatron" and fault is not None:
+            raise ValueError(f"Expected no `fault` with output_layer='megatron' (got {fault!r}): Megatron's layer"
+                             " runs Megatron's own code; the injected faults live in ce_guard's layer.")
         self.save_hyperparameters()
         self.config = config
         self.fault = None if fault is None else SeamFault(fault)
@@ -93,6 +107,9 @@ class HybridLitModule(pl.LightningModule):
         mesh: DeviceMesh | None = self.device_mesh
         torch.manual_seed(self.hparams.seed)  # same full weights on every rank before sharding
         if mesh is None:
+            if self.hparams.output_layer == "megatron":
+                raise ValueError("output_layer='megatron' needs a device mesh: train with Lightning's"
+                                 " ModelParallelStrategy (e.g. configs/cpu_tp2_megatron.yaml).")
             contract = self._contract()
             self.model = HybridLM(self.config, self._output(contract, slice(0, self.config.vocab_size)))
             return
@@ -102,10 +119,14 @@ class HybridLitModule(pl.LightningModule):
                              f"{self.config.vocab_size}; pad the vocabulary (CppTokenDataModule pads to 128).")
         rows = self.config.vocab_size // tp.size()
         start = tp.get_local_rank() * rows
-        contract = self._contract(
+        if self.hparams.output_layer == "megatron":
+            output = self._megatron_output(tp, dp, slice(start, start + rows))
+        else:
+            output = self._output(self._contract(
             layout="[S,B,V/TP]" if tp.size() > 1 else "[N,V]", vocab_start=start, vocab_end=start + rows,
-            tp_group=tp.get_group(), normalize_by="global_tokens", token_group=dp.get_group())
-        self.model = HybridLM(self.config, self._output(contract, slice(start, start + rows)))
+                tp_group=tp.get_group(), normalize_by="global_tokens", token_group=dp.get_group()),
+                slice(start, start + rows))
+        self.model = HybridLM(self.config, output)
         if tp.size() > 1:
             apply_tp(self.model, tp, sequence_parallel=self.hparams.sequence_parallel)
         if dp.size() > 1:
@@ -117,11 +138,22 @@ class HybridLitModule(pl.LightningModule):
 
     def _output(self, contract: CEContract, rows: slice) -> FusedLinearCrossEntropy:
         """The guarded output layer, holding ``rows`` of one full output weight drawn on every rank alike."""
-        d = self.config.d_model
-        full = torch.empty(self.config.vocab_size, d).normal_(std=d ** -0.5)  # (V, D)
-        return FusedLinearCrossEntropy(d, contract, weight=nn.Parameter(full[rows].clone()),  # (V/TP, D)
+        return FusedLinearCrossEntropy(self.config.d_model, contract, weight=self._output_weight(rows),
                                        token_chunk=self.hparams.token_chunk, fault=self.fault,
                                        fault_scale=self.hparams.fault_scale)
+
+    def _megatron_output(self, tp: DeviceMesh, dp: DeviceMesh, rows: slice) -> nn.Module:
+        """Megatron-core's output layer on the mesh's TP dim; the same weight rows as ce_guard's would hold."""
+        from ce_guard.adapters import MegatronOutputLayer
+
+        return MegatronOutputLayer(self.config.d_model, self.config.vocab_size, tp_group=tp.get_group(),
+                                   weight=self._output_weight(rows), label_smoothing=self.hparams.label_smoothing,
+                                   ignore_index=IGNORE_INDEX, normalize_by="global_tokens", token_group=dp.get_group())
+
+    def _output_weight(self, rows: slice) -> nn.Parameter:
+        d = self.config.d_model
+        full = torch.empty(self.config.vocab_size, d).normal_(std=d ** -0.5)  # (V, D)
+        return nn.Parameter(full[rows].clone())                               # (V/TP, D)
 
     # ------------------------------------------------------------------------------------------ steps
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
