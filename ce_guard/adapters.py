@@ -81,8 +81,8 @@ class CutCrossEntropy(nn.Module):
     No label smoothing and no z-loss (this release returns no lse for a caller to add one). Its default
     ``filter_eps="high"`` skips small gradient blocks in backward, an approximation the contract cannot
     express (docs/faults.md #9); pass ``filter_eps=None`` to turn it off. This release sums dL/dh over vocab
-    blocks in the input dtype (it has no ``accum_e_fp32``): the contract declares that dtype, and in bf16
-    the guard names the short hidden gradient ``accumulator_dtype`` (docs/faults.md #3).
+    blocks in the input dtype (it has no ``accum_e_fp32``), which the contract declares; its dL/dh error
+    stays above the bf16 budget with the filter off too (docs/benchmarks.md).
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, *, weight: nn.Parameter | None = None,
@@ -254,6 +254,9 @@ class MegatronOutputLayer(nn.Module):
     ``fused_vocab_parallel_cross_entropy``), then the training loop's masked mean: the per-token losses times
     the loss mask (targets != ``ignore_index``), summed, over this rank's token count or the count summed
     over ``token_group``.
+
+    Its fused 'native' cross-entropy casts the logit gradient to bf16 whatever the logits' dtype: clean in a
+    bf16 run, named ``accumulator_dtype`` in an fp32 one (docs/faults.md #3).
 
     ``label_smoothing`` is Megatron's: ``eps / (K - 1)`` on every non-target class. The contract states it in
     PyTorch's formula, ``eps * V / (V - 1)`` over the global V, which is what Megatron means; its code takes K
