@@ -27,6 +27,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from ce_guard import _dist
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
+from ce_guard.diagnose import Cause, catalogue_entry
 from ce_guard.parity import SeamOutputs
 from ce_guard.receipt import append_receipt, drop_receipts_after
 from ce_guard.reference import reduction_plan
@@ -210,8 +211,9 @@ class CEParityCallback(Callback):
             self._panels.log_check(receipt)
         if not drifting:
             return
+        catalogue = catalogue_entry(Cause(first["cause"]))
         message = (f"CE seam drift at step {step} (rank {first['rank']}): {first['cause']}: {first['summary']}."
-                   f" Repro bundle: {bundle}")
+                   f"{f' See {catalogue}.' if catalogue else ''} Repro bundle: {bundle}")
         if self.policy == "raise":
             raise SeamDriftError(step, first["rank"], first["cause"], first["summary"])
         rank_zero_warn(message)

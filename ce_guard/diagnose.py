@@ -51,6 +51,12 @@ FAULT_ROW = {
 }
 
 
+def catalogue_entry(cause: Cause) -> str | None:
+    """Where the user's fault catalogue describes ``cause``, e.g. ``docs/faults.md#6-label_smoothing_local_v``."""
+    row = FAULT_ROW.get(cause)
+    return None if row is None else f"docs/faults.md#{row}-{cause.value}"
+
+
 @dataclass(frozen=True)
 class Diagnosis:
     """A named cause, whether it is drift, one sentence a person can act on, and the evidence."""
@@ -66,9 +72,7 @@ class Diagnosis:
 
     @property
     def catalogue_entry(self) -> str | None:
-        """Where the user's fault catalogue describes this cause, e.g. ``docs/faults.md#6-label_smoothing_local_v``."""
-        row = self.fault_row
-        return None if row is None else f"docs/faults.md#{row}-{self.cause.value}"
+        return catalogue_entry(self.cause)
 
     def to_dict(self) -> dict[str, object]:
         return {"cause": self.cause.value, "drift": self.drift, "summary": self.summary,

@@ -3,6 +3,7 @@
     python examples/train_hybrid.py fit --config configs/cpu.yaml
     python examples/train_hybrid.py fit --config configs/cpu.yaml --config configs/faults/grad_scale.yaml
     python examples/train_hybrid.py fit --config configs/cpu_tp2.yaml          # TP=2 on 2 CPU processes
+    python examples/train_hybrid.py fit --config configs/cpu_tp2_megatron.yaml # TP=2, Megatron-core's output layer
 
 Each run writes under ``<trainer.default_root_dir>/<run id>/``: the parity receipts (``ce_guard/``) and,
 with the configs' offline ``WandbLogger``, the W&B files (``wandb/offline-run-*``; ``wandb sync`` uploads

@@ -72,7 +72,11 @@ def _check_tp(mesh: DeviceMesh, sequence_parallel: bool) -> None:
     tp_grads = {_plain_name(name): _full(p.grad) for name, p in tp.named_parameters()}
     assert tp_grads.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():
-        torch.testing.assert_close(tp_grads[name], grad, **TOL,
+        # The Mamba mixer keeps its gate and dt in fp32 (hybrid.py) even for float64 weights, so TP and TP=1 agree
+        # to fp32 rounding of the tensor's scale, not each element's: on this 2-core CPU (torch 2.13) cancelling
+        # elements of x_proj's / B_proj's gradients came out 2e-12 off (relative 4e-9 to 5e-8) over a flat 1e-12.
+        atol = max(TOL["atol"], 8 * torch.finfo(torch.float32).eps * float(grad.abs().max()))
+        torch.testing.assert_close(tp_grads[name], grad, rtol=TOL["rtol"], atol=atol,
                                    msg=lambda m, name=name: f"SP={sequence_parallel}, {name}: {m}")
 
 
