@@ -41,11 +41,11 @@ def _megatron_check(hidden, full_weight, targets, **options):
     from ce_guard.adapters import MegatronOutputLayer
 
     v, d = full_weight.shape
-    probe = MegatronOutputLayer(d, v, **options)
-    contract = probe.ce_contract
-    layer = MegatronOutputLayer(d, v, weight=torch.nn.Parameter(
-        full_weight[contract.vocab_start:contract.vocab_end].clone()), **options)
-    if contract.sequence_parallel:
+    layer = MegatronOutputLayer(d, v, device=hidden.device, dtype=hidden.dtype, **options)
+    contract = layer.ce_contract
+    with torch.no_grad():
+        layer.weight.copy_(full_weight[contract.vocab_start:contract.vocab_end])  # (V/TP, D)
+    if contract.sequence_parallel:  # this rank's [S/TP, B] shard, sequence first
         rows = hidden.shape[0] // dist.get_world_size(contract.tp_group)
         shard = slice(dist.get_rank(contract.tp_group) * rows, (dist.get_rank(contract.tp_group) + 1) * rows)
         hidden, targets = hidden[shard], targets[shard]
@@ -165,6 +165,27 @@ def sequence_parallel_on_cpu(rank, world):
 
 def test_megatron_sequence_parallel_on_cpu_is_refused_with_the_reason():
     assert run_distributed(sequence_parallel_on_cpu, 2) == [True, True]
+
+
+def sequence_parallel_cuda_cases(rank, world):
+    """Megatron's sequence-parallel layout (all-gather in, reduce-scatter of dL/dh out) on gloo ranks sharing GPU 0."""
+    torch.cuda.set_device(0)
+    out = []
+    for i, (dtype, smoothing) in enumerate([(torch.float32, 0.0), (torch.bfloat16, 0.0), (torch.float32, 0.1),
+                                            (torch.bfloat16, 0.1)]):
+        hidden, weight, targets = _inputs(200 + i, SHAPES[2], dtype, prior=True)
+        *_, result = _megatron_check(hidden.cuda(), weight.cuda(), targets.cuda(), tp_group=dist.group.WORLD,
+                                     sequence_parallel=True, label_smoothing=smoothing)
+        out.append((str(dtype), smoothing, result.diagnosis.cause.value, result.diagnosis.summary[:160]))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Megatron's sequence-parallel gather needs CUDA")
+def test_megatron_sequence_parallel_layout_on_cuda():
+    for rank_cases in run_distributed(sequence_parallel_cuda_cases, 2, timeout=300):
+        for dtype, smoothing, cause, summary in rank_cases:
+            assert cause == ("label_smoothing_local_v" if smoothing else "within_budget"), (dtype, smoothing, summary)
 
 
 def test_megatron_adapter_without_the_package_names_the_extra(monkeypatch):
