@@ -28,7 +28,7 @@ from ce_guard import _dist
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
 from ce_guard.diagnose import Cause, catalogue_entry
-from ce_guard.parity import SeamOutputs
+from ce_guard.parity import SeamOutputs, margins
 from ce_guard.receipt import append_receipt, drop_receipts_after
 from ce_guard.reference import reduction_plan
 from ce_guard.wandb_panels import WandbPanels
@@ -129,7 +129,7 @@ class CEParityCallback(Callback):
                            " check step's first forward of the guarded module.")
         contract: CEContract = self._module.ce_contract
         dp_group = contract.token_group or _data_parallel_group(trainer, contract)
-        self._metrics = {name: (MaxMetric if name.startswith("max_") else MeanMetric)(
+        self._metrics = {name: (MaxMetric if name.startswith(_WORST_OF_RANKS) else MeanMetric)(
             nan_strategy="disable", process_group=dp_group, sync_on_compute=True).to(pl_module.device)
             for name in _AGGREGATED}
         rank_zero_info(f"CEParityCallback: guarding `{type(self._module).__name__}` every {self.every_n_steps} steps"
@@ -230,6 +230,7 @@ class CEParityCallback(Callback):
             "grad_weight_rel_err": report.grad_weight_rel_err, "max_per_token_abs_diff": report.per_token_max_abs_diff,
             "max_grad_hidden_abs_diff": report.grad_hidden_max_abs_diff, "budget_loss_rel": report.budget.loss_rel,
             "budget_grad_hidden_rel": report.budget.grad_hidden_rel,
+            **{f"margin_{name}": value for name, value in margins(report).items()},
         }
         out = {}
         for name, metric in self._metrics.items():
@@ -279,7 +280,9 @@ class CEParityCallback(Callback):
 
 _AGGREGATED = ("loss_fused", "loss_ref", "loss_rel_err", "grad_hidden_norm_ratio", "grad_cosine",
                "grad_hidden_rel_err", "grad_weight_norm_ratio", "grad_weight_rel_err", "max_per_token_abs_diff",
-               "max_grad_hidden_abs_diff", "budget_loss_rel", "budget_grad_hidden_rel")
+               "max_grad_hidden_abs_diff", "budget_loss_rel", "budget_grad_hidden_rel", "margin_loss",
+               "margin_grad_hidden", "margin_grad_weight")
+_WORST_OF_RANKS = ("max_", "margin_")  # aggregated by MaxMetric: the worst rank's value, not the mean
 
 
 def find_guarded_module(root: nn.Module, module_path: str | None = None) -> nn.Module:

@@ -278,6 +278,18 @@ def compare(
     )
 
 
+def margins(report: ParityReport) -> dict[str, float | None]:
+    """Error / budget per compared quantity: 1 is the line a correct path stays under; None where not measured."""
+    b = report.budget
+
+    def ratio(err: float | None, budget: float) -> float | None:
+        return None if err is None else (err / budget if budget > 0 else math.inf)
+
+    return {"loss": ratio(report.loss_rel_err, b.loss_rel),
+            "grad_hidden": ratio(report.grad_hidden_rel_err, b.grad_hidden_rel),
+            "grad_weight": ratio(report.grad_weight_rel_err, b.grad_weight_rel)}
+
+
 def _scalar_loss(loss: torch.Tensor, visible: torch.Tensor) -> float:
     """A scalar to compare: the loss itself, or for per-token losses their mean over visible tokens."""
     loss = loss.detach().double()

@@ -1,4 +1,4 @@
-"""A parity report from receipts alone: four panels over steps, drift marked with its cause, and an HTML page.
+"""A parity report from receipts alone: margins, then four panels over steps, drift marked with its cause, and HTML.
 
 Reads only what ``receipts.jsonl`` holds (the DP-averaged ``ce_parity/*`` metrics of each check), so a
 report can be made after the run, on another machine, without the model or W&B.
@@ -18,8 +18,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-# (metric, title, log scale, budget) per panel; a budget is drawn where the receipts carry one.
+# (metric, title, log scale, budget) per panel; a budget is drawn where the receipts carry one. The margins lead:
+# one panel says whether every compared quantity stayed under its budget (the line at 1).
+MARGINS = (("margin_loss", "loss"), ("margin_grad_hidden", "dL/dh"), ("margin_grad_weight", "dL/dW"))
 PANELS = (
+    ("margins", "error / budget (drift above 1)", True, None),
     ("loss_rel_err", "loss relative error", True, "budget_loss_rel"),
     ("grad_hidden_norm_ratio", "dL/dh norm ratio (fused / reference)", True, "budget_grad_hidden_rel"),
     ("grad_cosine", "dL/dh cosine", False, None),
@@ -41,11 +44,14 @@ def metric_series(records: Sequence[dict[str, Any]], name: str) -> tuple[list[in
 
 
 def plot_receipts(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write the four-panel PNG; drift steps get a red line on every panel and their cause on the top one."""
+    """Write the PNG (margins first); drift steps get a red line on every panel and their cause on the top one."""
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(10, 2.6 * len(PANELS)), sharex=True,
                              constrained_layout=True)
     drifts = [r for r in records if r.get("drift")]
     for ax, (name, title, log, budget) in zip(axes, PANELS, strict=True):
+        if name == "margins":
+            _draw_margins(ax, records, drifts)
+            continue
         steps, values = metric_series(records, name)
         if log and any(v <= 0 for v in values):
             # A zero error (bit-exact) has no log; show it at the bottom of the axis instead of dropping it.
@@ -70,6 +76,25 @@ def plot_receipts(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _draw_margins(ax, records, drifts) -> None:
+    measured = False
+    for name, label in MARGINS:
+        steps, values = metric_series(records, name)
+        if steps:
+            measured = True
+            ax.plot(steps, [max(v, 1e-6) for v in values], marker="o", markersize=3, linewidth=1, label=label)
+    ax.axhline(1.0, color="tab:red", linewidth=0.8, linestyle="--", label="budget")
+    ax.set_yscale("log")
+    for record in drifts:
+        ax.axvline(record["step"], color="tab:red", alpha=0.5, linewidth=1)
+    ax.set_title("error / budget (drift above 1)", fontsize=10, loc="left")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    if not measured:
+        ax.text(0.5, 0.5, "not measured (receipts older than margins)", transform=ax.transAxes, ha="center",
+                va="center", color="gray")
 
 
 def _draw_budget(ax, records, name: str, budget: str | None) -> None:

@@ -28,6 +28,8 @@ def test_clean_run_logs_parity_at_exactly_the_check_steps(tmp_path):
             assert metrics["ce_parity/grad_cosine"] > 0.99999
             assert metrics["ce_parity/loss_rel_err"] < 1e-5
             assert math.isclose(metrics["ce_parity/grad_weight_norm_ratio"], 1.0, rel_tol=1e-4)
+            margins = [metrics[f"ce_parity/margin_{q}"] for q in ("loss", "grad_hidden", "grad_weight")]
+            assert all(0 <= m < 1 for m in margins), margins
     records = receipts(tmp_path)
     assert [r["step"] for r in records] == [0, 2, 4, 6]
     assert all(r["cause"] == "within_budget" and r["bundle"] is None for r in records)
@@ -53,6 +55,8 @@ def test_fault_is_flagged_at_the_first_check_under_warn(tmp_path, fault, kwargs,
     bundle = torch.load(first["bundle"], weights_only=False)
     assert bundle["diagnosis"]["cause"] == cause and bundle["hidden"].shape[-1] == 16
     assert log.calls[0][1]["ce_parity/drift"] == 1.0
+    worst = max(log.calls[0][1][f"ce_parity/margin_{q}"] for q in ("loss", "grad_hidden", "grad_weight"))
+    assert worst > 1, log.calls[0][1]
 
 
 def test_raise_policy_stops_at_the_first_check_with_the_evidence(tmp_path):
