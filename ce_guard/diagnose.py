@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ce_guard.parity import ParityReport
+from ce_guard.parity import ParityReport, margins
 
 SCALE_COSINE = 0.999     # a pure scale leaves the gradient's direction intact
 SCALE_TOLERANCE = 0.005  # relative tolerance on (expected - 1) for a named scale factor
@@ -341,20 +341,18 @@ def _gradient_only(r: ParityReport, sizes) -> Diagnosis | None:
     vocab blocks kept in bf16 rounds every element relative to its own size (coupling 2-4), while skipped
     small-probability terms leave an error that ignores the element's size (coupling about 1).
     """
-    b = r.budget
-    if (r.grad_hidden_rel_err is None or r.grad_hidden_rel_err <= b.grad_hidden_rel or r.loss_rel_err > b.loss_rel
-            or (r.grad_hidden_cosine or 0.0) < 0.9 or (r.grad_hidden_scaled_residual or 0.0) <= b.grad_hidden_rel):
+    excess = _excess(r)
+    if (r.grad_hidden_rel_err is None or excess["dL/dh"] <= 1.0 or excess["loss"] > 1.0
+            or (r.grad_hidden_cosine or 0.0) < 0.9 or (r.grad_hidden_scaled_residual or 0.0) <= r.budget.grad_hidden_rel):
         return None
     coupling = r.grad_hidden_magnitude_coupling or 0.0
-    excess_dw = (r.grad_weight_rel_err or 0.0) / b.grad_weight_rel
-    if coupling >= ROUNDING_COUPLING and excess_dw > r.grad_hidden_rel_err / b.grad_hidden_rel:
+    if coupling >= ROUNDING_COUPLING and excess["dL/dW"] > excess["dL/dh"]:
         return None  # rounding worst on dL/dW: the general accumulator signature, _precision's
     ratio = r.grad_hidden_norm_ratio
-    head = (f"loss exact ({r.loss_rel_err / b.loss_rel:.2f}x budget) but dL/dh error {r.grad_hidden_rel_err:.3g} is"
-            f" {r.grad_hidden_rel_err / b.grad_hidden_rel:.1f}x budget, norm ratio {ratio:.4f}"
+    head = (f"loss exact ({excess['loss']:.2f}x budget) but dL/dh error {r.grad_hidden_rel_err:.3g} is"
+            f" {excess['dL/dh']:.1f}x budget, norm ratio {ratio:.4f}"
             f" ({'short' if ratio < 1 else 'long'}), error-to-size coupling {coupling:.2f}")
-    evidence = {**_core_evidence(r), "excess_loss": r.loss_rel_err / b.loss_rel,
-                "excess_dL/dh": r.grad_hidden_rel_err / b.grad_hidden_rel, "excess_dL/dW": excess_dw,
+    evidence = {**_core_evidence(r), **{f"excess_{k}": v for k, v in excess.items()},
                 "grad_hidden_magnitude_coupling": coupling}
     if coupling >= ROUNDING_COUPLING:
         return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
@@ -367,13 +365,14 @@ def _gradient_only(r: ParityReport, sizes) -> Diagnosis | None:
                      " skips small terms (e.g. a gradient filter on small-probability blocks)", evidence)
 
 
+def _excess(r: ParityReport) -> dict[str, float]:
+    """Error / budget of loss, dL/dh and dL/dW (the logged margins); 0 for a gradient not compared."""
+    m = margins(r)
+    return {"loss": m["loss"], "dL/dh": m["grad_hidden"] or 0.0, "dL/dW": m["grad_weight"] or 0.0}
+
+
 def _precision(r: ParityReport, sizes) -> Diagnosis | None:
-    b = r.budget
-    excess = {
-        "loss": r.loss_rel_err / b.loss_rel,
-        "dL/dh": (r.grad_hidden_rel_err or 0.0) / b.grad_hidden_rel,
-        "dL/dW": (r.grad_weight_rel_err or 0.0) / b.grad_weight_rel,
-    }
+    excess = _excess(r)
     ratio = r.grad_hidden_norm_ratio or 1.0
     if abs(ratio - 1.0) > 0.05 or (r.grad_hidden_cosine is not None and r.grad_hidden_cosine < 0.9):
         return None

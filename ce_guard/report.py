@@ -49,25 +49,12 @@ def plot_receipts(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
                              constrained_layout=True)
     drifts = [r for r in records if r.get("drift")]
     for ax, (name, title, log, budget) in zip(axes, PANELS, strict=True):
-        if name == "margins":
-            _draw_margins(ax, records, drifts)
-            continue
-        steps, values = metric_series(records, name)
-        if log and any(v <= 0 for v in values):
-            # A zero error (bit-exact) has no log; show it at the bottom of the axis instead of dropping it.
-            floor = min((v for v in values if v > 0), default=1e-12) / 10
-            values = [max(v, floor) for v in values]
-        ax.plot(steps, values, marker="o", markersize=3, linewidth=1, label=name)
-        if log and values:
-            ax.set_yscale("log")
-        if name.endswith("norm_ratio"):
-            ax.axhline(1.0, color="black", linewidth=0.6)  # a ratio of 1 is exact
-        _draw_budget(ax, records, name, budget)
+        measured = _draw_margins(ax, records) if name == "margins" else _draw_metric(ax, records, name, log, budget)
         for record in drifts:
             ax.axvline(record["step"], color="tab:red", alpha=0.5, linewidth=1)
         ax.set_title(title, fontsize=10, loc="left")
         ax.grid(alpha=0.3)
-        if not steps:
+        if not measured:
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="gray")
     _label_drifts(axes[0], drifts)
     axes[-1].set_xlabel("trainer/global_step")
@@ -78,7 +65,23 @@ def plot_receipts(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def _draw_margins(ax, records, drifts) -> None:
+def _draw_metric(ax, records, name: str, log: bool, budget: str | None) -> bool:
+    steps, values = metric_series(records, name)
+    if log and any(v <= 0 for v in values):
+        # A zero error (bit-exact) has no log; show it at the bottom of the axis instead of dropping it.
+        floor = min((v for v in values if v > 0), default=1e-12) / 10
+        values = [max(v, floor) for v in values]
+    ax.plot(steps, values, marker="o", markersize=3, linewidth=1, label=name)
+    if log and values:
+        ax.set_yscale("log")
+    if name.endswith("norm_ratio"):
+        ax.axhline(1.0, color="black", linewidth=0.6)  # a ratio of 1 is exact
+    _draw_budget(ax, records, name, budget)
+    return bool(steps)
+
+
+def _draw_margins(ax, records) -> bool:
+    """One line per compared quantity (a bit-exact 0 drawn at 1e-6) and the budget's line at 1."""
     measured = False
     for name, label in MARGINS:
         steps, values = metric_series(records, name)
@@ -87,14 +90,8 @@ def _draw_margins(ax, records, drifts) -> None:
             ax.plot(steps, [max(v, 1e-6) for v in values], marker="o", markersize=3, linewidth=1, label=label)
     ax.axhline(1.0, color="tab:red", linewidth=0.8, linestyle="--", label="budget")
     ax.set_yscale("log")
-    for record in drifts:
-        ax.axvline(record["step"], color="tab:red", alpha=0.5, linewidth=1)
-    ax.set_title("error / budget (drift above 1)", fontsize=10, loc="left")
-    ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
-    if not measured:
-        ax.text(0.5, 0.5, "not measured (receipts older than margins)", transform=ax.transAxes, ha="center",
-                va="center", color="gray")
+    return measured
 
 
 def _draw_budget(ax, records, name: str, budget: str | None) -> None:
