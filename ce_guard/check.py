@@ -10,11 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
+from ce_guard import _dist
 from ce_guard.contract import CEContract
 from ce_guard.diagnose import Diagnosis, diagnose
 from ce_guard.parity import ParityReport, SeamOutputs, compare, native_error_budget
 from ce_guard.reference import DEFAULT_CHUNK_ELEMENTS, ReferenceResult, reference_linear_cross_entropy
+from ce_guard.signature import fit_signatures
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,22 @@ def check_seam(
     budget = native_error_budget(record.hidden, record.weight, record.targets, contract,
                                  sample_tokens=budget_tokens, safety=safety)
     report = compare(fused, reference, contract, budget=budget)
+    if _over_budget_anywhere(report, contract, record.hidden.device):
+        hidden, targets = record.hidden, record.targets
+        if rows is not None:
+            hidden, targets = hidden.reshape(-1, hidden.shape[-1])[rows], targets.reshape(-1)[rows]
+        fit = fit_signatures(hidden, record.weight, targets, fused.grad_hidden, reference.grad_hidden, contract)
+        report = dataclasses.replace(report, signature=fit)
     return CheckResult(report, diagnose(report, group_sizes=group_sizes), None if rows is None else rows.numel())
+
+
+def _over_budget_anywhere(report: ParityReport, contract: CEContract, device: torch.device) -> bool:
+    """Whether any rank of the TP group is over budget: the signature fit is a TP collective, so all fit or none.
+
+    Clean checks stop here and pay for no fit.
+    """
+    flag = torch.tensor([float(not report.within_budget)], device=device)
+    return bool(_dist.all_reduce(flag, dist.ReduceOp.MAX, contract.tp_group).item())
 
 
 def _sample_rows(record: SeamRecord, contract: CEContract, sample_tokens: int | None) -> torch.Tensor | None:

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+import torch
+
 from ce_guard.parity import ParityReport, margins
 
 SCALE_COSINE = 0.999     # a pure scale leaves the gradient's direction intact
@@ -23,6 +25,8 @@ SCALE_TOLERANCE = 0.005  # relative tolerance on (expected - 1) for a named scal
 OFFSET_TOLERANCE = 0.05  # relative tolerance on a named loss offset
 SHIFT_SHARE = 0.5        # a constant dL/dz shift puts all its error in one common row; rounding 1/rows of it
 ROUNDING_COUPLING = 1.6  # error-to-size coupling: skipped terms 1.0-1.2, a narrow running sum 2.3-3.7 (docs/faults.md #3)
+SIGNIFICANT = 5.0        # standard errors a fitted coefficient must clear to be read as a fault's signature
+NARROW_ROUNDING = 2.0 ** -7  # two bf16 unit roundoffs: the most a narrow accumulator's rounding moves a factor
 
 
 class Cause(str, Enum):
@@ -95,7 +99,8 @@ def diagnose(report: ParityReport, *, group_sizes: Mapping[str, int] | None = No
     sizes.setdefault("TP", report.tp_size)
     sizes.setdefault("DP", report.token_group_size)
     for rule in (_non_finite, _empty, _within_budget, _ignored_rows, _named_scale, _offset, _tp_grad_reduction,
-                 _target_masking, _unnamed_scale, _smoothing_shift, _gradient_only, _precision):
+                 _target_masking, _fitted_scale, _fitted_rounding, _unnamed_scale, _smoothing_shift, _gradient_only,
+                 _precision):
         found = rule(report, sizes)
         if found is not None:
             return found
@@ -227,6 +232,90 @@ def _unnamed_scale(r: ParityReport, sizes) -> Diagnosis | None:
                      f" {'too large' if ratio > 1 else 'too small'}, a pure scale (dL/dh residual after it"
                      f" {residual:.2g}) that no token count or group size explains: the loss is divided by"
                      " another count than the contract's", {**_core_evidence(r), "scale": ratio})
+
+
+def _loss_factor(r: ParityReport) -> float | None:
+    """``loss_ratio - 1`` when the loss is over its budget and the ratio is defined; else None."""
+    if r.loss_rel_err <= r.budget.loss_rel or r.loss_ref == 0 or not math.isfinite(r.loss_ratio):
+        return None
+    return r.loss_ratio - 1.0
+
+
+def _fit_clean_beside_scale(r: ParityReport) -> bool:
+    """Besides the common factor only rounding is left: the residual within budget, and the target and shift
+    directions no further from zero than rounding puts them (a bf16 target term carries up to one roundoff)."""
+    fit = r.signature
+    return (fit.residual_rel <= r.budget.grad_hidden_rel
+            and abs(fit.target) <= r.budget.grad_scale + 3 * fit.target_se and fit.sigmas("shift") < SIGNIFICANT)
+
+
+def _fitted_scale(r: ParityReport, sizes) -> Diagnosis | None:
+    """Loss and dL/dh carry one factor that no count explains, read from the fit to dL/dh's own direction.
+
+    The norm ratio cannot resolve a factor under one roundoff of the gradients' dtype (bf16: 0.39%); its
+    projection on the reference gradient can, to the fit's standard error.
+    """
+    fit, kappa = r.signature, _loss_factor(r)
+    if fit is None or kappa is None or fit.sigmas("scale") < SIGNIFICANT:
+        return None
+    if abs(fit.scale - kappa) > 3 * fit.scale_se + r.budget.loss_rel or not _fit_clean_beside_scale(r):
+        return None
+    rounded = _rounded_reciprocal(r)
+    if rounded is not None and abs(kappa - rounded[1]) < abs(kappa - fit.scale):
+        dtype, excess = rounded
+        return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
+                         f"loss {r.loss_ratio:.5f}x and dL/dh {1 + fit.scale:.5f}x ({fit.sigmas('scale'):.0f} sigma, fitted"
+                         f" on {fit.tokens} tokens): the loss's factor is nearer {1 + excess:.5f}x, which is 1/{r.divisor:g}"
+                         f" rounded to {dtype}, than the gradients' own: the mean's 1/count is held in {dtype} (a scale"
+                         " of exactly that size would read the same)",
+                         {**_core_evidence(r), "scale": r.loss_ratio, "rounded_reciprocal_excess": excess,
+                          **_fit_evidence(fit)})
+    return Diagnosis(Cause.NORMALIZATION_SCALE, True,
+                     f"loss {r.loss_ratio:.5f}x and dL/dh {1 + fit.scale:.5f}x ({fit.sigmas('scale'):.0f} sigma,"
+                     f" fitted on {fit.tokens} tokens), nothing but rounding beside it: loss and gradients are"
+                     f" {r.loss_ratio:.4g}x {'too large' if kappa > 0 else 'too small'}, a factor no token count or"
+                     " group size explains: the loss is divided by another count than the contract's",
+                     {**_core_evidence(r), "scale": r.loss_ratio, **_fit_evidence(fit)})
+
+
+def _fitted_rounding(r: ParityReport, sizes) -> Diagnosis | None:
+    """Loss and dL/dh off by *different* factors, each no larger than a narrow dtype's rounding.
+
+    A running max, sum-exp or loss total kept in bf16, or the mean's 1/count rounded to bf16, moves the
+    loss by its own rounding and the gradients by another (or not at all); a scale moves both alike, which
+    :func:`_fitted_scale` has already ruled out.
+    """
+    fit, kappa = r.signature, _loss_factor(r)
+    if fit is None or kappa is None or abs(kappa) > NARROW_ROUNDING or abs(fit.scale) > NARROW_ROUNDING:
+        return None
+    if not _fit_clean_beside_scale(r):
+        return None
+    grads = (f"dL/dh carries {1 + fit.scale:.5f}x ({fit.sigmas('scale'):.0f} sigma)"
+             if fit.sigmas("scale") >= SIGNIFICANT else f"dL/dh carries no factor ({fit.scale:+.1e} +- {fit.scale_se:.1e})")
+    return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
+                     f"loss {r.loss_ratio:.5f}x ({r.loss_rel_err / r.budget.loss_rel:.1f}x its budget) while {grads},"
+                     f" fitted on {fit.tokens} tokens: loss and gradients are off by different factors, each within"
+                     f" two bf16 roundoffs ({NARROW_ROUNDING:.2%}): a running max, sum-exp, loss total or the mean's"
+                     " 1/count is kept in a narrower dtype than the contract declares",
+                     {**_core_evidence(r), **_fit_evidence(fit)})
+
+
+def _rounded_reciprocal(r: ParityReport) -> tuple[str, float] | None:
+    """The factor a mean gets from holding its 1/count in a 16-bit dtype, ``divisor * round(1/divisor) - 1``:
+    the narrow dtype whose rounding the loss factor is nearest to, or None when 1/count is exact in both."""
+    if r.contract.get("reduction") != "mean" or r.divisor <= 0:
+        return None
+    kappa = r.loss_ratio - 1.0
+    options = [(name, r.divisor * float(torch.tensor(1.0 / r.divisor, dtype=torch.float64).to(dtype)) - 1.0)
+               for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))]
+    options = [(name, excess) for name, excess in options if excess != 0.0]
+    return min(options, key=lambda option: abs(kappa - option[1])) if options else None
+
+
+def _fit_evidence(fit) -> dict[str, float | int]:
+    return {"fit_tokens": fit.tokens, "fit_scale": fit.scale, "fit_scale_se": fit.scale_se,
+            "fit_target": fit.target, "fit_target_se": fit.target_se, "fit_shift": fit.shift,
+            "fit_shift_se": fit.shift_se, "fit_residual_rel": fit.residual_rel}
 
 
 def _offset(r: ParityReport, sizes) -> Diagnosis | None:

@@ -57,7 +57,7 @@ class _ChunkMath:
     target_rule: str = "masked"  # "masked" (honest), "clamped" or "off_by_one" (faults)
     smoothing_local: bool = False  # fault: smoothing's mean over this rank's slice
     denominator_summed_twice: bool = False  # fault: second SUM over TP of the reduced denominator
-    scale: int = 1  # fault: loss and grads times this
+    scale: float = 1  # fault: loss and grads times this
     torch_math_only: bool = False  # faults: keep the plain-torch chunk math their signatures were documented on
 
     @property
@@ -65,7 +65,7 @@ class _ChunkMath:
         return self.vocab_end - self.vocab_start
 
 
-def _resolve_math(contract: CEContract, fault: SeamFault | None, fault_scale: int) -> _ChunkMath:
+def _resolve_math(contract: CEContract, fault: SeamFault | None, fault_scale: float) -> _ChunkMath:
     global_mean = contract.reduction == "mean" and contract.normalize_by == "global_tokens"
     honest = _ChunkMath(
         vocab_size=contract.vocab_size,
@@ -543,7 +543,7 @@ def _triton_kernels():
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                                contract: CEContract, token_chunk: int | None = None,
-                               fault: SeamFault | str | None = None, fault_scale: int = 2) -> torch.Tensor:
+                               fault: SeamFault | str | None = None, fault_scale: float = 2) -> torch.Tensor:
     """Functional form of :class:`FusedLinearCrossEntropy` (no shape validation; the module does that)."""
     m = _resolve_math(contract, None if fault is None else SeamFault(fault), fault_scale)
     return _FusedLinearCrossEntropyFn.apply(hidden, weight, targets, m, token_chunk, torch.is_grad_enabled())
@@ -583,7 +583,8 @@ class FusedLinearCrossEntropy(nn.Module):
             is the low-memory setting (~0.16 GB at V=152k, D=4096; dW rounded once per chunk).
         fault: for demonstrations and tests only: the layer keeps declaring its honest contract while
             computing the broken thing (see :class:`ce_guard.faults.SeamFault`).
-        fault_scale: the integer k of ``SeamFault.GRAD_SCALE``.
+        fault_scale: the factor of ``SeamFault.GRAD_SCALE``: an integer k for a divide missing or doubled,
+            any other positive number for a divide by another count (applied before any rounding).
         device, dtype: of a freshly created weight.
 
     Raises:
@@ -596,7 +597,7 @@ class FusedLinearCrossEntropy(nn.Module):
     """
 
     def __init__(self, hidden_size: int, contract: CEContract, *, weight: nn.Parameter | None = None,
-                 token_chunk: int | None = None, fault: SeamFault | str | None = None, fault_scale: int = 2,
+                 token_chunk: int | None = None, fault: SeamFault | str | None = None, fault_scale: float = 2,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -607,8 +608,8 @@ class FusedLinearCrossEntropy(nn.Module):
         if fault is not None and fault not in set(SeamFault):
             raise ValueError(f"{owner}: `fault` must be None or one of {[f.value for f in SeamFault]},"
                              f" got {fault!r}.")
-        if not isinstance(fault_scale, int) or fault_scale < 1:
-            raise ValueError(f"{owner}: `fault_scale` must be an int >= 1, got {fault_scale!r}.")
+        if isinstance(fault_scale, bool) or not isinstance(fault_scale, (int, float)) or not 0 < fault_scale < math.inf:
+            raise ValueError(f"{owner}: `fault_scale` must be a positive finite number, got {fault_scale!r}.")
         if not contract.is_full_vocab and contract.layout != "[N,V]" and group_size(contract.tp_group) == 1:
             raise ValueError(f"{owner}: the contract's vocab slice [{contract.vocab_start}, {contract.vocab_end})"
                              f" is not the whole vocabulary ({contract.vocab_size}) but `tp_group` has one rank,"
