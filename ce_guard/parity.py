@@ -185,8 +185,6 @@ class ParityReport:
     grad_weight_rel_err: float | None
     grad_weight_scaled_residual: float | None  # as for dL/dh
     grad_weight_shift_share: float | None   # share of the dL/dW error in one vector common to all rows of the slice
-    grad_weight_scale_excess: float | None  # dL/dW's least-squares factor on the reference, minus 1
-    grad_weight_scale_se: float | None      # its standard error, vocab rows as clusters
     budget: ErrorBudget
     within_budget: bool
     nonfinite: dict[str, int]
@@ -276,7 +274,6 @@ def compare(
         grad_weight_max_abs_diff=gw["max_abs"], grad_weight_rel_err=gw["rel_err"],
         grad_weight_scaled_residual=gw["scaled_residual"],
         grad_weight_shift_share=gw["shift_share"],
-        grad_weight_scale_excess=gw["scale_excess"], grad_weight_scale_se=gw["scale_se"],
         budget=budget, within_budget=within, nonfinite=nonfinite,
         n_tokens=reference.n_tokens, n_visible=reference.n_visible,
         n_visible_shard=reference.n_visible_shard, n_visible_global=reference.n_visible_global,
@@ -326,8 +323,7 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
     """
     if fused is None or ref is None:
         return dict.fromkeys(("norm_fused", "norm_ref", "ratio", "cosine", "max_abs", "rel_err", "scaled_residual",
-                              "scale_excess", "scale_se", "shift_share", "magnitude_coupling", "row_error_sq",
-                              "row_fused_sq"))
+                              "shift_share", "magnitude_coupling", "row_error_sq", "row_fused_sq"))
     if fused.shape != ref.shape:
         raise ValueError(f"fused gradient shape {tuple(fused.shape)} does not match the reference's"
                          f" {tuple(ref.shape)}; was the gradient recorded on another rank's shard?")
@@ -355,13 +351,7 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
     # |f - s r| / |r| at the least-squares s = <f, r> / <r, r>: zero for a pure scale, whatever s is. A second
     # pass, since |f|^2 - <f, r>^2 / |r|^2 cancels to nothing for the tiny residuals of a clean fp64 check.
     scale = dot / norm_r ** 2 if norm_r > 0 else 0.0
-    # The same pass gives the scale's cluster-robust standard error, rows as clusters: sum_i <res_i, r_i>^2 / |r|^4.
-    residual_sq, score_sq = 0.0, 0.0
-    for rows in blocks:
-        r = r_rows[rows].double()
-        residual = f_rows[rows].double() - scale * r
-        residual_sq += float(residual.square().sum())
-        score_sq += float((residual * r).sum(dim=1).square().sum())
+    residual_sq = sum(float((f_rows[rows].double() - scale * r_rows[rows].double()).square().sum()) for rows in blocks)
     n_common = f_rows.shape[0] if common is None else int(common.sum())
     common_error_sq = error_sq if common is None else float(row_error_sq[common].sum())
     # Mean r^2 over the common rows' elements: rows that should be zero (ignored tokens) must not dilute it.
@@ -374,9 +364,6 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
         "max_abs": float(max_abs),
         "rel_err": math.sqrt(error_sq) / norm_r if norm_r > 0 else (0.0 if error_sq == 0 else math.inf),
         "scaled_residual": math.sqrt(residual_sq) / norm_r if norm_r > 0 else None,
-        # fused = (1 + scale_excess) * ref + residual, least squares: a common factor read to its standard error
-        "scale_excess": scale - 1.0 if norm_r > 0 else None,
-        "scale_se": math.sqrt(score_sq) / norm_r ** 2 if norm_r > 0 else None,
         # Share of the error's energy in its mean row, rows * |mean row|^2 / |error|^2: 1 when the error is one
         # vector added to every row, as a constant shift of dL/dz over a vocab slice leaves in dL/dW (and, with
         # equal token weights, in dL/dh); rounding has no common row, about 1/rows.
