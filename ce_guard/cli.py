@@ -407,6 +407,11 @@ def _print_check(out: Console, contract: CEContract, result: CheckResult) -> Non
                                  f" rel err {r.grad_weight_rel_err:.3g}"
                                  f" (budget {r.budget.grad_weight_rel:.3g})")
     _print_row(out, "budget", r.budget.source)
+    if r.signature is not None:
+        fit = r.signature
+        _print_row(out, "fit", f"dL/dh error on {fit.tokens} tokens: scale {fit.scale:+.3g} ({fit.sigmas('scale'):.1f}"
+                               f" sigma), target {fit.target:+.3g} ({fit.sigmas('target'):.1f} sigma), shift"
+                               f" {fit.shift:+.3g} ({fit.sigmas('shift'):.1f} sigma), residual {fit.residual_rel:.3g}")
     row = f" ({d.catalogue_entry})" if d.catalogue_entry else ""
     verdict = f"{'DRIFT' if d.drift else 'ok'}: {d.cause.value}{row}: {d.summary}"
     _print_row(out, "verdict", verdict, style="bold red" if d.drift else "bold green")
