@@ -345,8 +345,6 @@ def _summarize(key: tuple, s: dict[str, list]) -> dict:
         "chunks": math.ceil(n / chunk) if chunk else None,  # chunks over all N (the CUDA kernel skips ignored rows)
         "checks": len(s["seconds"]),
         "budget": {p: med(s[f"budget_{p}"]) for p in ("loss", "dh", "dw")},
-        # how far the budget moved over this key's checks: largest / smallest
-        "budget_spread": {p: max(s[f"budget_{p}"]) / min(s[f"budget_{p}"]) for p in ("loss", "dh", "dw")},
         "budget_range": {p: [min(s[f"budget_{p}"]), max(s[f"budget_{p}"])] for p in ("loss", "dh", "dw")},
         "loss_ref_range": [min(s["loss_ref"]), max(s["loss_ref"])],  # the loss itself: a relative budget follows it
         "err_median": {p: med(s[f"err_{p}"]) for p in ("loss", "dh", "dw")},
@@ -356,6 +354,11 @@ def _summarize(key: tuple, s: dict[str, list]) -> dict:
         "worst_margin": max(max(s[f"margin_{p}"]) for p in ("loss", "dh", "dw")),
         "seconds_per_check": med(s["seconds"]),
     }
+
+
+def _spread(ranges: dict[str, list[float]]) -> dict[str, float]:
+    """How far the budget moved over a key's checks: largest / smallest, per compared quantity."""
+    return {p: high / low for p, (low, high) in ranges.items()}
 
 
 def false_alarm_table(result: dict) -> str:
@@ -371,7 +374,7 @@ def false_alarm_table(result: dict) -> str:
         return " / ".join(format(values[p], fmt) for p in ("loss", "dh", "dw"))
 
     lines = [f"| {k['path']} | {k['dtype']} | {k['tp']} | {k['tokens']} | {k['hidden']} | {k['vocab']}"
-             f" | {k['chunks'] or '-'} | {k['checks']} | {three(k['budget'], '.1e')} | {three(k['budget_spread'], '.2f')}"
+             f" | {k['chunks'] or '-'} | {k['checks']} | {three(k['budget'], '.1e')} | {three(_spread(k['budget_range']), '.2f')}"
              f" | {three(k['margin_median'], '.2f')} | {three(k['margin_max'], '.2f')}"
              f" | {k['seconds_per_check']:.2f} |"
              for k in rows]

@@ -3,10 +3,11 @@
 Each rule tests one signature from the fault catalogue (docs/faults.md) against the report, most
 specific first: non-finite values, an empty check, padding in the gradient, a scale that one of the
 token counts or a parallel group size explains, a loss offset that log(TP), z-loss or local-V smoothing
-explains, a hidden gradient left unreduced (or reduced twice) over TP, errors piled on slice edges, a scale
-the gradients carry too, a constant shift of dL/dz over the vocab slice (local-V smoothing the loss cannot
-show), a hidden gradient alone off (rounded in a narrow running sum, or terms skipped), then precision
-drift. Nothing matched is said plainly.
+explains, a hidden gradient left unreduced (or reduced twice) over TP, errors piled on slice edges; then,
+from the signature fit of a check over budget (ce_guard/signature.py), a factor loss and dL/dh share, or
+rounding-sized factors they do not share; without a fit, a scale both gradients' norms carry; a constant
+shift of dL/dz over the vocab slice (local-V smoothing the loss cannot show), a hidden gradient alone off
+(rounded in a narrow running sum, or terms skipped), then precision drift. Nothing matched is said plainly.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def _fitted_scale(r: ParityReport, sizes) -> Diagnosis | None:
         return None
     if abs(fit.scale - kappa) > 3 * fit.scale_se + r.budget.loss_rel or not _fit_clean_beside_scale(r):
         return None
-    rounded = _rounded_reciprocal(r)
+    rounded = _rounded_reciprocal(r, kappa)
     if rounded is not None and abs(kappa - rounded[1]) < abs(kappa - fit.scale):
         dtype, excess = rounded
         return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
@@ -300,12 +301,11 @@ def _fitted_rounding(r: ParityReport, sizes) -> Diagnosis | None:
                      {**_core_evidence(r), **_fit_evidence(fit)})
 
 
-def _rounded_reciprocal(r: ParityReport) -> tuple[str, float] | None:
+def _rounded_reciprocal(r: ParityReport, kappa: float) -> tuple[str, float] | None:
     """The factor a mean gets from holding its 1/count in a 16-bit dtype, ``divisor * round(1/divisor) - 1``:
-    the narrow dtype whose rounding the loss factor is nearest to, or None when 1/count is exact in both."""
+    the narrow dtype whose rounding the loss factor ``kappa`` is nearest to, or None when 1/count is exact in both."""
     if r.contract.get("reduction") != "mean" or r.divisor <= 0:
         return None
-    kappa = r.loss_ratio - 1.0
     options = [(name, r.divisor * float(torch.tensor(1.0 / r.divisor, dtype=torch.float64).to(dtype)) - 1.0)
                for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))]
     options = [(name, excess) for name, excess in options if excess != 0.0]
