@@ -82,7 +82,8 @@ def check_seam(
         hidden, targets = record.hidden, record.targets
         if rows is not None:
             hidden, targets = hidden.reshape(-1, hidden.shape[-1])[rows], targets.reshape(-1)[rows]
-        fit = fit_signatures(hidden, record.weight, targets, fused.grad_hidden, reference.grad_hidden, contract)
+        fit = fit_signatures(hidden, record.weight, targets, fused.grad_hidden, reference.grad_hidden,
+                             reference.token_weight, contract)
         report = dataclasses.replace(report, signature=fit)
     return CheckResult(report, diagnose(report, group_sizes=group_sizes), None if rows is None else rows.numel())
 
@@ -124,4 +125,5 @@ def _sampled_reference(record: SeamRecord, contract: CEContract, rows: torch.Ten
                                              grad_output=upstream, chunk_elements=chunk_elements)
     return dataclasses.replace(full, per_token_loss=sampled.per_token_loss, lse=sampled.lse,
                                mean_logit=sampled.mean_logit, mean_logit_local=sampled.mean_logit_local,
-                               targets=sampled.targets, grad_hidden=sampled.grad_hidden, grad_weight=None)
+                               targets=sampled.targets, grad_hidden=sampled.grad_hidden, grad_weight=None,
+                               token_weight=sampled.token_weight)

@@ -254,13 +254,23 @@ def _fitted_scale(r: ParityReport, sizes) -> Diagnosis | None:
     """Loss and dL/dh carry one factor that no count explains, read from the fit to dL/dh's own direction.
 
     The norm ratio cannot resolve a factor under one roundoff of the gradients' dtype (bf16: 0.39%); its
-    projection on the reference gradient can, to the fit's standard error.
+    projection on the reference gradient can, to the fit's standard error. A narrow accumulator carries
+    such a factor too (the mean's 1/count rounded), and tells itself apart by what a scale lacks: each
+    token's softmax off by its own factor (its rounded lse), wider than the native path's rounding.
     """
     fit, kappa = r.signature, _loss_factor(r)
     if fit is None or kappa is None or fit.sigmas("scale") < SIGNIFICANT:
         return None
     if abs(fit.scale - kappa) > 3 * fit.scale_se + r.budget.loss_rel or not _fit_clean_beside_scale(r):
         return None
+    if fit.spread_sigmas() >= SIGNIFICANT:
+        return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
+                         f"loss {r.loss_ratio:.5f}x and dL/dh {1 + fit.scale:.5f}x ({fit.sigmas('scale'):.0f} sigma, fitted"
+                         f" on {fit.tokens} tokens), and each token's softmax is off by its own factor: their spread is"
+                         f" {fit.softmax_spread:.2f}x the native path's ({fit.spread_sigmas():.0f} sigma): the softmax's"
+                         " statistics (running max, sum-exp, lse) and the mean's 1/count are held in a narrower dtype than"
+                         " the contract declares",
+                         {**_core_evidence(r), "scale": r.loss_ratio, **_fit_evidence(fit)})
     rounded = _rounded_reciprocal(r, kappa)
     if rounded is not None and abs(kappa - rounded[1]) < abs(kappa - fit.scale):
         dtype, excess = rounded
@@ -315,7 +325,8 @@ def _rounded_reciprocal(r: ParityReport, kappa: float) -> tuple[str, float] | No
 def _fit_evidence(fit) -> dict[str, float | int]:
     return {"fit_tokens": fit.tokens, "fit_scale": fit.scale, "fit_scale_se": fit.scale_se,
             "fit_target": fit.target, "fit_target_se": fit.target_se, "fit_shift": fit.shift,
-            "fit_shift_se": fit.shift_se, "fit_residual_rel": fit.residual_rel}
+            "fit_shift_se": fit.shift_se, "fit_residual_rel": fit.residual_rel,
+            "fit_softmax_spread": fit.softmax_spread, "fit_softmax_spread_se": fit.softmax_spread_se}
 
 
 def _offset(r: ParityReport, sizes) -> Diagnosis | None:

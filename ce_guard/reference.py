@@ -64,6 +64,7 @@ class ReferenceResult:
     targets: torch.Tensor
     grad_hidden: torch.Tensor | None
     grad_weight: torch.Tensor | None
+    token_weight: torch.Tensor | None  # dLoss/dper-token loss of this rank's tokens, flat (0 where ignored)
     n_tokens: int          # tokens in the reference's view (the gathered sequence under SP)
     n_visible: int         # non-ignored tokens in that view
     n_visible_shard: int   # non-ignored tokens this rank brought (differs from n_visible only under SP)
@@ -149,7 +150,7 @@ def reference_linear_cross_entropy(
         else:
             loss = per_token.sum() / divisor if divisor > 0 else per_token.sum() * 0.0
 
-        grad_hidden = grad_weight = None
+        grad_hidden = grad_weight = token_weight = None
         if grad_output is not None:
             token_weight = _upstream_per_token(grad_output, contract, visible, divisor, tp, y.device)
             operands = backward_dtype or _default_backward_dtype(weight)
@@ -170,6 +171,7 @@ def reference_linear_cross_entropy(
         targets=y[local],
         grad_hidden=grad_hidden,
         grad_weight=grad_weight,
+        token_weight=None if token_weight is None else token_weight[local],
         n_tokens=n,
         n_visible=n_visible,
         n_visible_shard=int((targets != contract.ignore_index).sum()),

@@ -12,6 +12,12 @@ over the global vocabulary):
 - a wrong denominator (running sum-exp or max kept in a narrow dtype) moves it along ``u_i m_i``, which is
   ``r_i + (1 - eps) u_i t_i + eps u_i w``: equal coefficients on ``scale`` and ``target``.
 
+A narrow dtype for the softmax's statistics (running max, sum-exp, lse) has no common direction: each token's
+rounded lse scales that token's softmax by its own factor, ``e^-delta_i``, so the error lies along ``u_i m_i``
+with a coefficient that changes from token to token. The fit measures how widely those per-token coefficients
+spread in what it leaves over, against the native path's (``F.linear`` in the input dtype, softmax in fp32)
+on the same tokens: ``softmax_spread`` near 1 is native rounding, well above it is a narrower softmax.
+
 Rounding spreads its error over all D elements of every token; a fault puts its error on one direction
 per token. Projected, a 0.2% scale reads at many standard errors while the error's norm is within its
 bf16 budget. Standard errors are cluster-robust with tokens as clusters (rounding is independent across
@@ -51,6 +57,14 @@ class SignatureFit:
     shift_se: float
     error_rel: float
     residual_rel: float
+    softmax_spread: float  # mean square of the per-token u_i m_i coefficients left over, fused / native
+    softmax_spread_se: float  # standard error of its logarithm
+
+    def spread_sigmas(self) -> float:
+        """How many standard errors the per-token softmax coefficients spread wider than the native path's."""
+        if not (self.softmax_spread > 0 and math.isfinite(self.softmax_spread)):
+            return 0.0
+        return math.log(self.softmax_spread) / self.softmax_spread_se if self.softmax_spread_se > 0 else math.inf
 
     def sigmas(self, direction: str) -> float:
         """How many standard errors the coefficient on ``direction`` lies from zero."""
@@ -64,6 +78,7 @@ def fit_signatures(
     targets: torch.Tensor,
     grad_fused: torch.Tensor | None,
     grad_ref: torch.Tensor | None,
+    token_weight: torch.Tensor | None,
     contract: CEContract,
     *,
     max_tokens: int = 2048,
@@ -81,10 +96,13 @@ def fit_signatures(
         targets: ids of hidden's leading shape.
         grad_fused: dL/dh as the fused path produced it, hidden's shape.
         grad_ref: dL/dh from the reference on the same tokens.
+        token_weight: each token's weight in the reduction (the reference's dLoss/dper-token loss), flat.
         contract: the contract both were held to.
         max_tokens: visible tokens fitted at most, evenly spaced (the directions cost two matmuls on them).
     """
-    if grad_fused is None or grad_ref is None or contract.softcap is not None or contract.sequence_parallel:
+    if grad_fused is None or grad_ref is None or token_weight is None:
+        return None
+    if contract.softcap is not None or contract.sequence_parallel:
         return None
     d = hidden.shape[-1]
     y = targets.reshape(-1).long()
@@ -95,26 +113,33 @@ def fit_signatures(
     h, y = hidden.reshape(-1, d)[rows].detach(), y[rows]
     f = grad_fused.detach().reshape(-1, d)[rows].double()  # (m, D)
     r = grad_ref.detach().reshape(-1, d)[rows].double()    # (m, D)
-    mean_row, target_row, lse = _softmax_directions(h, weight.detach(), y, contract)
-
+    u = token_weight.detach().reshape(-1)[rows].double()  # (m,) each token's weight in the reduction
     eps, wbar = contract.label_smoothing, _global_mean_row(weight, contract)  # wbar: (D,)
-    # dL/dh of one token per unit of its weight: the contract's softmax (with z-loss), target and uniform terms.
-    unit = (1 + 2 * contract.z_loss * lse)[:, None] * mean_row - (1 - eps) * target_row - eps * wbar  # (m, D)
-    token_weight = (r * unit).sum(1) / unit.square().sum(1).clamp_min(1e-300)  # (m,) u_i, read off the reference
-    x = torch.stack([r, token_weight[:, None] * target_row, token_weight[:, None] * wbar.expand_as(r)], dim=1)
-    if not (torch.isfinite(x).all() and torch.isfinite(f).all()):
+    native, target_row, lse = _native_grad(h, weight.detach(), y, u, contract)
+    native = native.to(grad_fused.dtype).double()  # (m, D) the output's rounding
+    # The softmax-mean row m_i, to the native path's rounding: its dL/dh is
+    # u_i ((1 + 2 z lse_i) m_i - (1 - eps) t_i - eps w).
+    softmax_part = native + u[:, None] * ((1 - eps) * target_row + eps * wbar)
+    mean_row = softmax_part / (1 + 2 * contract.z_loss * lse)[:, None]  # u_i m_i, (m, D)
+    x = torch.stack([r, u[:, None] * target_row, u[:, None] * wbar.expand_as(r)], dim=1)  # (m, 3, D)
+    if not (torch.isfinite(x).all() and torch.isfinite(f).all() and torch.isfinite(native).all()):
         return None  # non-finite values are the diagnosis then, and no least squares survives them
-    return _cluster_fit(x, f - r, r)
+    return _cluster_fit(x, f - r, r, native - r, mean_row)
 
 
-def _softmax_directions(h, weight, y, contract: CEContract):
-    """Per fitted token: the softmax-mean weight row, the target's weight row and the lse, over the global V.
+def _native_grad(h, weight, y, u, contract: CEContract):
+    """Per fitted token, over the global V: the native path's dL/dh, the target's weight row and the lse.
 
-    The logits come from the input dtype's matmul: a direction does not need exact logits.
+    The native path's own arithmetic (``F.linear`` in the input dtype, ``F.cross_entropy`` in fp32): logits
+    rounded to the input dtype, softmax in fp32, the logit gradient (token weight included) rounded to the
+    input dtype before its matmul. Each TP rank's share is summed in fp64.
     """
     m, d = h.shape
     tp = contract.tp_group
-    mean_row = torch.zeros(m, d, dtype=torch.float64, device=h.device)
+    eps, z_loss = contract.label_smoothing, contract.z_loss
+    local = y - contract.vocab_start
+    owned = (local >= 0) & (local < weight.shape[0])
+    native = torch.zeros(m, d, dtype=torch.float64, device=h.device)
     lse = torch.empty(m, dtype=torch.float64, device=h.device)
     step = max(1, _BLOCK_ELEMENTS // max(weight.shape[0], 1))
     for start in range(0, m, step):
@@ -123,13 +148,17 @@ def _softmax_directions(h, weight, y, contract: CEContract):
         z_max = _dist.all_reduce(z.amax(dim=1), dist.ReduceOp.MAX, tp)    # (c,) over the TP group
         e = torch.exp(z - z_max[:, None])
         total = _dist.all_reduce(e.sum(dim=1), dist.ReduceOp.SUM, tp)     # (c,)
-        mean_row[block] = (e / total[:, None]).to(weight.dtype).matmul(weight).double()  # this slice's share
-        lse[block] = (z_max + total.log()).double()
-    local = y - contract.vocab_start
-    owned = (local >= 0) & (local < weight.shape[0])
+        block_lse = z_max + total.log()                                     # (c,)
+        # dL/dz of the contract: (1 + 2 z lse) p - (1 - eps) onehot - eps / V, times the token's weight
+        logit_grad = e.mul_(((1 + 2 * z_loss * block_lse) / total)[:, None]).sub_(eps / contract.vocab_size)
+        block_owned = owned[block].nonzero().squeeze(1)
+        logit_grad[block_owned, local[block][block_owned]] -= 1 - eps
+        logit_grad.mul_(u[block, None].float())
+        native[block] = logit_grad.to(weight.dtype).matmul(weight).double()  # this slice's share
+        lse[block] = block_lse.double()
     target_row = torch.zeros(m, d, dtype=torch.float64, device=h.device)
     target_row[owned] = weight[local[owned]].double()
-    shares = _dist.all_reduce(torch.stack([mean_row, target_row]), dist.ReduceOp.SUM, tp)  # (2, m, D)
+    shares = _dist.all_reduce(torch.stack([native, target_row]), dist.ReduceOp.SUM, tp)  # (2, m, D)
     return shares[0], shares[1], lse
 
 
@@ -138,8 +167,10 @@ def _global_mean_row(weight: torch.Tensor, contract: CEContract) -> torch.Tensor
     return total / contract.vocab_size
 
 
-def _cluster_fit(x: torch.Tensor, error: torch.Tensor, ref: torch.Tensor) -> SignatureFit:
-    """Least squares of ``error`` (m, D) on ``x`` (m, k, D) with tokens as clusters.
+def _cluster_fit(x: torch.Tensor, error: torch.Tensor, ref: torch.Tensor, native_error: torch.Tensor,
+                 softmax_row: torch.Tensor) -> SignatureFit:
+    """Least squares of ``error`` (m, D) on ``x`` (m, k, D) with tokens as clusters, and the spread of what is
+    left along each token's ``softmax_row`` (m, D) against the native path's ``native_error`` left alike.
 
     Columns are scaled to unit norm before solving (the mean weight row is ~1/sqrt(V) of a target row);
     the sandwich covariance ``A^-1 (sum_i s_i s_i^T) A^-1`` uses each token's score ``s_i = x_i^T res_i``.
@@ -149,8 +180,16 @@ def _cluster_fit(x: torch.Tensor, error: torch.Tensor, ref: torch.Tensor) -> Sig
     xs = x / norms[None, :, None]
     a = torch.einsum("mkd,mjd->kj", xs, xs)                          # (k, k)
     a_inv = torch.linalg.pinv(a)
-    beta = a_inv @ torch.einsum("mkd,md->k", xs, error)              # (k,)
-    residual = error - torch.einsum("mkd,k->md", xs, beta)          # (m, D)
+
+    def leave_over(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        beta = a_inv @ torch.einsum("mkd,md->k", xs, e)               # (k,)
+        return beta, e - torch.einsum("mkd,k->md", xs, beta)          # (m, D)
+
+    beta, residual = leave_over(error)
+    # A scale multiplies the fused path's rounding with its gradient: compare the rounding at unit scale.
+    scale = float(beta[DIRECTIONS.index("scale")] / norms[DIRECTIONS.index("scale")])
+    unit_residual = residual / (1 + scale) if 1 + scale > 0 else residual
+    spread, spread_se = _spread_ratio(unit_residual, leave_over(native_error)[1], softmax_row)
     scores = torch.einsum("mkd,md->mk", xs, residual)                # (m, k)
     cov = a_inv @ (scores.T @ scores) @ a_inv * (m / max(m - k, 1))
     beta, se = beta / norms, cov.diagonal().clamp_min(0).sqrt() / norms
@@ -160,4 +199,19 @@ def _cluster_fit(x: torch.Tensor, error: torch.Tensor, ref: torch.Tensor) -> Sig
     return SignatureFit(tokens=m, scale=values["scale"][0], scale_se=values["scale"][1],
                         target=values["target"][0], target_se=values["target"][1],
                         shift=values["shift"][0], shift_se=values["shift"][1],
-                        error_rel=rel(error), residual_rel=rel(residual))
+                        error_rel=rel(error), residual_rel=rel(residual),
+                        softmax_spread=spread, softmax_spread_se=spread_se)
+
+
+def _spread_ratio(residual: torch.Tensor, native_residual: torch.Tensor, row: torch.Tensor) -> tuple[float, float]:
+    """Mean square of each token's coefficient along its own ``row``, fused over native, and the delta-method
+    standard error of the ratio's logarithm (tokens independent; ignoring the two samples' positive
+    correlation only widens it)."""
+    row_sq = row.square().sum(1).clamp_min(1e-300)                  # (m,)
+    squares = [((res * row).sum(1) / row_sq).square() for res in (residual, native_residual)]  # 2 x (m,)
+    means = [float(sq.mean()) for sq in squares]
+    if not all(mean > 0 and math.isfinite(mean) for mean in means):
+        return math.nan, math.inf
+    m = row.shape[0]
+    var_log = sum(float(sq.var(unbiased=False)) / (m * mean ** 2) for sq, mean in zip(squares, means))
+    return means[0] / means[1], math.sqrt(var_log)
