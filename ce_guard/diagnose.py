@@ -28,6 +28,7 @@ SHIFT_SHARE = 0.5        # a constant dL/dz shift puts all its error in one comm
 ROUNDING_COUPLING = 1.6  # error-to-size coupling: skipped terms 1.0-1.2, a narrow running sum 2.3-3.7 (docs/faults.md #3)
 SIGNIFICANT = 5.0        # standard errors a fitted coefficient must clear to be read as a fault's signature
 NARROW_ROUNDING = 2.0 ** -7  # two bf16 unit roundoffs: the most a narrow accumulator's rounding moves a factor
+NARROW_SOFTMAX = 2.0 ** -11  # fp16's unit roundoff: the least per-token softmax factor read as a narrow dtype's
 
 
 class Cause(str, Enum):
@@ -263,11 +264,12 @@ def _fitted_scale(r: ParityReport, sizes) -> Diagnosis | None:
         return None
     if abs(fit.scale - kappa) > 3 * fit.scale_se + r.budget.loss_rel or not _fit_clean_beside_scale(r):
         return None
-    if fit.spread_sigmas() >= SIGNIFICANT:
+    if fit.spread_sigmas() >= SIGNIFICANT and fit.softmax_excess >= NARROW_SOFTMAX:
         return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
                          f"loss {r.loss_ratio:.5f}x and dL/dh {1 + fit.scale:.5f}x ({fit.sigmas('scale'):.0f} sigma, fitted"
                          f" on {fit.tokens} tokens), and each token's softmax is off by its own factor: their spread is"
-                         f" {fit.softmax_spread:.2f}x the native path's ({fit.spread_sigmas():.0f} sigma): the softmax's"
+                         f" {fit.softmax_spread:.2f}x the native path's ({fit.spread_sigmas():.0f} sigma, rms"
+                         f" {fit.softmax_excess:.1e} beyond it): the softmax's"
                          " statistics (running max, sum-exp, lse) and the mean's 1/count are held in a narrower dtype than"
                          " the contract declares",
                          {**_core_evidence(r), "scale": r.loss_ratio, **_fit_evidence(fit)})
@@ -326,7 +328,8 @@ def _fit_evidence(fit) -> dict[str, float | int]:
     return {"fit_tokens": fit.tokens, "fit_scale": fit.scale, "fit_scale_se": fit.scale_se,
             "fit_target": fit.target, "fit_target_se": fit.target_se, "fit_shift": fit.shift,
             "fit_shift_se": fit.shift_se, "fit_residual_rel": fit.residual_rel,
-            "fit_softmax_spread": fit.softmax_spread, "fit_softmax_spread_se": fit.softmax_spread_se}
+            "fit_softmax_spread": fit.softmax_spread, "fit_softmax_spread_se": fit.softmax_spread_se,
+            "fit_softmax_excess": fit.softmax_excess}
 
 
 def _offset(r: ParityReport, sizes) -> Diagnosis | None:

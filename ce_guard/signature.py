@@ -59,6 +59,7 @@ class SignatureFit:
     residual_rel: float
     softmax_spread: float  # mean square of the per-token u_i m_i coefficients left over, fused / native
     softmax_spread_se: float  # standard error of its logarithm
+    softmax_excess: float  # rms per-token softmax factor beyond the native path's (0 when not wider)
 
     def spread_sigmas(self) -> float:
         """How many standard errors the per-token softmax coefficients spread wider than the native path's."""
@@ -189,7 +190,7 @@ def _cluster_fit(x: torch.Tensor, error: torch.Tensor, ref: torch.Tensor, native
     # A scale multiplies the fused path's rounding with its gradient: compare the rounding at unit scale.
     scale = float(beta[DIRECTIONS.index("scale")] / norms[DIRECTIONS.index("scale")])
     unit_residual = residual / (1 + scale) if 1 + scale > 0 else residual
-    spread, spread_se = _spread_ratio(unit_residual, leave_over(native_error)[1], softmax_row)
+    spread, spread_se, excess = _spread_ratio(unit_residual, leave_over(native_error)[1], softmax_row)
     scores = torch.einsum("mkd,md->mk", xs, residual)                # (m, k)
     cov = a_inv @ (scores.T @ scores) @ a_inv * (m / max(m - k, 1))
     beta, se = beta / norms, cov.diagonal().clamp_min(0).sqrt() / norms
@@ -200,18 +201,19 @@ def _cluster_fit(x: torch.Tensor, error: torch.Tensor, ref: torch.Tensor, native
                         target=values["target"][0], target_se=values["target"][1],
                         shift=values["shift"][0], shift_se=values["shift"][1],
                         error_rel=rel(error), residual_rel=rel(residual),
-                        softmax_spread=spread, softmax_spread_se=spread_se)
+                        softmax_spread=spread, softmax_spread_se=spread_se, softmax_excess=excess)
 
 
-def _spread_ratio(residual: torch.Tensor, native_residual: torch.Tensor, row: torch.Tensor) -> tuple[float, float]:
-    """Mean square of each token's coefficient along its own ``row``, fused over native, and the delta-method
+def _spread_ratio(residual: torch.Tensor, native_residual: torch.Tensor,
+                  row: torch.Tensor) -> tuple[float, float, float]:
+    """Mean square of each token's coefficient along its own ``row``, fused over native; the delta-method
     standard error of the ratio's logarithm (tokens independent; ignoring the two samples' positive
-    correlation only widens it)."""
+    correlation only widens it); and the rms coefficient the fused path has beyond the native's."""
     row_sq = row.square().sum(1).clamp_min(1e-300)                  # (m,)
     squares = [((res * row).sum(1) / row_sq).square() for res in (residual, native_residual)]  # 2 x (m,)
     means = [float(sq.mean()) for sq in squares]
     if not all(mean > 0 and math.isfinite(mean) for mean in means):
-        return math.nan, math.inf
+        return math.nan, math.inf, 0.0
     m = row.shape[0]
     var_log = sum(float(sq.var(unbiased=False)) / (m * mean ** 2) for sq, mean in zip(squares, means))
-    return means[0] / means[1], math.sqrt(var_log)
+    return means[0] / means[1], math.sqrt(var_log), math.sqrt(max(means[0] - means[1], 0.0))
