@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,9 +22,9 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
 
 from ce_guard import _dist
+from ce_guard.agreement import Agreement, agree
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
 from ce_guard.diagnose import Cause, catalogue_entry
@@ -49,8 +49,13 @@ class SeamDriftError(RuntimeError):
 class CEParityCallback(Callback):
     """Every ``every_n_steps`` optimizer steps, hold the fused output layer to its declared ``CEContract``.
 
+    Under gradient accumulation each check records one micro-batch, a different position of the window each
+    time (the checks' count modulo the window), so a fault in one micro-batch of k is met within k checks.
+
     Args:
         every_n_steps: check when ``trainer.global_step`` is a multiple of this (step 0 included).
+        every_n_steps_while_drifting: under ``warn``, after a drift verdict check this often instead, until
+            ``clean_checks_to_relax`` clean checks in a row; None keeps ``every_n_steps`` throughout.
         module_path: attribute path of the guarded module in the LightningModule (e.g. ``"model.output"``);
             by default the unique submodule with a ``ce_contract`` attribute.
         policy: on drift, ``warn`` (log and warn on rank zero), ``raise`` (:class:`SeamDriftError` on every
@@ -72,6 +77,8 @@ class CEParityCallback(Callback):
         self,
         every_n_steps: int = 100,
         *,
+        every_n_steps_while_drifting: int | None = 1,
+        clean_checks_to_relax: int = 3,
         module_path: str | None = None,
         policy: Policy = "warn",
         sample_tokens: int | None = None,
@@ -83,11 +90,19 @@ class CEParityCallback(Callback):
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        if every_n_steps_while_drifting is not None and (
+                not isinstance(every_n_steps_while_drifting, int) or every_n_steps_while_drifting < 1):
+            raise ValueError("`every_n_steps_while_drifting` must be None or an int >= 1, got"
+                             f" {every_n_steps_while_drifting!r}.")
+        if not isinstance(clean_checks_to_relax, int) or clean_checks_to_relax < 1:
+            raise ValueError(f"`clean_checks_to_relax` must be an int >= 1, got {clean_checks_to_relax!r}.")
         if policy not in POLICIES:
             raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
         if sample_tokens is not None and sample_tokens < 1:
             raise ValueError(f"`sample_tokens` must be None or >= 1, got {sample_tokens!r}.")
         self.every_n_steps = every_n_steps
+        self.every_n_steps_while_drifting = every_n_steps_while_drifting
+        self.clean_checks_to_relax = clean_checks_to_relax
         self.module_path = module_path
         self.policy = policy
         self.sample_tokens = sample_tokens
@@ -99,11 +114,13 @@ class CEParityCallback(Callback):
         # Rank-invariant state (Lightning checkpoints callbacks from rank zero only).
         self.last_checked_step = -1
         self.history: list[dict[str, Any]] = []
+        self.clean_checks_owed: int | None = None  # clean checks still owed before the rate relaxes; None: relaxed
+        self._requested_step = -1
+        self._listeners: list[Callable[[pl.Trainer, int, dict[str, Any] | None, str], None]] = []
         self._module: nn.Module | None = None
         self._resolved_run_dir: str | None = None
         self._resumed = False
         self._recording: _Recording | None = None
-        self._metrics: dict[str, MeanMetric | MaxMetric] = {}
 
     # ----------------------------------------------------------------------------------------- set-up
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -128,24 +145,42 @@ class CEParityCallback(Callback):
             rank_zero_info("CEParityCallback: manual optimisation: checking the first backward after each"
                            " check step's first forward of the guarded module.")
         contract: CEContract = self._module.ce_contract
-        dp_group = contract.token_group or _data_parallel_group(trainer, contract)
-        self._metrics = {name: (MaxMetric if name.startswith(_WORST_OF_RANKS) else MeanMetric)(
-            nan_strategy="disable", process_group=dp_group, sync_on_compute=True).to(pl_module.device)
-            for name in _AGGREGATED}
         rank_zero_info(f"CEParityCallback: guarding `{type(self._module).__name__}` every {self.every_n_steps} steps"
                        f" under {contract}")
 
     # ------------------------------------------------------------------------------------ check steps
     def is_check_step(self, trainer: pl.Trainer) -> bool:
-        """The same answer on every rank, from counters alone: no collective decides it."""
+        """The same answer on every rank, from counters and agreed verdicts alone: no collective decides it."""
         step = trainer.global_step
-        return self._module is not None and step % self.every_n_steps == 0 and step != self.last_checked_step
+        if self._module is None or step == self.last_checked_step:
+            return False
+        every = self.every_n_steps if self.clean_checks_owed is None else self.every_n_steps_while_drifting
+        return step % every == 0 or step == self._requested_step
+
+    def request_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
+        """Make the current optimizer step a check step. Every rank must ask alike: the check is collective."""
+        self._requested_step = trainer.global_step
+        self.on_train_batch_start(trainer, pl_module, None, batch_idx)
+
+    def add_listener(self, listener: Callable[[pl.Trainer, int, dict[str, Any] | None, str], None]) -> None:
+        """Call ``listener(trainer, step, verdict, reason)`` after each check: its history entry, or None and why
+        it did not run."""
+        self._listeners.append(listener)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._recording is None and self.is_check_step(trainer):
+        if self._recording is None and self.is_check_step(trainer) and self._samples_micro_batch(trainer, batch_idx):
             # Look the module up again: a layer swapped or re-wrapped since fit start must stay guarded.
             self._module = find_guarded_module(pl_module, self.module_path)
             self._recording = _Recording(self._module, trainer.global_step)
+
+    def _samples_micro_batch(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        """Whether this micro-batch is the one this check records: position ``checks so far % window``."""
+        k = trainer.accumulate_grad_batches
+        if k == 1:
+            return True
+        start, total = batch_idx - batch_idx % k, trainer.num_training_batches
+        window = k if not math.isfinite(total) else max(min(k, int(total) - start), 1)  # the epoch's last is short
+        return batch_idx % k == len(self.history) % window
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         recording = self._recording
@@ -169,8 +204,9 @@ class CEParityCallback(Callback):
         problem = recording.problem()
         # Agree before any collective: if one rank cannot check, none does (no rank waits for another).
         if _any_rank(trainer, problem is not None):
-            rank_zero_warn(f"CEParityCallback: skipped the check at step {recording.step}:"
-                           f" {problem or 'another rank could not record the seam'}.")
+            reason = problem or "another rank could not record the seam"
+            rank_zero_warn(f"CEParityCallback: skipped the check at step {recording.step}: {reason}.")
+            self._notify(trainer, recording.step, None, reason)
             return None
         sizes = {**_group_sizes(trainer, contract), **self.extra_group_sizes}
         try:
@@ -183,27 +219,33 @@ class CEParityCallback(Callback):
                 raise
             result, error = None, f"{type(err).__name__}: {err}"
         if _any_rank(trainer, error is not None):
-            rank_zero_warn(f"CEParityCallback: the check at step {recording.step} failed: {error or 'on another rank'}")
+            reason = f"it failed: {error or 'on another rank'}"
+            rank_zero_warn(f"CEParityCallback: the check at step {recording.step} {reason}")
+            self._notify(trainer, recording.step, None, reason)
             return None
-        return _Outcome(record, result, _gather_verdicts(trainer, result))
+        verdict = {"rank": trainer.global_rank, "cause": result.diagnosis.cause.value,
+                   "drift": result.diagnosis.drift, "summary": result.diagnosis.summary}
+        return _Outcome(record, result, agree(verdict, *_check_metrics(result), device=record.hidden.device))
 
     # ------------------------------------------------------------------------------------------ act
     def _act(self, trainer, pl_module, recording: "_Recording", outcome: "_Outcome", seconds: float) -> None:
-        step, result, verdicts = recording.step, outcome.result, outcome.verdicts
-        drifting = [v for v in verdicts if v["drift"]]
-        first = drifting[0] if drifting else verdicts[0]
-        metrics = self._aggregate(result)
-        metrics.update({f"{PREFIX}/drift": float(bool(drifting)), f"{PREFIX}/check_seconds": seconds})
+        step, result, agreed = recording.step, outcome.result, outcome.agreement
+        first, drifting = agreed.verdict, agreed.drifting_ranks > 0
+        metrics = {f"{PREFIX}/{name}": value for name, value in agreed.metrics.items()}
+        metrics.update({f"{PREFIX}/drift": float(drifting), f"{PREFIX}/check_seconds": seconds})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        entry = {"step": step, "drift": bool(drifting), "cause": first["cause"], "summary": first["summary"],
+        entry = {"step": step, "drift": drifting, "cause": first["cause"], "summary": first["summary"],
                  "rank": first["rank"]}
         self.history.append(entry)
+        self._set_rate(drifting, step)
+        self._notify(trainer, step, entry, "")
 
         bundle = self._write_bundle(trainer, recording.module, outcome, step) if drifting else None
         if trainer.is_global_zero:
             receipt = {
-                **entry, "epoch": trainer.current_epoch, "metrics": metrics, "verdicts": verdicts,
+                **entry, "epoch": trainer.current_epoch, "metrics": metrics, "ranks": agreed.ranks,
+                "drifting_ranks": agreed.drifting_ranks,
                 "report": result.report.to_dict(), "sampled_tokens": result.sampled_tokens,
                 "seam": reduction_plan(recording.module.ce_contract), "bundle": bundle,
             }
@@ -220,27 +262,27 @@ class CEParityCallback(Callback):
         if self.policy == "stop":
             trainer.should_stop = True
 
-    def _aggregate(self, result: CheckResult) -> dict[str, float]:
-        """Mean (and max) of this check's numbers over the data-parallel group; NaN stays NaN."""
-        report = result.report
-        values = {
-            "loss_fused": report.loss_fused, "loss_ref": report.loss_ref, "loss_rel_err": report.loss_rel_err,
-            "grad_hidden_norm_ratio": report.grad_hidden_norm_ratio, "grad_cosine": report.grad_hidden_cosine,
-            "grad_hidden_rel_err": report.grad_hidden_rel_err, "grad_weight_norm_ratio": report.grad_weight_norm_ratio,
-            "grad_weight_rel_err": report.grad_weight_rel_err, "max_per_token_abs_diff": report.per_token_max_abs_diff,
-            "max_grad_hidden_abs_diff": report.grad_hidden_max_abs_diff, "budget_loss_rel": report.budget.loss_rel,
-            "budget_grad_hidden_rel": report.budget.grad_hidden_rel,
-            **{f"margin_{name}": value for name, value in margins(report).items()},
-        }
-        out = {}
-        for name, metric in self._metrics.items():
-            metric.reset()
-            value = values[name]
-            metric.update(torch.tensor(math.nan if value is None else value, dtype=torch.float32))
-            aggregated = float(metric.compute())
-            if value is not None or not math.isnan(aggregated):
-                out[f"{PREFIX}/{name}"] = aggregated
-        return out
+    def _set_rate(self, drifting: bool, step: int) -> None:
+        """Under ``warn``, check every ``every_n_steps_while_drifting`` steps from a drift verdict until
+        ``clean_checks_to_relax`` clean checks in a row."""
+        if self.policy != "warn" or self.every_n_steps_while_drifting is None:
+            return
+        if drifting:
+            if self.clean_checks_owed is None:
+                rank_zero_info(f"CEParityCallback: drift at step {step}: checking every"
+                               f" {self.every_n_steps_while_drifting} steps until {self.clean_checks_to_relax} clean"
+                               " checks in a row.")
+            self.clean_checks_owed = self.clean_checks_to_relax
+        elif self.clean_checks_owed is not None:
+            self.clean_checks_owed -= 1
+            if self.clean_checks_owed == 0:
+                self.clean_checks_owed = None
+                rank_zero_info(f"CEParityCallback: {self.clean_checks_to_relax} clean checks in a row by step {step}:"
+                               f" back to every {self.every_n_steps} steps.")
+
+    def _notify(self, trainer, step: int, entry: dict[str, Any] | None, reason: str) -> None:
+        for listener in self._listeners:
+            listener(trainer, step, entry, reason)
 
     def _write_bundle(self, trainer, module: nn.Module, outcome: "_Outcome", step: int) -> str:
         path = Path(self._run_dir(trainer)) / "ce_guard" / "bundles" / f"step{step:08d}_rank{trainer.global_rank}.pt"
@@ -270,19 +312,30 @@ class CEParityCallback(Callback):
         return self.history[-1] if self.history else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_checked_step": self.last_checked_step, "history": [dict(h) for h in self.history]}
+        return {"last_checked_step": self.last_checked_step, "history": [dict(h) for h in self.history],
+                "clean_checks_owed": self.clean_checks_owed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_checked_step = int(state_dict["last_checked_step"])
         self.history = [dict(h) for h in state_dict["history"]]
+        self.clean_checks_owed = state_dict.get("clean_checks_owed")
         self._resumed = True
 
 
-_AGGREGATED = ("loss_fused", "loss_ref", "loss_rel_err", "grad_hidden_norm_ratio", "grad_cosine",
-               "grad_hidden_rel_err", "grad_weight_norm_ratio", "grad_weight_rel_err", "max_per_token_abs_diff",
-               "max_grad_hidden_abs_diff", "budget_loss_rel", "budget_grad_hidden_rel", "margin_loss",
-               "margin_grad_hidden", "margin_grad_weight")
-_WORST_OF_RANKS = ("max_", "margin_")  # aggregated by MaxMetric: the worst rank's value, not the mean
+def _check_metrics(result: CheckResult) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """A check's numbers to average over ranks, and those whose worst rank is wanted (margins, max diffs)."""
+    report = result.report
+    means = {
+        "loss_fused": report.loss_fused, "loss_ref": report.loss_ref, "loss_rel_err": report.loss_rel_err,
+        "grad_hidden_norm_ratio": report.grad_hidden_norm_ratio, "grad_cosine": report.grad_hidden_cosine,
+        "grad_hidden_rel_err": report.grad_hidden_rel_err, "grad_weight_norm_ratio": report.grad_weight_norm_ratio,
+        "grad_weight_rel_err": report.grad_weight_rel_err, "budget_loss_rel": report.budget.loss_rel,
+        "budget_grad_hidden_rel": report.budget.grad_hidden_rel,
+    }
+    maxima = {"max_per_token_abs_diff": report.per_token_max_abs_diff,
+              "max_grad_hidden_abs_diff": report.grad_hidden_max_abs_diff,
+              **{f"margin_{name}": value for name, value in margins(report).items()}}
+    return means, maxima
 
 
 def find_guarded_module(root: nn.Module, module_path: str | None = None) -> nn.Module:
@@ -375,7 +428,7 @@ class _Recording:
 class _Outcome:
     record: SeamRecord
     result: CheckResult
-    verdicts: list[dict[str, Any]]
+    agreement: Agreement
 
 
 def _local_weight(module: nn.Module) -> torch.Tensor:
@@ -416,16 +469,6 @@ def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
     return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
 
 
-def _gather_verdicts(trainer: pl.Trainer, result: CheckResult) -> list[dict[str, Any]]:
-    mine = {"rank": trainer.global_rank, "cause": result.diagnosis.cause.value, "drift": result.diagnosis.drift,
-            "summary": result.diagnosis.summary}
-    if not _dist.is_distributed() or dist.get_world_size() == 1:
-        return [mine]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return gathered
-
-
 def _group_sizes(trainer: pl.Trainer, contract: CEContract) -> dict[str, int]:
     tp = _dist.group_size(contract.tp_group)
     sizes = {"TP": tp, "DP": _dist.group_size(contract.token_group) if contract.token_group is not None else (
@@ -435,78 +478,148 @@ def _group_sizes(trainer: pl.Trainer, contract: CEContract) -> dict[str, int]:
     return sizes
 
 
-def _data_parallel_group(trainer: pl.Trainer, contract: CEContract):
-    """The group that sees different data: the mesh's data-parallel dim, else WORLD when there is no TP."""
-    mesh = getattr(trainer.strategy, "device_mesh", None)
-    if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
-        return mesh["data_parallel"].get_group()
-    if _dist.group_size(contract.tp_group) > 1:
-        rank_zero_warn("CEParityCallback: TP without a device mesh data-parallel dim: metrics are not averaged over"
-                       " ranks (averaging over WORLD would double count TP replicas).")
-        return None
-    return None if not _dist.is_distributed() else dist.group.WORLD
-
-
 class SeamHealthCallback(Callback):
-    """Watch loss and gradient-norm spikes and say whether the seam was already drifting when one hit.
+    """Watch the loss and the gradient norm for spikes, and have the seam checked on the step after one.
 
-    A spike is a value more than ``z_threshold`` standard deviations above a running (EMA) mean, after
-    ``warmup`` steps. The answer reads the parity callback's last verdict: drifting means the spike is
-    attributable to the seam; clean means look elsewhere.
+    A spike is a value more than ``z_threshold`` standard deviations above a running (EMA) mean after
+    ``warmup`` steps, or a non-finite one. Both values are ones every rank shares, the loss averaged over
+    ranks and the global gradient norm, so every rank sees the same spike and asks for the same check: no
+    rank waits on a collective another skips. The spike is attributed with that fresh check's verdict, not
+    with one up to ``every_n_steps`` old.
+
+    Ordinary steps do not synchronise the host: a step's two values are reduced and copied to host memory
+    without blocking when its gradients are ready, and read at the start of the next step, by which time the
+    device has long computed them (it is still busy with the optimizer step). With gradient clipping by norm,
+    the norm clipping computes is the one watched; no second norm is taken.
+
+    Args:
+        z_threshold: standard deviations above the running mean that make a spike.
+        decay: the running mean's and variance's EMA decay per step.
+        warmup: steps observed before a spike can be called.
+        check_on_spike: ask :class:`CEParityCallback` for a check on the step after a spike.
     """
 
-    def __init__(self, *, z_threshold: float = 6.0, decay: float = 0.98, warmup: int = 20) -> None:
+    def __init__(self, *, z_threshold: float = 6.0, decay: float = 0.98, warmup: int = 20,
+                 check_on_spike: bool = True) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"`decay` must be in (0, 1), got {decay!r}.")
-        self.z_threshold, self.decay, self.warmup = z_threshold, decay, warmup
+        self.z_threshold, self.decay, self.warmup, self.check_on_spike = z_threshold, decay, warmup, check_on_spike
         self.stats = {"loss": _RunningMoments(), "grad_norm": _RunningMoments()}
         self.spikes: list[dict[str, Any]] = []
         self._parity: CEParityCallback | None = None
-        self._batch_step = 0
+        self._unattributed: list[dict[str, Any]] = []  # spikes whose check has not reported yet
+        self._loss_sum: torch.Tensor | None = None     # this step's micro-batch losses, on the device
+        self._micro_batches = 0
+        self._in_flight: _StepValues | None = None     # a finished step's values on their way to the host
+        self._restore_clipping: Callable[[], None] | None = None  # set while clipping hands us its norm
 
     def on_fit_start(self, trainer, pl_module) -> None:
         found = [cb for cb in trainer.callbacks if isinstance(cb, CEParityCallback)]
         self._parity = found[0] if found else None
         if self._parity is None:
             rank_zero_warn("SeamHealthCallback: no CEParityCallback on the Trainer, so spikes cannot be attributed.")
+        else:
+            self._parity.add_listener(self._on_check)
+        self._restore_clipping = _take_norm_from_clipping(trainer, lambda norm: self._send(trainer, norm))
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._restore_clipping is not None:
+            self._restore_clipping()
+            self._restore_clipping = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._batch_step = trainer.global_step  # the optimizer step this batch belongs to
+        if self._in_flight is not None:  # the first micro-batch of a new optimizer step
+            values, self._in_flight = self._in_flight, None
+            self._judge(trainer, pl_module, batch_idx, values)
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        # Lightning hands automatic optimisation's loss over divided by the accumulation count; undo it.
+        scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        loss = loss.detach().float() * scale
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._micro_batches += 1
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._restore_clipping is not None:
+            return  # the norm arrives from clipping, after this hook (see _take_norm_from_clipping)
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if grads:
-            self._observe(trainer, "grad_norm", float(_total_grad_norm(grads)), trainer.global_step)
+        self._send(trainer, _total_grad_norm(grads) if grads else None)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, torch.Tensor):
-            self._observe(trainer, "loss", float(loss.detach()) * trainer.accumulate_grad_batches, self._batch_step)
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._in_flight is not None:
+            values, self._in_flight = self._in_flight, None
+            self._judge(trainer, pl_module, None, values)
+        for spike in self._unattributed:
+            self._attribute(trainer, spike, "training ended before a check could run")
+        self._unattributed.clear()
 
-    def _observe(self, trainer, name: str, value: float, step: int) -> None:
+    def _send(self, trainer, grad_norm: torch.Tensor | None) -> None:
+        """Start this step's (mean loss, gradient norm) on its way to the host: one all-reduce, no wait."""
+        device = grad_norm.device if grad_norm is not None else (
+            self._loss_sum.device if self._loss_sum is not None else torch.device("cpu"))
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        loss = zero if self._loss_sum is None else self._loss_sum.to(device, torch.float64) / self._micro_batches
+        norm = zero if grad_norm is None else grad_norm.to(device, torch.float64)
+        # (loss, norm, ranks with a loss, ranks with a norm): the mean loss over ranks that have one; the norm
+        # is already global, so the sum over ranks divided by their count is the norm again.
+        values = torch.stack([loss, norm, zero + (self._loss_sum is not None), zero + (grad_norm is not None)])
+        if _dist.is_distributed() and dist.get_world_size() > 1:
+            dist.all_reduce(values)
+        self._in_flight = _StepValues.start(trainer.global_step, values)
+        self._loss_sum, self._micro_batches = None, 0
+
+    def _judge(self, trainer, pl_module, batch_idx: int | None, values: "_StepValues") -> None:
+        step, (loss, grad_norm, with_loss, with_norm) = values.step, values.read()
+        observed = [(name, total / count) for name, total, count in (("loss", loss, with_loss),
+                                                                      ("grad_norm", grad_norm, with_norm)) if count]
+        spiked = [spike for name, value in observed if (spike := self._observe(name, value, step)) is not None]
+        if not spiked:
+            return
+        for spike in spiked:
+            self.spikes.append(spike)
+            for logger in trainer.loggers:
+                logger.log_metrics({f"ce_health/{spike['signal']}_spike": 1.0,
+                                    f"ce_health/{spike['signal']}_z": spike["z"]}, step=step)
+        if self._parity is None or not self.check_on_spike or batch_idx is None:
+            reason = ("no CEParityCallback on the Trainer" if self._parity is None
+                      else "check_on_spike is off" if not self.check_on_spike else "training ended")
+            for spike in spiked:
+                self._attribute(trainer, spike, reason)
+            return
+        self._unattributed.extend(spiked)
+        self._parity.request_check(trainer, pl_module, batch_idx)
+
+    def _observe(self, name: str, value: float, step: int) -> dict[str, Any] | None:
         moments = self.stats[name]
         z = moments.zscore(value)
-        if moments.count >= self.warmup and (not math.isfinite(value) or z > self.z_threshold):
-            self._report(trainer, name, value, z, step)
+        spike = moments.count >= self.warmup and (not math.isfinite(value) or z > self.z_threshold)
         moments.update(value, self.decay)
+        return {"step": step, "signal": name, "value": value, "z": z, "attribution": None} if spike else None
 
-    def _report(self, trainer, name: str, value: float, z: float, step: int) -> None:
-        verdict = self._parity.last_verdict if self._parity else None
+    def _on_check(self, trainer, step: int, verdict: dict[str, Any] | None, reason: str) -> None:
+        """The parity callback's report of a check: attribute every spike before it with this verdict."""
+        due = [spike for spike in self._unattributed if spike["step"] < step]
+        self._unattributed = [spike for spike in self._unattributed if spike["step"] >= step]
+        for spike in due:
+            self._attribute(trainer, spike, reason, check_step=step, verdict=verdict)
+
+    def _attribute(self, trainer, spike: dict[str, Any], reason: str, *, check_step: int | None = None,
+                   verdict: dict[str, Any] | None = None) -> None:
+        head = f"{spike['signal']} spike at step {spike['step']} ({spike['value']:.4g}, z={spike['z']:.1f})"
         if verdict is None:
-            attribution, text = "unknown", "no parity check has run yet"
+            spike["attribution"] = "unknown"
+            text = (f"the seam check at step {check_step} did not run: {reason}" if check_step is not None
+                    else f"not checked: {reason}")
         elif verdict["drift"]:
-            attribution = "seam"
-            text = f"attributable: the seam was drifting at the last check (step {verdict['step']}: {verdict['cause']})"
+            spike["attribution"] = "seam"
+            text = (f"the seam check at step {check_step}: drifting, {verdict['cause']}: {verdict['summary']}")
         else:
-            attribution = "elsewhere"
-            text = f"parity was clean at the last check (step {verdict['step']}): look elsewhere"
-        spike = {"step": step, "signal": name, "value": value, "z": z, "attribution": attribution}
-        self.spikes.append(spike)
+            spike["attribution"] = "elsewhere"
+            text = f"the seam check at step {check_step}: clean: look elsewhere"
         for logger in trainer.loggers:
-            logger.log_metrics({f"ce_health/{name}_spike": 1.0, f"ce_health/{name}_z": z,
-                                "ce_health/attributable_to_seam": float(attribution == "seam")},
-                               step=step)
-        rank_zero_warn(f"{name} spike at step {step} ({value:.4g}, z={z:.1f}): {text}.")
+            logger.log_metrics({"ce_health/attributable_to_seam": float(spike["attribution"] == "seam")},
+                               step=check_step if check_step is not None else spike["step"])
+        rank_zero_warn(f"{head}; {text}.")
 
     def state_dict(self) -> dict[str, Any]:
         return {"stats": {k: dataclasses.asdict(v) for k, v in self.stats.items()}, "spikes": list(self.spikes)}
@@ -514,6 +627,53 @@ class SeamHealthCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stats = {k: _RunningMoments(**v) for k, v in state_dict["stats"].items()}
         self.spikes = list(state_dict["spikes"])
+
+
+@dataclasses.dataclass
+class _StepValues:
+    """One step's shared values, copied to host memory without blocking; read once the copy has landed."""
+
+    step: int
+    host: torch.Tensor
+    landed: Any  # a CUDA event, or None when the values are on the host already
+
+    @classmethod
+    def start(cls, step: int, values: torch.Tensor) -> "_StepValues":
+        if values.device.type != "cuda":
+            return cls(step, values, None)
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record()
+        return cls(step, host, landed)
+
+    def read(self) -> list[float]:
+        if self.landed is not None:
+            self.landed.synchronize()  # long done by the next step's start: the optimizer step ran after it
+        return self.host.tolist()
+
+
+def _take_norm_from_clipping(trainer, take: Callable[[torch.Tensor], None]) -> Callable[[], None] | None:
+    """With clipping by norm, have the precision plugin hand ``take`` the norm it computes; returns the undo.
+
+    Lightning's ``Precision.clip_grad_by_norm`` calls ``torch.nn.utils.clip_grad_norm_`` and drops the result;
+    this does the same and keeps it. None (nothing changed) without clipping by norm, or where the plugin
+    clips its own way: the monitor then takes its own norm.
+    """
+    from lightning.pytorch.plugins.precision import Precision
+
+    plugin = trainer.precision_plugin
+    by_norm = bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm in (None, "norm")
+    if not by_norm or type(plugin).clip_grad_by_norm is not Precision.clip_grad_by_norm:
+        return None
+
+    def clip_grad_by_norm(optimizer, clip_val) -> None:
+        norm = torch.nn.utils.clip_grad_norm_(plugin.main_params(optimizer), clip_val)
+        full_tensor = getattr(norm, "full_tensor", None)
+        take(full_tensor() if full_tensor is not None else norm)
+
+    plugin.clip_grad_by_norm = clip_grad_by_norm
+    return lambda: vars(plugin).pop("clip_grad_by_norm", None)
 
 
 def _total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:

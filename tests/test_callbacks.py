@@ -200,6 +200,10 @@ def test_bad_arguments():
         CEParityCallback(every_n_steps=0)
     with pytest.raises(ValueError, match="`policy` must be one of"):
         CEParityCallback(policy="panic")
+    with pytest.raises(ValueError, match="`every_n_steps_while_drifting` must be None or an int >= 1"):
+        CEParityCallback(every_n_steps_while_drifting=0)
+    with pytest.raises(ValueError, match="`clean_checks_to_relax` must be an int >= 1"):
+        CEParityCallback(clean_checks_to_relax=0)
 
 
 class SpikyLM(TinyLM):
@@ -209,23 +213,98 @@ class SpikyLM(TinyLM):
         return super().training_step(batch, batch_idx) * (50.0 if self.global_step == 6 else 1.0)
 
 
-def test_health_callback_attributes_a_spike_to_a_drifting_seam(tmp_path):
-    parity, health = CEParityCallback(every_n_steps=1), SeamHealthCallback(warmup=3, z_threshold=3.0)
-    t, log = trainer(tmp_path, [parity, health], max_steps=8)
-    module = SpikyLM(fault="grad_scale", fault_scale=2)
-    with pytest.warns(UserWarning, match="attributable: the seam was drifting"):
-        t.fit(module, token_loader())
-    spike = [s for s in health.spikes if s["step"] == 6 and s["signal"] == "loss"]
-    assert spike and spike[0]["attribution"] == "seam"
+def test_a_spike_right_after_the_seam_breaks_is_attributed_by_a_fresh_check(tmp_path):
+    """The only scheduled check (step 0) is clean; the seam breaks at step 6 and the loss spikes there. The spike
+    makes step 7 a check step, and that check, not the stale clean one, answers for it."""
+    from ce_guard.demos.inject import InjectSeamFault
+
+    parity, health = CEParityCallback(every_n_steps=100), SeamHealthCallback(warmup=3)
+    t, log = trainer(tmp_path, [InjectSeamFault(step=6, fault="grad_scale"), parity, health], max_steps=9)
+    with pytest.warns(UserWarning, match=r"loss spike at step 6 \(.*\); the seam check at step 7: drifting,"
+                                         r" normalization_scale"):
+        t.fit(SpikyLM(), token_loader())
+    assert [h["step"] for h in parity.history][:2] == [0, 7] and parity.history[1]["drift"]
+    assert {s["signal"]: s["attribution"] for s in health.spikes if s["step"] == 6} == {
+        "loss": "seam", "grad_norm": "seam"}
+    assert (7, {"ce_health/attributable_to_seam": 1.0}) in log.calls
 
 
-def test_health_callback_says_look_elsewhere_when_parity_is_clean(tmp_path):
-    parity, health = CEParityCallback(every_n_steps=1), SeamHealthCallback(warmup=3, z_threshold=3.0)
-    t, _ = trainer(tmp_path, [parity, health], max_steps=8)
-    module = SpikyLM()
-    with pytest.warns(UserWarning, match="parity was clean at the last check \\(step 6\\): look elsewhere"):
-        t.fit(module, token_loader())
-    assert health.spikes[0]["attribution"] == "elsewhere"
+def test_the_same_spike_over_a_clean_seam_says_look_elsewhere(tmp_path):
+    parity, health = CEParityCallback(every_n_steps=100), SeamHealthCallback(warmup=3)
+    t, _ = trainer(tmp_path, [parity, health], max_steps=9)
+    with pytest.warns(UserWarning, match=r"loss spike at step 6 \(.*\); the seam check at step 7: clean: look"
+                                         r" elsewhere"):
+        t.fit(SpikyLM(), token_loader())
+    assert [h["step"] for h in parity.history] == [0, 7]
+    assert {s["attribution"] for s in health.spikes if s["step"] == 6} == {"elsewhere"}
+
+
+def test_a_spike_without_a_parity_callback_is_reported_unattributed(tmp_path):
+    health = SeamHealthCallback(warmup=3)
+    t, _ = trainer(tmp_path, [health], max_steps=8)
+    with pytest.warns(UserWarning, match="loss spike at step 6 .*not checked: no CEParityCallback"):
+        t.fit(SpikyLM(), token_loader())
+    assert {s["attribution"] for s in health.spikes} == {"unknown"}
+
+
+def test_gradient_clipping_hands_its_norm_to_the_monitor(tmp_path, monkeypatch):
+    from ce_guard import callbacks
+
+    """With clipping by norm the monitor takes no norm of its own: it watches the one clipping computed."""
+    health = SeamHealthCallback(warmup=3)
+    t, _ = trainer(tmp_path, [health], max_steps=8, gradient_clip_val=1.0)
+    seen = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    def no_second_norm(grads):
+        raise AssertionError("the monitor took a norm of its own")
+
+    torch.nn.utils.clip_grad_norm_ = spy
+    monkeypatch.setattr(callbacks, "_total_grad_norm", no_second_norm)
+    try:
+        with pytest.warns(UserWarning, match="grad_norm spike at step 6"):
+            t.fit(SpikyLM(), token_loader())
+    finally:
+        torch.nn.utils.clip_grad_norm_ = original
+    assert len(seen) == 8 and health.stats["grad_norm"].count == 8  # step 7's norm is judged at train end
+    assert "clip_grad_by_norm" not in vars(t.precision_plugin)  # the plugin is restored after the fit
+
+
+def test_a_drift_verdict_raises_the_check_rate_until_clean_checks_in_a_row(tmp_path):
+    from ce_guard.demos.inject import InjectSeamFault
+
+    parity = CEParityCallback(every_n_steps=4, clean_checks_to_relax=2)
+    t, _ = trainer(tmp_path, [InjectSeamFault(step=3, fault="grad_scale"), parity], max_steps=8)
+    with pytest.warns(UserWarning, match="CE seam drift at step 4"):
+        t.fit(TinyLM(), token_loader())
+    assert [h["step"] for h in parity.history] == [0, 4, 5, 6, 7] and parity.clean_checks_owed == 2
+    for drifting in (False, True, False, False):  # the rate relaxes only after two clean checks in a row
+        parity._set_rate(drifting, step=0)
+    assert parity.clean_checks_owed is None
+
+
+class IntermittentLM(TinyLM):
+    """The seam scales its gradient 2x on micro-batch 2 of every 4 accumulated, and is correct on the rest."""
+
+    def training_step(self, batch, batch_idx):
+        from ce_guard.faults import SeamFault
+        from ce_guard.fused import _resolve_math
+
+        fault = SeamFault.GRAD_SCALE if batch_idx % 4 == 2 else None
+        self.output._math = _resolve_math(self.output.ce_contract, fault, 2)
+        return super().training_step(batch, batch_idx)
+
+
+def test_each_check_samples_another_micro_batch_so_a_fault_in_one_of_k_is_met_within_k_checks(tmp_path):
+    parity = CEParityCallback(every_n_steps=1, every_n_steps_while_drifting=None)
+    t, _ = trainer(tmp_path, [parity], max_steps=4, accumulate_grad_batches=4)
+    with pytest.warns(UserWarning, match="CE seam drift at step 2"):
+        t.fit(IntermittentLM(), token_loader(batches=16))
+    assert [h["drift"] for h in parity.history] == [False, False, True, False]
 
 
 def test_a_layer_swapped_after_fit_start_stays_guarded(tmp_path):
