@@ -9,6 +9,13 @@ amortised overhead.
 
     python benchmarks/bench_guard_overhead.py --config configs/gpu_1.yaml           # GPU
     python benchmarks/bench_guard_overhead.py --quick                               # CPU, tiny, ~1 min
+
+``--monitor`` times ``SeamHealthCallback`` instead: fits with and without it, alternated ``--repeats`` times,
+both with the parity callback present but no check in the window and the config's gradient clipping. Each
+fit's mean step time is its window's wall time, synchronised at the window's two ends only, so a host
+synchronisation the monitor adds on ordinary steps shows up as lost overlap.
+
+    python benchmarks/bench_guard_overhead.py --config configs/gpu_1.yaml --monitor --repeats 3
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
-from ce_guard.callbacks import CEParityCallback
+from ce_guard.callbacks import CEParityCallback, SeamHealthCallback
 from ce_guard.demos.data import CppTokenDataModule
 from ce_guard.demos.lit import HybridLitModule
 
@@ -48,6 +55,25 @@ class StepTimer(Callback):
         self._last = now
 
 
+class WindowTimer(Callback):
+    """Wall time of optimizer steps ``start..`` to the end of the fit, the device synchronised at both ends."""
+
+    def __init__(self, start: int) -> None:
+        self.start, self.seconds, self.steps = start, None, 0
+        self._began: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.start and self._began is None:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize()
+            self._began = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds, self.steps = time.perf_counter() - self._began, trainer.global_step - self.start
+
+
 class _ConfigCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
@@ -66,6 +92,35 @@ def time_fit(cli: LightningCLI, every_n_steps: int | None, steps: int) -> tuple[
     return timer.seconds, sum(p.numel() for p in module.parameters())
 
 
+def time_monitor(cli: LightningCLI, monitor: bool, warmup: int, measure: int) -> tuple[float, int]:
+    """Mean step seconds of one fit over steps warmup..warmup+measure-1, and the spikes the monitor called."""
+    timer = WindowTimer(warmup)
+    health = [SeamHealthCallback()] if monitor else []
+    trainer = pl.Trainer(accelerator=cli.config.trainer.accelerator, devices=1, precision=cli.config.trainer.precision,
+                         gradient_clip_val=cli.config.trainer.gradient_clip_val, max_steps=warmup + measure,
+                         logger=False, enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir="runs/bench_guard_overhead",
+                         callbacks=[CEParityCallback(every_n_steps=10 ** 9), *health, timer])
+    trainer.fit(copy.deepcopy(cli.model), datamodule=cli.datamodule)
+    return timer.seconds / timer.steps, sum(len(h.spikes) for h in health)
+
+
+def monitor_cost(cli: LightningCLI, args) -> dict:
+    runs = {"off": [], "on": []}
+    spikes = 0
+    for _ in range(args.repeats):
+        for state in ("off", "on"):
+            seconds, called = time_monitor(cli, state == "on", args.warmup, args.measure)
+            runs[state].append(1e3 * seconds)
+            spikes += called
+            print(f"monitor {state}: mean step {runs[state][-1]:.2f} ms", flush=True)
+    off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+    print(f"\nSeamHealthCallback: median step {on:.2f} ms with, {off:.2f} ms without: {100 * (on / off - 1):+.2f}%"
+          f" ({args.repeats} fits each, alternated; {spikes} spikes called in the windows)")
+    return {"step_ms": runs, "median_off_ms": off, "median_on_ms": on, "cost_pct": 100 * (on / off - 1),
+            "spikes_in_windows": spikes, "gradient_clip_val": cli.config.trainer.gradient_clip_val}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/gpu_1.yaml", help="an example config: model, data, precision")
@@ -73,10 +128,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="steps not timed")
     parser.add_argument("--measure", type=int, default=100, help="timed steps; a multiple of 100 keeps rates exact")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--monitor", action="store_true", help="time SeamHealthCallback instead of the checks")
+    parser.add_argument("--repeats", type=int, default=3, help="--monitor: fits with and without, alternated")
     args, overrides = parser.parse_known_args()
     cli_args = [*(QUICK if args.quick else ["--config", args.config]), *overrides]
     cli = _ConfigCLI(HybridLitModule, CppTokenDataModule, run=False, args=cli_args, save_config_callback=None)
     tokens_per_step = cli.datamodule.batch_size * cli.datamodule.seq_len
+    if args.monitor:
+        result = monitor_cost(cli, args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+                           "precision": cli.config.trainer.precision, "tokens_per_step": tokens_per_step,
+                           **result}, f, indent=2)
+        return
 
     # The timer sees intervals after the first step; keep steps warmup..warmup+measure-1 (batch indices).
     window = slice(args.warmup - 1, args.warmup - 1 + args.measure)

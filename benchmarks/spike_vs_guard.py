@@ -59,8 +59,9 @@ def run(fault: str, args) -> dict:
     # Every drifting check writes a repro bundle (the weight included: ~200 MB at d_model 256), so the run
     # dir can be kept apart from the results that get shipped.
     run_dir = Path(args.run_dir or Path(args.out).parent) / fault
-    parity = CEParityCallback(every_n_steps=args.every, run_dir=str(run_dir))
-    health = SeamHealthCallback(warmup=20)
+    # The fixed schedule (no faster checks after a drift, no checks on spikes): every watcher sees the same run.
+    parity = CEParityCallback(every_n_steps=args.every, every_n_steps_while_drifting=None, run_dir=str(run_dir))
+    health = SeamHealthCallback(warmup=20, check_on_spike=False)
     spike = RecordingSpikeDetection(warmup=20)
     trainer = pl.Trainer(max_steps=args.steps, accelerator=args.accelerator, devices=1, logger=False,
                          callbacks=[InjectSeamFault(args.switch_step, fault), parity, health, spike],

@@ -66,7 +66,34 @@ def scenarios(rank, world):
                               policy="stop", max_steps=5)
     out["dp_nan_rank1"] = _fit(os.path.join(base, "dp_nan"), dp=2, tp=1, nan_on_rank=1)
     out["dp_skip_rank1"] = _fit(os.path.join(base, "dp_skip"), dp=2, tp=1, cannot_record_on_rank=1)
+    out["dp_spike_rank1"] = _spike_on_one_rank(os.path.join(base, "dp_spike"), spiking_rank=1)
     return out
+
+
+def _spike_on_one_rank(root, spiking_rank):
+    """DP = 2 where only one rank's loss jumps 50x at step 6: judged on its own loss, that rank alone would
+    ask for a check (a collective) and wait forever for the other."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from ce_guard.callbacks import CEParityCallback, SeamHealthCallback
+    from lightning_helpers import MeshTinyLM, uneven_padding_loader
+
+    class OneRankSpikes(MeshTinyLM):
+        def training_step(self, batch, batch_idx):
+            jump = 50.0 if self.global_step == 6 and self.global_rank == spiking_rank else 1.0
+            return super().training_step(batch, batch_idx) * jump
+
+    parity, health = CEParityCallback(every_n_steps=100), SeamHealthCallback(warmup=3)
+    trainer = pl.Trainer(
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), accelerator="cpu", devices=2,
+        max_steps=9, logger=False, callbacks=[parity, health], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(OneRankSpikes(), uneven_padding_loader(rows=40))
+    return {"checks": [h["step"] for h in parity.history], "global_step": trainer.global_step,
+            "spikes": [(s["step"], s["signal"], round(s["value"], 6), s["attribution"]) for s in health.spikes]}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +113,8 @@ def test_local_normalisation_with_unequal_padding_is_flagged_at_the_first_check(
         first = res["dp_local"]["history"][0]
         assert first["step"] == 0 and first["drift"] and first["cause"] == "normalization_owner", first
     receipt = results[0]["dp_local"]["receipts"][0]
-    causes = {v["rank"]: v["cause"] for v in receipt["verdicts"]}
-    assert causes == {0: "normalization_owner", 1: "normalization_owner"}
+    assert (receipt["ranks"], receipt["drifting_ranks"], receipt["rank"]) == (2, 2, 0)
+    assert receipt["cause"] == "normalization_owner"
     assert "divides by this rank's non-ignored tokens" in receipt["summary"]
     assert results[0]["dp_local"]["bundles"] == ["step00000000_rank0.pt", "step00000000_rank1.pt"]  # one per rank
 
@@ -128,6 +155,14 @@ def test_a_rank_that_cannot_check_makes_every_rank_skip_without_a_hang(results):
         if rank == 0:  # rank zero warns, naming the step and that another rank could not record
             assert any("skipped the check at step 0: another rank could not record the seam" in w
                        for w in run["warnings"]), run["warnings"]
+
+
+def test_ranks_whose_own_losses_disagree_about_a_spike_decide_alike_and_finish(results):
+    one, other = (res["dp_spike_rank1"] for res in results)
+    assert one == other, (one, other)  # the same spikes (on the mean loss), the same checks, on both ranks
+    assert one["global_step"] == 9 and 7 in one["checks"], one  # the step after the spike is checked
+    assert ("loss" in {signal for step, signal, _, _ in one["spikes"] if step == 6}
+            and {a for step, _, _, a in one["spikes"] if step == 6} == {"elsewhere"}), one
 
 
 def two_d_scenarios(rank, world):
