@@ -1,8 +1,8 @@
 """What the verdict's statistics cost inside one check: the budget, and the signature fit a flagged check adds.
 
 A check runs the reference, earns the budget on the native path, compares and diagnoses. A check over budget
-also fits dL/dh's error onto the faults' directions (two matmuls over at most 2,048 tokens, collectives over
-TP). Timed side by side on one batch of ce_guard's fused layer: a clean check, the same check with a 1.002x
+also fits dL/dh's error onto the faults' directions and the native path's rounding (two matmuls over at most
+2,048 tokens, collectives over TP). Timed side by side on one batch of ce_guard's fused layer: a clean check, the same check with a 1.002x
 scale (over budget, so it fits), the fit alone and the budget alone; medians of ``--repeats``.
 
     python benchmarks/bench_check_cost.py --out runs/check_cost.json                 # GPU shape on CUDA
@@ -59,7 +59,7 @@ def main() -> None:
 
     def fit():
         return fit_signatures(hidden, weight.detach(), targets, scaled.fused.grad_hidden, reference.grad_hidden,
-                              contract)
+                              reference.token_weight, contract)
 
     timings = {
         "clean check": lambda: check_seam(clean, contract),

@@ -99,7 +99,7 @@ def fit_signatures(
         grad_ref: dL/dh from the reference on the same tokens.
         token_weight: each token's weight in the reduction (the reference's dLoss/dper-token loss), flat.
         contract: the contract both were held to.
-        max_tokens: visible tokens fitted at most, evenly spaced (the directions cost two matmuls on them).
+        max_tokens: visible tokens fitted at most, evenly spaced (the native path's two matmuls run on them).
     """
     if grad_fused is None or grad_ref is None or token_weight is None:
         return None
@@ -147,14 +147,16 @@ def _native_grad(h, weight, y, u, contract: CEContract):
         block = slice(start, start + step)
         z = (h[block] @ weight.T).float()                                   # (c, V/TP)
         z_max = _dist.all_reduce(z.amax(dim=1), dist.ReduceOp.MAX, tp)    # (c,) over the TP group
-        e = torch.exp(z - z_max[:, None])
+        e = z.sub_(z_max[:, None]).exp_()                                   # in place: one logits-sized buffer
         total = _dist.all_reduce(e.sum(dim=1), dist.ReduceOp.SUM, tp)     # (c,)
         block_lse = z_max + total.log()                                     # (c,)
-        # dL/dz of the contract: (1 + 2 z lse) p - (1 - eps) onehot - eps / V, times the token's weight
-        logit_grad = e.mul_(((1 + 2 * z_loss * block_lse) / total)[:, None]).sub_(eps / contract.vocab_size)
+        # u dL/dz of the contract: u ((1 + 2 z lse) p - (1 - eps) onehot - eps / V)
+        weight_u = u[block].float()                                         # (c,)
+        logit_grad = e.mul_((weight_u * (1 + 2 * z_loss * block_lse) / total)[:, None])
+        if eps:
+            logit_grad.sub_((weight_u * eps / contract.vocab_size)[:, None])
         block_owned = owned[block].nonzero().squeeze(1)
-        logit_grad[block_owned, local[block][block_owned]] -= 1 - eps
-        logit_grad.mul_(u[block, None].float())
+        logit_grad[block_owned, local[block][block_owned]] -= weight_u[block_owned] * (1 - eps)
         native[block] = logit_grad.to(weight.dtype).matmul(weight).double()  # this slice's share
         lse[block] = block_lse.double()
     target_row = torch.zeros(m, d, dtype=torch.float64, device=h.device)
