@@ -59,7 +59,8 @@ class CEParityCallback(Callback):
         module_path: attribute path of the guarded module in the LightningModule (e.g. ``"model.output"``);
             by default the unique submodule with a ``ce_contract`` attribute.
         policy: on drift, ``warn`` (log and warn on rank zero), ``raise`` (:class:`SeamDriftError` on every
-            rank) or ``stop`` (end the fit cleanly). Every drift also writes a repro bundle.
+            rank) or ``stop`` (end the fit cleanly). A drift writes a repro bundle; one that goes on with
+            the same cause keeps its first.
         sample_tokens: compare dL/dh on this many tokens only (dL/dW skipped); the loss and the token count
             still see every token.
         replay_weight_grad: replay the fused module standalone on the recorded inputs to compare dL/dW
@@ -121,6 +122,7 @@ class CEParityCallback(Callback):
         self._resolved_run_dir: str | None = None
         self._resumed = False
         self._recording: _Recording | None = None
+        self._streak_bundle: str | None = None  # this rank's bundle of the drift going on, if any
 
     # ----------------------------------------------------------------------------------------- set-up
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -237,11 +239,18 @@ class CEParityCallback(Callback):
             logger.log_metrics(metrics, step=step)
         entry = {"step": step, "drift": drifting, "cause": first["cause"], "summary": first["summary"],
                  "rank": first["rank"]}
+        previous = self.history[-1] if self.history else None
+        # A drift that goes on with the same cause (checked every step while it does) keeps its first bundle.
+        repeat = drifting and previous is not None and previous["drift"] and previous["cause"] == first["cause"]
         self.history.append(entry)
         self._set_rate(drifting, step)
         self._notify(trainer, step, entry, "")
 
-        bundle = self._write_bundle(trainer, recording.module, outcome, step) if drifting else None
+        if repeat and self._streak_bundle is not None:
+            bundle = self._streak_bundle
+        else:
+            bundle = self._write_bundle(trainer, recording.module, outcome, step) if drifting else None
+        self._streak_bundle = bundle
         if trainer.is_global_zero:
             receipt = {
                 **entry, "epoch": trainer.current_epoch, "metrics": metrics, "ranks": agreed.ranks,
@@ -258,6 +267,9 @@ class CEParityCallback(Callback):
                    f"{f' See {catalogue}.' if catalogue else ''} Repro bundle: {bundle}")
         if self.policy == "raise":
             raise SeamDriftError(step, first["rank"], first["cause"], first["summary"])
+        if repeat:
+            rank_zero_info(f"CE seam still drifting at step {step}: {first['cause']} (bundle: {bundle}).")
+            return
         rank_zero_warn(message)
         if self.policy == "stop":
             trainer.should_stop = True
