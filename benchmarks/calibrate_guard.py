@@ -490,6 +490,8 @@ def two_rank_ladders(n: int, d: int, v: int, world: World) -> list[Ladder]:
 def power(args, world: World) -> dict:
     n, d, v = grid_shapes(args)[0]
     ladders = one_rank_ladders(n, d, v, world) if world.size == 1 else two_rank_ladders(n, d, v, world)
+    if args.ladders:
+        ladders = [ladder for ladder in ladders if any(word in ladder.fault for word in args.ladders)]
     rows, stopped = [], "done"
     clock = Clock(args.max_seconds, world)
     for ladder, dtype_name in itertools.product(ladders, args.dtypes):
@@ -625,6 +627,8 @@ def main() -> None:
     parser.add_argument("--example-seq-len", type=int, default=128)
     parser.add_argument("--example-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="power: checks (fresh inputs) per magnitude")
+    parser.add_argument("--ladders", nargs="+", default=None,
+                        help="power: only the ladders whose fault names contain one of these words")
     parser.add_argument("--max-seconds", type=float, default=math.inf)
     parser.add_argument("--out", required=True)
     parser.add_argument("--out-md", default=None, help="also write the markdown table here")

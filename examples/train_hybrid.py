@@ -83,7 +83,10 @@ class RunSummary(Callback):
         else:
             history = parity.history
             drifts = [h for h in history if h["drift"]]
-            table.add_row("checks", f"{len(history)} (every {parity.every_n_steps} steps, policy {parity.policy})")
+            raised = (f", every {parity.every_n_steps_while_drifting} while drifting"
+                      if parity.every_n_steps_while_drifting is not None and parity.policy == "warn" else "")
+            table.add_row("checks", f"{len(history)} (every {parity.every_n_steps} steps{raised},"
+                                    f" policy {parity.policy})")
             table.add_row("drifts", str(len(drifts)))
             if drifts:
                 first = drifts[0]
