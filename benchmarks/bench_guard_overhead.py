@@ -13,7 +13,9 @@ amortised overhead.
 ``--monitor`` times ``SeamHealthCallback`` instead: fits with and without it, alternated ``--repeats`` times,
 both with the parity callback present but no check in the window and the config's gradient clipping. Each
 fit's mean step time is its window's wall time, synchronised at the window's two ends only, so a host
-synchronisation the monitor adds on ordinary steps shows up as lost overlap.
+synchronisation the monitor adds on ordinary steps shows up as lost overlap; the host time of each of the
+monitor's per-step hooks (median over the window; the wait for the last step's values is in
+``on_train_batch_start``) is printed beside it.
 
     python benchmarks/bench_guard_overhead.py --config configs/gpu_1.yaml --monitor --repeats 3
 """
@@ -92,32 +94,58 @@ def time_fit(cli: LightningCLI, every_n_steps: int | None, steps: int) -> tuple[
     return timer.seconds, sum(p.numel() for p in module.parameters())
 
 
-def time_monitor(cli: LightningCLI, monitor: bool, warmup: int, measure: int) -> tuple[float, int]:
-    """Mean step seconds of one fit over steps warmup..warmup+measure-1, and the spikes the monitor called."""
+class TimedHealth(SeamHealthCallback):
+    """SeamHealthCallback with the host time of each of its per-step hooks recorded (no device sync added)."""
+
+    HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "_send")
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.host_ms: dict[str, list[float]] = {name: [] for name in self.HOOKS}
+        for name in self.HOOKS:
+            setattr(self, name, self._timed(name, getattr(self, name)))
+
+    def _timed(self, name, method):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.host_ms[name].append(1e3 * (time.perf_counter() - started))
+        return timed
+
+
+def time_monitor(cli: LightningCLI, monitor: bool, warmup: int, measure: int) -> tuple[float, int, dict]:
+    """Mean step seconds of one fit over steps warmup..warmup+measure-1, the spikes the monitor called, and
+    the median host milliseconds of each of its hooks."""
     timer = WindowTimer(warmup)
-    health = [SeamHealthCallback()] if monitor else []
+    health = [TimedHealth()] if monitor else []
     trainer = pl.Trainer(accelerator=cli.config.trainer.accelerator, devices=1, precision=cli.config.trainer.precision,
                          gradient_clip_val=cli.config.trainer.gradient_clip_val, max_steps=warmup + measure,
                          logger=False, enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir="runs/bench_guard_overhead",
                          callbacks=[CEParityCallback(every_n_steps=10 ** 9), *health, timer])
     trainer.fit(copy.deepcopy(cli.model), datamodule=cli.datamodule)
-    return timer.seconds / timer.steps, sum(len(h.spikes) for h in health)
+    hooks = {name: statistics.median(ms[warmup:]) for h in health for name, ms in h.host_ms.items() if ms[warmup:]}
+    return timer.seconds / timer.steps, sum(len(h.spikes) for h in health), hooks
 
 
 def monitor_cost(cli: LightningCLI, args) -> dict:
     runs = {"off": [], "on": []}
-    spikes = 0
+    spikes, hook_ms = 0, {}
     for _ in range(args.repeats):
         for state in ("off", "on"):
-            seconds, called = time_monitor(cli, state == "on", args.warmup, args.measure)
+            seconds, called, hooks = time_monitor(cli, state == "on", args.warmup, args.measure)
             runs[state].append(1e3 * seconds)
             spikes += called
-            print(f"monitor {state}: mean step {runs[state][-1]:.2f} ms", flush=True)
+            hook_ms = hook_ms or hooks
+            print(f"monitor {state}: mean step {runs[state][-1]:.2f} ms"
+                  + "".join(f", {name} {ms:.3f} ms" for name, ms in hooks.items()), flush=True)
     off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
     print(f"\nSeamHealthCallback: median step {on:.2f} ms with, {off:.2f} ms without: {100 * (on / off - 1):+.2f}%"
           f" ({args.repeats} fits each, alternated; {spikes} spikes called in the windows)")
     return {"step_ms": runs, "median_off_ms": off, "median_on_ms": on, "cost_pct": 100 * (on / off - 1),
+            "hook_host_ms_first_fit": hook_ms,
             "spikes_in_windows": spikes, "gradient_clip_val": cli.config.trainer.gradient_clip_val}
 
 
