@@ -65,6 +65,7 @@ class WandbPanels:
         logger = find_wandb_logger(trainer) if trainer.is_global_zero else None
         self._run = None if logger is None else logger.experiment
         self._rows: list[list[Any]] = []
+        self._bundles_seen: set[str | None] = set()
         self._table = None
         self._warned: set[str] = set()
         if self._run is not None:
@@ -87,7 +88,9 @@ class WandbPanels:
         if self._run is None:
             return
         self._guard("receipts table", self._log_table, receipt)
-        if receipt["drift"]:
+        # A drift that goes on keeps its first bundle (CEParityCallback): alert and upload once for it.
+        if receipt["drift"] and receipt.get("bundle") not in self._bundles_seen:
+            self._bundles_seen.add(receipt.get("bundle"))
             self._guard("alert", self._alert, receipt)
             if receipt.get("bundle"):
                 self._guard("bundle artifact", self._log_bundle, receipt)

@@ -35,7 +35,8 @@ def assert_one_line_error(code: int, out: str, err: str, *fragments: str) -> Non
 
 @pytest.fixture(scope="module")
 def drifting_run(tmp_path_factory) -> Path:
-    """A short fit whose output layer scales loss and gradients by 3: receipts at steps 0..3, bundles too."""
+    """A short fit whose output layer scales loss and gradients by 3: receipts at steps 0..3, and the drift's
+    bundle at step 0 (the checks after it, of the same drift, point to it)."""
     root = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     t, _ = trainer(root, [CEParityCallback(every_n_steps=1)], max_steps=4)
@@ -84,7 +85,7 @@ def test_replay_reproduces_the_drift_of_a_real_run(capsys, drifting_run):
 
 
 def test_replay_with_another_fused_path_compares_implementations(capsys, drifting_run):
-    bundle = drifting_run / "ce_guard" / "bundles" / "step00000002_rank0.pt"
+    bundle = drifting_run / "ce_guard" / "bundles" / "step00000000_rank0.pt"
     code, out, _ = run(capsys, "replay", bundle, "--fused", "ce_guard")
     assert code == 0, out  # the honest layer on the faulty run's inputs
     assert "drift reproduces" in out and "ok: within_budget" in out
