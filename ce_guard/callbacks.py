@@ -166,8 +166,9 @@ class CEParityCallback(Callback):
 
     def add_listener(self, listener: Callable[[pl.Trainer, int, dict[str, Any] | None, str], None]) -> None:
         """Call ``listener(trainer, step, verdict, reason)`` after each check: its history entry, or None and why
-        it did not run."""
-        self._listeners.append(listener)
+        it did not run. Adding one twice (a second fit) keeps one."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._recording is None and self.is_check_step(trainer) and self._samples_micro_batch(trainer, batch_idx):
