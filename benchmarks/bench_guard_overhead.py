@@ -85,13 +85,19 @@ def time_fit(cli: LightningCLI, every_n_steps: int | None, steps: int) -> tuple[
     """One fit of a fresh copy of the configured model: per-step seconds (from the second step on), parameters."""
     timer = StepTimer()
     guard = [] if every_n_steps is None else [CEParityCallback(every_n_steps=every_n_steps)]
+    module = fit_fresh(cli, steps, [*guard, timer])
+    return timer.seconds, sum(p.numel() for p in module.parameters())
+
+
+def fit_fresh(cli: LightningCLI, steps: int, callbacks: list[Callback], **trainer_args) -> pl.LightningModule:
+    """Fit a fresh copy of the configured model for ``steps`` on one device, nothing but ``callbacks`` extra."""
     trainer = pl.Trainer(accelerator=cli.config.trainer.accelerator, devices=1, precision=cli.config.trainer.precision,
                          max_steps=steps, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[*guard, timer],
-                         default_root_dir="runs/bench_guard_overhead")
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         default_root_dir="runs/bench_guard_overhead", **trainer_args)
     module = copy.deepcopy(cli.model)  # not built yet (configure_model runs in fit): a cheap, fresh copy
     trainer.fit(module, datamodule=cli.datamodule)
-    return timer.seconds, sum(p.numel() for p in module.parameters())
+    return module
 
 
 class TimedHealth(SeamHealthCallback):
@@ -120,12 +126,8 @@ def time_monitor(cli: LightningCLI, monitor: bool, warmup: int, measure: int) ->
     the median host milliseconds of each of its hooks."""
     timer = WindowTimer(warmup)
     health = [TimedHealth()] if monitor else []
-    trainer = pl.Trainer(accelerator=cli.config.trainer.accelerator, devices=1, precision=cli.config.trainer.precision,
-                         gradient_clip_val=cli.config.trainer.gradient_clip_val, max_steps=warmup + measure,
-                         logger=False, enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir="runs/bench_guard_overhead",
-                         callbacks=[CEParityCallback(every_n_steps=10 ** 9), *health, timer])
-    trainer.fit(copy.deepcopy(cli.model), datamodule=cli.datamodule)
+    fit_fresh(cli, warmup + measure, [CEParityCallback(every_n_steps=10 ** 9), *health, timer],
+              gradient_clip_val=cli.config.trainer.gradient_clip_val)
     hooks = {name: statistics.median(ms[warmup:]) for h in health for name, ms in h.host_ms.items() if ms[warmup:]}
     return timer.seconds / timer.steps, sum(len(h.spikes) for h in health), hooks
 

@@ -43,8 +43,7 @@ def agree(verdict: Mapping[str, Any], means: Mapping[str, float | None], maxima:
         means: values averaged over ranks; None where this rank has none (it then counts as NaN).
         maxima: values whose worst rank is wanted (margins, max abs differences); None where this rank has none.
     """
-    world = dist.get_world_size() if _dist.is_distributed() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    world, rank = _dist.group_size(dist.group.WORLD), _dist.group_rank(dist.group.WORLD)
     drift = bool(verdict["drift"])
     sums = torch.tensor([float(drift), *(math.nan if v is None else v for v in means.values())],
                         dtype=torch.float64, device=device)
@@ -53,9 +52,8 @@ def agree(verdict: Mapping[str, Any], means: Mapping[str, float | None], maxima:
     peaks = torch.tensor([float(world - rank) if drift else 0.0,
                           *(-math.inf if v is None else (math.inf if math.isnan(v) else v) for v in maxima.values())],
                          dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(sums, dist.ReduceOp.SUM)
-        dist.all_reduce(peaks, dist.ReduceOp.MAX)
+    _dist.all_reduce(sums, dist.ReduceOp.SUM, dist.group.WORLD)
+    _dist.all_reduce(peaks, dist.ReduceOp.MAX, dist.group.WORLD)
     sums, peaks = sums.tolist(), peaks.tolist()
     drifting, first = int(sums[0]), (world - int(peaks[0]) if peaks[0] > 0 else 0)
     metrics = {name: total / world for name, total in zip(means, sums[1:])

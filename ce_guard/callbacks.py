@@ -576,8 +576,7 @@ class SeamHealthCallback(Callback):
         # (loss, norm, ranks with a loss, ranks with a norm): the mean loss over ranks that have one; the norm
         # is already global, so the sum over ranks divided by their count is the norm again.
         values = torch.stack([loss, norm, zero + (self._loss_sum is not None), zero + (grad_norm is not None)])
-        if _dist.is_distributed() and dist.get_world_size() > 1:
-            dist.all_reduce(values)
+        _dist.all_reduce(values, dist.ReduceOp.SUM, dist.group.WORLD)
         self._in_flight = _StepValues.start(trainer.global_step, values)
         self._loss_sum, self._micro_batches = None, 0
 
