@@ -1,11 +1,11 @@
 """Training-step time of the hybrid demo with and without ``CEParityCallback``, and the guard's amortised cost.
 
-Three fits of the same model and data, each ``warmup + measure`` optimizer steps: no guard, a check every
-100 steps and a check every 50. A step's time is the interval between consecutive ``on_train_batch_end``
-hooks (CUDA synchronised), so it holds data loading, forward, backward, the optimizer and, on a check
-step, the check. With ``measure=100`` and ``warmup=10`` the timed window (steps 10..109) holds exactly the
-checks its rate implies (100; 50 and 100), so the mean step time's excess over the unguarded fit is the
-amortised overhead.
+Fits of the same model and data, each ``warmup + measure`` optimizer steps: no guard, a check every
+100 steps and a check every 50, alternated ``--repeats`` times. A step's time is the interval between
+consecutive ``on_train_batch_end`` hooks (CUDA synchronised), so it holds data loading, forward, backward,
+the optimizer and, on a check step, the check. With ``measure=100`` and ``warmup=10`` the timed window
+(steps 10..109) holds exactly the checks its rate implies (100; 50 and 100), so the median window mean's
+excess over the unguarded fits is the amortised overhead.
 
     python benchmarks/bench_guard_overhead.py --config configs/gpu_1.yaml           # GPU
     python benchmarks/bench_guard_overhead.py --quick                               # CPU, tiny, ~1 min
@@ -90,10 +90,12 @@ def time_fit(cli: LightningCLI, every_n_steps: int | None, steps: int) -> tuple[
 
 
 def fit_fresh(cli: LightningCLI, steps: int, callbacks: list[Callback], **trainer_args) -> pl.LightningModule:
-    """Fit a fresh copy of the configured model for ``steps`` on one device, nothing but ``callbacks`` extra."""
+    """Fit a fresh copy of the configured model for ``steps`` on one device, nothing but ``callbacks`` extra
+    (no validation and no logger unless ``trainer_args`` ask for them)."""
+    trainer_args = {"limit_val_batches": 0, "logger": False, **trainer_args}
     trainer = pl.Trainer(accelerator=cli.config.trainer.accelerator, devices=1, precision=cli.config.trainer.precision,
-                         max_steps=steps, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         max_steps=steps, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks,
                          default_root_dir="runs/bench_guard_overhead", **trainer_args)
     module = copy.deepcopy(cli.model)  # not built yet (configure_model runs in fit): a cheap, fresh copy
     trainer.fit(module, datamodule=cli.datamodule)
@@ -159,7 +161,7 @@ def main() -> None:
     parser.add_argument("--measure", type=int, default=100, help="timed steps; a multiple of 100 keeps rates exact")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--monitor", action="store_true", help="time SeamHealthCallback instead of the checks")
-    parser.add_argument("--repeats", type=int, default=3, help="--monitor: fits with and without, alternated")
+    parser.add_argument("--repeats", type=int, default=3, help="fits of each kind, alternated")
     args, overrides = parser.parse_known_args()
     cli_args = [*(QUICK if args.quick else ["--config", args.config]), *overrides]
     cli = _ConfigCLI(HybridLitModule, CppTokenDataModule, run=False, args=cli_args, save_config_callback=None)
@@ -173,38 +175,52 @@ def main() -> None:
                            **result}, f, indent=2)
         return
 
-    # The timer sees intervals after the first step; keep steps warmup..warmup+measure-1 (batch indices).
-    window = slice(args.warmup - 1, args.warmup - 1 + args.measure)
-    rows = []
-    for every in (None, 100, 50):
-        seconds, n_params = time_fit(cli, every, args.warmup + args.measure)
-        seconds = seconds[window]
-        checks = sum(1 for step in range(args.warmup, args.warmup + args.measure) if every and step % every == 0)
-        rows.append({"guard": "off" if every is None else f"every {every}", "checks_timed": checks,
-                     "mean_step_ms": 1e3 * statistics.fmean(seconds),
-                     "median_step_ms": 1e3 * statistics.median(seconds),
-                     "max_step_ms": 1e3 * max(seconds)})
-        print(f"guard {rows[-1]['guard']}: mean step {rows[-1]['mean_step_ms']:.1f} ms", flush=True)
-    base = rows[0]["mean_step_ms"]
-    for row in rows:
-        row["tokens_per_s"] = tokens_per_step / row["mean_step_ms"] * 1e3
-        row["overhead_pct"] = 100 * (row["mean_step_ms"] / base - 1)
-        if row["checks_timed"]:  # one check's cost: the window's excess time over its checks
-            row["check_ms"] = (row["mean_step_ms"] - base) * args.measure / row["checks_timed"]
-
+    rows, n_params = checks_cost(cli, args)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{device}, {n_params / 1e6:.1f}M parameters, precision {cli.config.trainer.precision}, "
-          f"{tokens_per_step} tokens/step, steps {args.warmup}..{args.warmup + args.measure - 1} timed")
+          f"{tokens_per_step} tokens/step, steps {args.warmup}..{args.warmup + args.measure - 1} timed, "
+          f"median of {args.repeats} alternated fits")
     print(f"{'guard':>10} {'checks':>6} {'mean ms':>9} {'median ms':>9} {'max ms':>9} {'tokens/s':>10} "
           f"{'overhead':>8} {'per check':>10}")
     for row in rows:
+        row["tokens_per_s"] = tokens_per_step / row["mean_step_ms"] * 1e3
         check = f"{row['check_ms']:.0f} ms" if "check_ms" in row else "-"
         print(f"{row['guard']:>10} {row['checks_timed']:>6} {row['mean_step_ms']:>9.1f} {row['median_step_ms']:>9.1f} "
               f"{row['max_step_ms']:>9.1f} {row['tokens_per_s']:>10.0f} {row['overhead_pct']:>7.2f}% {check:>10}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device, "params": n_params, "precision": cli.config.trainer.precision,
-                       "tokens_per_step": tokens_per_step, "rows": rows}, f, indent=2)
+                       "tokens_per_step": tokens_per_step, "repeats": args.repeats, "rows": rows}, f, indent=2)
+
+
+def checks_cost(cli: LightningCLI, args) -> tuple[list[dict], int]:
+    """Fits with no guard, a check every 100 and every 50 steps, alternated ``args.repeats`` times; each row
+    holds the median over its fits of the window's mean step time, and the overhead against no guard."""
+    # The timer sees intervals after the first step; keep steps warmup..warmup+measure-1 (batch indices).
+    window = slice(args.warmup - 1, args.warmup - 1 + args.measure)
+    rates = (None, 100, 50)
+    fits: dict[int | None, list[list[float]]] = {every: [] for every in rates}
+    for _ in range(args.repeats):
+        for every in rates:
+            seconds, n_params = time_fit(cli, every, args.warmup + args.measure)
+            fits[every].append(seconds[window])
+            print(f"guard {'off' if every is None else f'every {every}'}: mean step "
+                  f"{1e3 * statistics.fmean(seconds[window]):.1f} ms", flush=True)
+    rows = []
+    for every, runs in fits.items():
+        means = [1e3 * statistics.fmean(seconds) for seconds in runs]
+        rows.append({"guard": "off" if every is None else f"every {every}",
+                     "checks_timed": sum(1 for step in range(args.warmup, args.warmup + args.measure)
+                                         if every and step % every == 0),
+                     "mean_step_ms": statistics.median(means), "fit_mean_step_ms": means,
+                     "median_step_ms": statistics.median(1e3 * s for seconds in runs for s in seconds),
+                     "max_step_ms": 1e3 * max(s for seconds in runs for s in seconds)})
+    base = rows[0]["mean_step_ms"]
+    for row in rows:
+        row["overhead_pct"] = 100 * (row["mean_step_ms"] / base - 1)
+        if row["checks_timed"]:  # one check's cost: the window's excess time over its checks
+            row["check_ms"] = (row["mean_step_ms"] - base) * args.measure / row["checks_timed"]
+    return rows, n_params
 
 
 if __name__ == "__main__":

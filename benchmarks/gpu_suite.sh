@@ -2,10 +2,13 @@
 # Everything that needs GPUs, in one go (the numbers in docs/benchmarks.md come from this script):
 #   GPU tests, the output-layer table, vocab-parallel TP scaling, the example model under TP / DP / TP x DP
 #   with the guard (clean, then the local-normalisation fault), the guard's calibration on large shapes, and
-#   the spike-detector comparison.
+#   the spike-detector comparison; the example's speed with and without fla's kernels (one GPU: `speed`
+#   for tokens/s and the kernel tests, `speed_val` for 300-step validation losses, `speed_guard` for the
+#   guard's overhead on the fast step; each fits in one 10-minute call, fla's autotuning included).
 # Usage, from the repository root on a machine with 4 GPUs:
 #   OUT=runs/gpu bash benchmarks/gpu_suite.sh [tests] [output_layer] [tp] [examples] [calibrate] [spike]
 #   (default: all; calibrate and spike take at most 5.7 and 5.5 minutes)
+#   OUT=runs/gpu bash benchmarks/gpu_suite.sh speed | speed_val | speed_guard   (needs the gpu extra)
 set -u
 SECTIONS=${*:-tests output_layer tp examples calibrate spike}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
@@ -105,6 +108,29 @@ for fault in $SPIKE_FAULTS; do
   cp "$OUT/spike_runs/$fault/ce_guard/receipts.jsonl" "$LOGS/spike_$fault.receipts.jsonl" 2>/dev/null
 done
 rm -rf "$OUT/spike_runs"
+fi
+
+SPEED=(--config configs/gpu_1.yaml)
+if want speed; then
+step "the example's kernel path: fla tests, then tokens/s side by side (plain scan, fla)"
+timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k fla 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
+timeout 330 python benchmarks/bench_example_speed.py "${SPEED[@]}" --variants torch fla --repeats 2 --profile 3 \
+  --out "$LOGS/speed.json" > "$LOGS/speed.log" 2>&1
+grep -A4 "ms/step" "$LOGS/speed.log" >> "$OUT/summary.txt"
+fi
+
+if want speed_val; then
+step "the example's kernel path: validation loss over 300 steps, plain and fla, seeds 0 and 1"
+timeout 560 python benchmarks/bench_example_speed.py val "${SPEED[@]}" --variants torch fla --seeds 0 1 \
+  --out "$LOGS/speed_val.json" > "$LOGS/speed_val.log" 2>&1
+grep -E "seed [0-9]:|step [0-9]+:" "$LOGS/speed_val.log" >> "$OUT/summary.txt"
+fi
+
+if want speed_guard; then
+step "the guard's overhead against the fast step (checks every 100 and 50, alternated fits)"
+timeout 560 python benchmarks/bench_guard_overhead.py "${SPEED[@]}" --repeats 2 --out "$LOGS/guard_fast.json" \
+  > "$LOGS/guard_fast.log" 2>&1
+grep -A5 "per check" "$LOGS/guard_fast.log" >> "$OUT/summary.txt"
 fi
 
 step "done"

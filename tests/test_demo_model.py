@@ -6,16 +6,18 @@ import pytest
 import torch
 import torch.nn as nn
 
+from ce_guard.demos import kernels as kernels_module
 from ce_guard.demos.hybrid import Block, HybridConfig, HybridLM, LinearCrossEntropy
+from ce_guard.demos.kernels import uses_fla
 
 TINY = {"vocab_size": 128, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "mamba_n_heads": 4,
         "mamba_head_dim": 8, "mamba_n_groups": 2, "mamba_d_state": 8,
         "mamba_chunk_size": 8, "max_seq_len": 64}
 
 
-def _model(pattern: str = "M*-M", dtype: torch.dtype = torch.float32) -> HybridLM:
+def _model(pattern: str = "M*-M", dtype: torch.dtype = torch.float32, **overrides) -> HybridLM:
     torch.manual_seed(0)
-    config = HybridConfig(layer_pattern=pattern, **TINY)
+    config = HybridConfig(layer_pattern=pattern, **{**TINY, **overrides})
     return HybridLM(config, lambda c: LinearCrossEntropy(c.d_model, c.vocab_size)).to(dtype)
 
 
@@ -42,6 +44,7 @@ def test_pattern_sets_layers() -> None:
     ({"vocab_size": 12.5}, "`vocab_size` to be a positive int"),
     ({"mlp_ratio": 0.0}, "`mlp_ratio`"),
     ({"norm_eps": 0.0}, "`norm_eps`"),
+    ({"kernels": "mamba"}, r"`kernels` to be one of \('auto', 'torch', 'fla'\)"),
 ])
 def test_bad_config_raises(overrides: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -115,6 +118,33 @@ def test_bf16_forward_backward() -> None:
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
+def test_output_layer_receives_the_autocast_dtype() -> None:
+    """Autocast leaves the final norm in fp32; a fused output layer (no autocast inside) must get bf16."""
+    model = _model()
+    seen = []
+    model.output.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    model(_tokens(), _tokens(seed=2))
+    with torch.autocast("cpu", torch.bfloat16):
+        model(_tokens(), _tokens(seed=2))
+    assert seen == [torch.float32, torch.bfloat16]
+
+
 def test_too_long_sequence_raises() -> None:
     with pytest.raises(ValueError, match="max_seq_len"):
         _model().forward_hidden(_tokens(seq=65))
+
+
+def test_auto_kernels_run_plain_pytorch_off_cuda() -> None:
+    """The CPU path is the plain scan whatever ``kernels`` says short of 'fla': same numbers as 'torch'."""
+    ids = _tokens()
+    losses = {kernels: _model("M*", kernels=kernels)(ids, ids) for kernels in ("auto", "torch")}
+    assert not uses_fla("auto", torch.device("cpu"))
+    torch.testing.assert_close(losses["auto"], losses["torch"], rtol=0, atol=0)
+
+
+def test_fla_kernels_refuse_what_they_cannot_run(monkeypatch) -> None:
+    with pytest.raises(ValueError, match="Expected a CUDA device for kernels='fla'"):
+        uses_fla("fla", torch.device("cpu"))
+    monkeypatch.setattr(kernels_module, "fla_installed", lambda: False)
+    with pytest.raises(ImportError, match=r"pip install 'ce_guard\[gpu\]'"):
+        _model("M*", kernels="fla")

@@ -1,10 +1,15 @@
 """GPU-only checks, run on the device machine: the reference's tensor-core path and the fused Triton path."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam, reference_linear_cross_entropy
+from ce_guard.demos.hybrid import CausalDepthwiseConv, HybridConfig, Mamba2Mixer
+from ce_guard.demos.kernels import causal_conv_silu, fla_installed, ssd_fla
+from ce_guard.demos.ssd import ssd_chunked
 from ce_guard.fused import FusedLinearCrossEntropy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -69,3 +74,97 @@ def test_fused_cuda_weight_grad_is_the_fp32_accumulator_rounded_once(upstream):
     grad_weight, = torch.autograd.grad(loss, weight, torch.tensor(upstream, device="cuda"))
     assert saved_weight_grad.dtype == torch.float32
     assert torch.equal(grad_weight, (saved_weight_grad * upstream).bfloat16())
+
+
+# ------------------------------------------------------------------------------ the example's fla kernel path
+# Norm-wise relative error against float64. bf16: four bf16 roundings (4 x 2^-8); the kernel rounds v = x * dt and
+# its intra-chunk scores to bf16 (measured on an H200: 3.0e-3 for y, at most 6.9e-3 for dA). fp32: eight tf32
+# roundings (its dots run in tf32; measured 1.3e-3 at most). Wrong gradients of the kind fla refuses on Hopper
+# (#640 upstream: dk off by half) are far outside both.
+SCAN_BUDGET = {torch.bfloat16: 2.0 ** -6, torch.float32: 2.0 ** -8}
+needs_fla = pytest.mark.skipif(not fla_installed(), reason="needs the gpu extra (flash-linear-attention)")
+
+
+def _ssd_inputs(dtype: torch.dtype, *, batch=2, seq=300, heads=8, head_dim=64, groups=2, state=64, seed=0):
+    """Mamba-2's ranges (dt in [1e-3, 0.1], A in [-16, -1]); x, B, C in ``dtype``, dt and A in fp32 as the mixer
+    passes them. 300 is not a multiple of either path's chunk."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(batch, seq, heads, head_dim, generator=g, device="cuda").to(dtype)
+    dt = torch.exp(torch.empty(batch, seq, heads, device="cuda").uniform_(-6.9, -2.3, generator=g))
+    A = -torch.empty(heads, device="cuda").uniform_(1, 16, generator=g)
+    Bm, Cm = (torch.randn(batch, seq, groups, state, generator=g, device="cuda").to(dtype) for _ in range(2))
+    return x, dt, A, Bm, Cm
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double() - want.detach()).norm() / want.detach().norm())
+
+
+def scan_errors(dtype: torch.dtype) -> dict[str, float]:
+    """Norm-wise relative error of fla's scan (output and each input's gradient) against the plain scan in
+    float64 on the same rounded inputs."""
+    inputs = [t.requires_grad_() for t in _ssd_inputs(dtype)]
+    y = ssd_fla(*inputs)
+    upstream = torch.randn(y.shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda")
+    grads = torch.autograd.grad((y.float() * upstream).sum(), inputs)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    y_exact, _ = ssd_chunked(*exact, chunk_size=64)
+    grads_exact = torch.autograd.grad((y_exact * upstream.double()).sum(), exact)
+    errors = {"y": _relative_error(y, y_exact)}
+    for name, got, want in zip(("x", "dt", "A", "B", "C"), grads, grads_exact, strict=True):
+        errors[f"d{name}"] = _relative_error(got, want)
+    return errors
+
+
+@needs_fla
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fla_scan_matches_the_plain_scan(dtype):
+    errors = scan_errors(dtype)
+    assert max(errors.values()) < SCAN_BUDGET[dtype], errors
+
+
+def mixer_errors(seq: int = 512) -> dict[str, dict[str, float]]:
+    """A Mamba-2 mixer under bf16 autocast, plain and fla, each against the plain mixer in float64: relative
+    error of the output and of every gradient (input and parameters)."""
+    config = HybridConfig(vocab_size=128, d_model=256, mamba_n_heads=8, mamba_head_dim=64, mamba_n_groups=2,
+                          mamba_d_state=64, mamba_chunk_size=64, max_seq_len=seq, kernels="torch")
+    torch.manual_seed(0)
+    plain = Mamba2Mixer(config).cuda()
+    x = torch.randn(2, seq, config.d_model, device="cuda")
+    upstream = torch.randn(2, seq, config.d_model, device="cuda")
+
+    def run(mixer: Mamba2Mixer, dtype: torch.dtype, autocast: bool) -> dict[str, torch.Tensor]:
+        mixer.zero_grad()
+        inp = x.to(dtype).requires_grad_()
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            y = mixer(inp)
+        (y.to(dtype) * upstream.to(dtype)).sum().backward()
+        return {"y": y.detach(), "dx": inp.grad, **{f"d{n}": p.grad for n, p in mixer.named_parameters()}}
+
+    exact = run(copy.deepcopy(plain).double(), torch.float64, autocast=False)
+    kernel = copy.deepcopy(plain)
+    kernel.kernels = "fla"
+    paths = {"torch": run(plain, torch.float32, autocast=True), "fla": run(kernel, torch.float32, autocast=True)}
+    return {path: {name: _relative_error(got[name], exact[name]) for name in exact} for path, got in paths.items()}
+
+
+@needs_fla
+def test_fla_mixer_matches_the_plain_mixer_under_bf16_autocast():
+    """The kernel path may lose at most the scan's bf16 budget beyond what the plain path loses under autocast."""
+    errors = mixer_errors()
+    over = {name: errors["fla"][name] - errors["torch"][name] for name in errors["fla"]}
+    assert max(over.values()) < SCAN_BUDGET[torch.bfloat16], errors
+
+
+@needs_fla
+def test_fla_conv_is_the_plain_conv_then_silu():
+    torch.manual_seed(0)
+    conv = CausalDepthwiseConv(512, 4).cuda()
+    x = torch.randn(2, 300, 512, device="cuda", requires_grad=True)
+    fused = causal_conv_silu(x, conv.weight, conv.bias)
+    plain = F.silu(conv(x))
+    upstream = torch.randn_like(plain)
+    grads = torch.autograd.grad((fused * upstream).sum(), [x, conv.weight, conv.bias])
+    grads_plain = torch.autograd.grad((plain * upstream).sum(), [x, conv.weight, conv.bias])
+    for got, want in zip((fused, *grads), (plain, *grads_plain), strict=True):
+        assert _relative_error(got, want.double()) < 1e-5  # fp32 throughout (measured 1e-7)

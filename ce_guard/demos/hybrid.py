@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ce_guard.demos import kernels as fast
 from ce_guard.demos.ssd import ssd_chunked
 
 MAMBA, ATTENTION, MLP = "M", "*", "-"
@@ -43,6 +44,10 @@ class HybridConfig:
         max_seq_len: longest sequence accepted. Attention has no positional encoding (as in
             Nemotron-H: the Mamba layers carry position), so this is a guard, not a table size.
         norm_eps: epsilon of every RMSNorm.
+        kernels: how the Mamba-2 mixers run their scan and causal conv. ``"auto"``: flash-linear-attention's
+            Triton kernels on CUDA when installed (the ``gpu`` extra), plain PyTorch otherwise; ``"torch"``:
+            plain PyTorch everywhere (the CPU path and the oracle the kernels are tested against);
+            ``"fla"``: the kernels, or an error where they cannot run.
 
     Example:
         >>> HybridConfig(vocab_size=100352, d_model=256, layer_pattern="M-M*M-").n_layers
@@ -63,6 +68,7 @@ class HybridConfig:
     mlp_ratio: float = 4.0
     max_seq_len: int = 1024
     norm_eps: float = 1e-5
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "mamba_n_heads", "mamba_head_dim",
@@ -89,6 +95,8 @@ class HybridConfig:
             raise ValueError(f"Expected `mlp_ratio` to give a positive MLP width, got {self.mlp_ratio}.")
         if self.norm_eps <= 0:
             raise ValueError(f"Expected `norm_eps` > 0, got {self.norm_eps}.")
+        if self.kernels not in fast.KERNELS:
+            raise ValueError(f"Expected `kernels` to be one of {fast.KERNELS}, got {self.kernels!r}.")
 
     @property
     def n_layers(self) -> int:
@@ -165,7 +173,8 @@ class Mamba2Mixer(nn.Module):
     """Mamba-2 mixer: projections, short causal conv, SSD scan, D skip, gated norm, out projection.
 
     Mamba-2's fused ``in_proj`` is split into ``z/x/B/C/dt`` projections so each can be sharded by
-    head (or group) on its own, Megatron-style.
+    head (or group) on its own, Megatron-style. The conv and the scan run as ``config.kernels`` says
+    (``kernels.py``); the parameters are the same either way.
     """
 
     def __init__(self, config: HybridConfig) -> None:
@@ -173,7 +182,7 @@ class Mamba2Mixer(nn.Module):
         d, inner, heads = config.d_model, config.mamba_d_inner, config.mamba_n_heads
         bc = config.mamba_n_groups * config.mamba_d_state
         self.head_dim, self.d_state = config.mamba_head_dim, config.mamba_d_state
-        self.chunk_size = config.mamba_chunk_size
+        self.chunk_size, self.kernels = config.mamba_chunk_size, fast.installed_kernels(config.kernels)
         self.z_proj = nn.Linear(d, inner, bias=False)
         self.x_proj = nn.Linear(d, inner, bias=False)
         self.B_proj = nn.Linear(d, bc, bias=False)
@@ -192,15 +201,23 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
+        use_fla = fast.uses_fla(self.kernels, x.device)
         z = self.z_proj(x)  # (B, S, H*P)
-        xs = F.silu(self.conv_x(self.x_proj(x))).view(b, s, -1, self.head_dim)  # (B, S, H, P)
-        Bm = F.silu(self.conv_B(self.B_proj(x))).view(b, s, -1, self.d_state)  # (B, S, G, N)
-        Cm = F.silu(self.conv_C(self.C_proj(x))).view(b, s, -1, self.d_state)  # (B, S, G, N)
+        xs = self._conv_silu(self.conv_x, self.x_proj(x), use_fla).view(b, s, -1, self.head_dim)  # (B, S, H, P)
+        Bm = self._conv_silu(self.conv_B, self.B_proj(x), use_fla).view(b, s, -1, self.d_state)  # (B, S, G, N)
+        Cm = self._conv_silu(self.conv_C, self.C_proj(x), use_fla).view(b, s, -1, self.d_state)  # (B, S, G, N)
         dt = F.softplus(self.dt_proj(x).float() + self.dt_bias.float())  # (B, S, H), fp32 like the scan
         A = -torch.exp(self.A_log.float())  # (H,)
-        y, _ = ssd_chunked(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size)  # (B, S, H, P)
+        if use_fla:
+            y = fast.ssd_fla(xs, dt, A, Bm, Cm)  # (B, S, H, P)
+        else:
+            y, _ = ssd_chunked(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size)
         y = y + xs * self.D[:, None].to(xs.dtype)
         return self.out_proj(self.norm(y.flatten(2), z))  # (B, S, H*P) -> (B, S, D)
+
+    @staticmethod
+    def _conv_silu(conv: CausalDepthwiseConv, x: torch.Tensor, use_fla: bool) -> torch.Tensor:
+        return fast.causal_conv_silu(x, conv.weight, conv.bias) if use_fla else F.silu(conv(x))
 
 
 class Attention(nn.Module):
@@ -294,4 +311,11 @@ class HybridLM(nn.Module):
         return self.norm(h)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.output(self.forward_hidden(input_ids), targets)
+        hidden = self.forward_hidden(input_ids)
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):
+            # Autocast runs the final norm in fp32, and a fused output layer (a custom autograd function)
+            # sees no autocast: hand it the activations in the autocast dtype, as a bf16 stack does, or its
+            # [tokens, vocab] matmuls run in fp32.
+            hidden = hidden.to(torch.get_autocast_dtype(device))
+        return self.output(hidden, targets)

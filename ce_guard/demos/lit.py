@@ -179,7 +179,8 @@ class HybridLitModule(pl.LightningModule):
                 groups.setdefault((p.ndim >= 2, getattr(p, "device_mesh", None)), []).append(p)
         groups = [{"params": params, "weight_decay": self.hparams.weight_decay if decay else 0.0}
                   for (decay, _), params in groups.items()]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                      fused=True if self.device.type == "cuda" else None)
         schedule = warmup_cosine(self.hparams.warmup_steps, int(self.trainer.estimated_stepping_batches),
                                  self.hparams.min_lr_ratio)
         return {"optimizer": optimizer,
