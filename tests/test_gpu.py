@@ -135,7 +135,7 @@ def mixer_errors(seq: int = 512) -> dict[str, dict[str, float]]:
 
     def run(mixer: Mamba2Mixer, dtype: torch.dtype, autocast: bool) -> dict[str, torch.Tensor]:
         mixer.zero_grad()
-        inp = x.to(dtype).requires_grad_()
+        inp = x.to(dtype, copy=True).requires_grad_()
         with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
             y = mixer(inp)
         (y.to(dtype) * upstream.to(dtype)).sum().backward()
