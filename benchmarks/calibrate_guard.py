@@ -403,40 +403,47 @@ class Ladder:
     build: Callable[[object, torch.dtype, int], Case]  # (magnitude, dtype, seed) -> Case
 
 
-def one_rank_ladders(n: int, d: int, v: int, world: World) -> list[Ladder]:
-    """Faults a single rank can commit, in ce_guard's fused layer (whole vocabulary on one rank)."""
+def one_rank_ladders(n: int, d: int, v: int, world: World, example: ExampleInputs | None = None) -> list[Ladder]:
+    """Faults a single rank can commit, in ce_guard's fused layer (whole vocabulary on one rank), on N(0, 1)
+    draws or, with ``example``, on the example model's next batches (their padding is its own 10%, so the
+    padding ladder, whose magnitude is the pad fraction of a draw, runs on random draws only)."""
     vocab = (v, 0, v)
+
+    def draw(dtype, seed, pad=0.05):
+        return example.draw(dtype) if example else make_inputs(n, d, vocab, dtype, world, seed, pad=pad)
 
     def layer(weight, contract=None, **kwargs):
         return FusedLinearCrossEntropy(d, contract or CEContract(vocab_size=v), weight=weight, **kwargs)
 
     def scaled(m, dtype, seed):  # the layer's grad_scale fault: the factor enters before any rounding
-        hidden, weight, targets = make_inputs(n, d, vocab, dtype, world, seed)
+        hidden, weight, targets = draw(dtype, seed)
         return Case(layer(weight, fault=SeamFault.GRAD_SCALE, fault_scale=m), hidden, targets)
 
     def bf16_accumulators(chunks, dtype, seed):
-        hidden, weight, targets = make_inputs(n, d, vocab, dtype, world, seed)
+        hidden, weight, targets = draw(dtype, seed)
         faulty = layer(weight, fault=SeamFault.BF16_ACCUMULATORS, token_chunk=math.ceil(n / chunks))
         return Case(faulty, hidden, targets)
 
     def missing_z_loss(z, dtype, seed):
-        hidden, weight, targets = make_inputs(n, d, vocab, dtype, world, seed)
+        hidden, weight, targets = draw(dtype, seed)
         faulty = layer(weight, CEContract(vocab_size=v, z_loss=z), fault=SeamFault.MISSING_Z_LOSS)
         return Case(faulty, hidden, targets)
 
     def padding_in_denominator(pad, dtype, seed):
-        hidden, weight, targets = make_inputs(n, d, vocab, dtype, world, seed, pad=pad)
+        hidden, weight, targets = draw(dtype, seed, pad=pad)
         return Case(layer(weight, fault=SeamFault.IGNORE_IN_DENOMINATOR), hidden, targets)
 
-    return [
+    ladders = [
         Ladder("loss and gradients scaled by s (the grad_scale fault)", "TP=1", "s",
                [1.0001, 1.001, 1.002, 1.003, 1.01, 1.03, 1.05, 1.1, 1.3, 2], "normalization_scale", scaled),
         Ladder("bf16 accumulators under an fp32 contract", "TP=1", "token chunks", [1, 4, 16, 64, 256],
                "accumulator_dtype", bf16_accumulators),
         Ladder("z-loss dropped", "TP=1", "z", [1e-7, 1e-6, 1e-5, 1e-4, 1e-3], "z_loss_boundary", missing_z_loss),
-        Ladder("padding counted in the mean's divisor", "TP=1", "pad fraction", [0.001, 0.003, 0.01, 0.03, 0.1],
-               "ignore_index_leak", padding_in_denominator),
     ]
+    if example is None:
+        ladders.append(Ladder("padding counted in the mean's divisor", "TP=1", "pad fraction",
+                              [0.001, 0.003, 0.01, 0.03, 0.1], "ignore_index_leak", padding_in_denominator))
+    return ladders
 
 
 def two_rank_ladders(n: int, d: int, v: int, world: World) -> list[Ladder]:
@@ -488,8 +495,15 @@ def two_rank_ladders(n: int, d: int, v: int, world: World) -> list[Ladder]:
 
 
 def power(args, world: World) -> dict:
-    n, d, v = grid_shapes(args)[0]
-    ladders = one_rank_ladders(n, d, v, world) if world.size == 1 else two_rank_ladders(n, d, v, world)
+    example = None
+    if args.inputs == "example":
+        if world.size > 1:
+            raise SystemExit("power --inputs example runs the single-rank ladders: launch it without torchrun.")
+        example = ExampleInputs(args.example_steps, args.example_d_model, args.example_seq_len, args.example_batch,
+                                world)
+        print(f"example model trained {args.example_steps} steps, loss {example.train_loss:.3f}", flush=True)
+    n, d, v = example.shape if example else grid_shapes(args)[0]
+    ladders = one_rank_ladders(n, d, v, world, example) if world.size == 1 else two_rank_ladders(n, d, v, world)
     if args.ladders:
         ladders = [ladder for ladder in ladders if any(word in ladder.fault for word in args.ladders)]
     rows, stopped = [], "done"
@@ -620,8 +634,8 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=["ce_guard", "liger", "torch"],
                         choices=["ce_guard", "liger", "torch"])
     parser.add_argument("--inputs", choices=["random", "example"], default="random",
-                        help="false-alarms: N(0, 1) draws over the grid, or the example model's hidden states, output"
-                             " weight and targets after --example-steps of training (its shape replaces the grid)")
+                        help="N(0, 1) draws over the grid, or the example model's hidden states, output weight and"
+                             " targets after --example-steps of training (its shape replaces the grid; power: TP = 1)")
     parser.add_argument("--example-steps", type=int, default=200)
     parser.add_argument("--example-d-model", type=int, default=64)
     parser.add_argument("--example-seq-len", type=int, default=128)
