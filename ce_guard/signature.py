@@ -189,16 +189,16 @@ def _cluster_fit(x: torch.Tensor, error: torch.Tensor, ref: torch.Tensor, native
         return beta, e - torch.einsum("mkd,k->md", xs, beta)          # (m, D)
 
     beta, residual = leave_over(error)
-    # A scale multiplies the fused path's rounding with its gradient: compare the rounding at unit scale.
-    scale = float(beta[DIRECTIONS.index("scale")] / norms[DIRECTIONS.index("scale")])
-    unit_residual = residual / (1 + scale) if 1 + scale > 0 else residual
-    spread, spread_se, excess = _spread_ratio(unit_residual, leave_over(native_error)[1], softmax_row)
     scores = torch.einsum("mkd,md->mk", xs, residual)                # (m, k)
     cov = a_inv @ (scores.T @ scores) @ a_inv * (m / max(m - k, 1))
-    beta, se = beta / norms, cov.diagonal().clamp_min(0).sqrt() / norms
+    values = {name: (float(beta[i] / norms[i]), float(cov[i, i].clamp_min(0).sqrt() / norms[i]))
+              for i, name in enumerate(DIRECTIONS)}
+    # A scale multiplies the fused path's rounding with its gradient: compare the rounding at unit scale.
+    scale = values["scale"][0]
+    unit_residual = residual / (1 + scale) if 1 + scale > 0 else residual
+    spread, spread_se, excess = _spread_ratio(unit_residual, leave_over(native_error)[1], softmax_row)
     ref_norm = float(ref.norm())
     rel = (lambda t: float(t.norm()) / ref_norm) if ref_norm > 0 else (lambda t: math.inf)
-    values = {name: (float(beta[i]), float(se[i])) for i, name in enumerate(DIRECTIONS)}
     return SignatureFit(tokens=m, scale=values["scale"][0], scale_se=values["scale"][1],
                         target=values["target"][0], target_se=values["target"][1],
                         shift=values["shift"][0], shift_se=values["shift"][1],
