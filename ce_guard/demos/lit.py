@@ -180,7 +180,7 @@ class HybridLitModule(pl.LightningModule):
         groups = [{"params": params, "weight_decay": self.hparams.weight_decay if decay else 0.0}
                   for (decay, _), params in groups.items()]
         # Not fused: Lightning's mixed precision refuses gradient clipping with an optimizer that unscales in its
-        # own step (fused AdamW says it does), and the examples clip. foreach AdamW is ~2% of a GPU step.
+        # own step (fused AdamW says it does), and the examples clip (docs/benchmarks.md, the kernel path).
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
         schedule = warmup_cosine(self.hparams.warmup_steps, int(self.trainer.estimated_stepping_batches),
                                  self.hparams.min_lr_ratio)
