@@ -23,7 +23,7 @@ import statistics
 
 import lightning.pytorch as pl
 import torch
-from bench_guard_overhead import WindowTimer, _ConfigCLI, fit_fresh
+from bench_guard_overhead import _ConfigCLI, device_label, fit_fresh, window_ms
 from lightning.pytorch.callbacks import Callback
 
 from ce_guard.demos.data import CppTokenDataModule
@@ -62,7 +62,8 @@ class KernelProfile(Callback):
 
 def speed(args) -> dict:
     clis = {name: configured(args, VARIANTS[name]) for name in args.variants}
-    tokens_per_step = next(iter(clis.values())).datamodule.batch_size * next(iter(clis.values())).datamodule.seq_len
+    data = clis[args.variants[0]].datamodule
+    tokens_per_step = data.batch_size * data.seq_len
     step_ms: dict[str, list[float]] = {name: [] for name in args.variants}
     params = 0
     failed: dict[str, str] = {}
@@ -70,15 +71,14 @@ def speed(args) -> dict:
         for name, cli in clis.items():
             if name in failed:
                 continue
-            timer = WindowTimer(args.warmup)
             try:
-                module = fit_fresh(cli, args.warmup + args.measure, [timer])
+                ms, module = window_ms(cli, args.warmup, args.measure, [])
             except Exception as error:  # noqa: BLE001 (a variant that cannot run here must not hide the others)
                 failed[name] = f"{type(error).__name__}: {error}"[:500]
                 print(f"{name}: failed: {failed[name]}", flush=True)
                 continue
             params = sum(p.numel() for p in module.parameters())
-            step_ms[name].append(1e3 * timer.seconds / timer.steps)
+            step_ms[name].append(ms)
             print(f"{name}: mean step {step_ms[name][-1]:.1f} ms", flush=True)
     base = statistics.median(step_ms[args.variants[0]])
     rows = [{"variant": name, "failed": error} for name, error in failed.items()]
@@ -89,7 +89,7 @@ def speed(args) -> dict:
         tokens_per_s = tokens_per_step / ms * 1e3
         rows.append({"variant": name, "step_ms": runs, "median_step_ms": ms, "tokens_per_s": tokens_per_s,
                      "mfu_pct": 100 * 6 * params * tokens_per_s / (args.peak_tflops * 1e12), "speedup": base / ms})
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    device = device_label()
     print(f"\n{device}, {params / 1e6:.1f}M parameters, {tokens_per_step} tokens/step, steps "
           f"{args.warmup}..{args.warmup + args.measure - 1} timed, median of {args.repeats} alternated fits, "
           f"MFU by 6 x parameters x tokens / {args.peak_tflops:g} TFLOP/s")

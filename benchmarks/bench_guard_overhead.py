@@ -123,15 +123,27 @@ class TimedHealth(SeamHealthCallback):
         return timed
 
 
-def time_monitor(cli: LightningCLI, monitor: bool, warmup: int, measure: int) -> tuple[float, int, dict]:
-    """Mean step seconds of one fit over steps warmup..warmup+measure-1, the spikes the monitor called, and
-    the median host milliseconds of each of its hooks."""
+def window_ms(cli: LightningCLI, warmup: int, measure: int, callbacks: list[Callback],
+              **trainer_args) -> tuple[float, pl.LightningModule]:
+    """Mean milliseconds per step of one fresh fit over steps warmup..warmup+measure-1 (``WindowTimer``), and
+    the fitted module."""
     timer = WindowTimer(warmup)
+    module = fit_fresh(cli, warmup + measure, [*callbacks, timer], **trainer_args)
+    return 1e3 * timer.seconds / timer.steps, module
+
+
+def device_label() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
+def time_monitor(cli: LightningCLI, monitor: bool, warmup: int, measure: int) -> tuple[float, int, dict]:
+    """Mean step milliseconds of one fit over steps warmup..warmup+measure-1, the spikes the monitor called, and
+    the median host milliseconds of each of its hooks."""
     health = [TimedHealth()] if monitor else []
-    fit_fresh(cli, warmup + measure, [CEParityCallback(every_n_steps=10 ** 9), *health, timer],
-              gradient_clip_val=cli.config.trainer.gradient_clip_val)
+    step_ms, _ = window_ms(cli, warmup, measure, [CEParityCallback(every_n_steps=10 ** 9), *health],
+                           gradient_clip_val=cli.config.trainer.gradient_clip_val)
     hooks = {name: statistics.median(ms[warmup:]) for h in health for name, ms in h.host_ms.items() if ms[warmup:]}
-    return timer.seconds / timer.steps, sum(len(h.spikes) for h in health), hooks
+    return step_ms, sum(len(h.spikes) for h in health), hooks
 
 
 def monitor_cost(cli: LightningCLI, args) -> dict:
@@ -139,8 +151,8 @@ def monitor_cost(cli: LightningCLI, args) -> dict:
     spikes, hook_ms = 0, {}
     for _ in range(args.repeats):
         for state in ("off", "on"):
-            seconds, called, hooks = time_monitor(cli, state == "on", args.warmup, args.measure)
-            runs[state].append(1e3 * seconds)
+            ms, called, hooks = time_monitor(cli, state == "on", args.warmup, args.measure)
+            runs[state].append(ms)
             spikes += called
             hook_ms = hook_ms or hooks
             print(f"monitor {state}: mean step {runs[state][-1]:.2f} ms"
@@ -170,13 +182,13 @@ def main() -> None:
         result = monitor_cost(cli, args)
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+                json.dump({"device": device_label(),
                            "precision": cli.config.trainer.precision, "tokens_per_step": tokens_per_step,
                            **result}, f, indent=2)
         return
 
     rows, n_params = checks_cost(cli, args)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    device = device_label()
     print(f"\n{device}, {n_params / 1e6:.1f}M parameters, precision {cli.config.trainer.precision}, "
           f"{tokens_per_step} tokens/step, steps {args.warmup}..{args.warmup + args.measure - 1} timed, "
           f"median of {args.repeats} alternated fits")
