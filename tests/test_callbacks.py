@@ -248,9 +248,9 @@ def test_a_spike_without_a_parity_callback_is_reported_unattributed(tmp_path):
 
 
 def test_gradient_clipping_hands_its_norm_to_the_monitor(tmp_path, monkeypatch):
+    """With clipping by norm the monitor takes no norm of its own: it watches the one clipping computed."""
     from ce_guard import callbacks
 
-    """With clipping by norm the monitor takes no norm of its own: it watches the one clipping computed."""
     health = SeamHealthCallback(warmup=3)
     t, _ = trainer(tmp_path, [health], max_steps=8, gradient_clip_val=1.0)
     seen = []
@@ -263,13 +263,10 @@ def test_gradient_clipping_hands_its_norm_to_the_monitor(tmp_path, monkeypatch):
     def no_second_norm(grads):
         raise AssertionError("the monitor took a norm of its own")
 
-    torch.nn.utils.clip_grad_norm_ = spy
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     monkeypatch.setattr(callbacks, "_total_grad_norm", no_second_norm)
-    try:
-        with pytest.warns(UserWarning, match="grad_norm spike at step 6"):
-            t.fit(SpikyLM(), token_loader())
-    finally:
-        torch.nn.utils.clip_grad_norm_ = original
+    with pytest.warns(UserWarning, match="grad_norm spike at step 6"):
+        t.fit(SpikyLM(), token_loader())
     assert len(seen) == 8 and health.stats["grad_norm"].count == 8  # step 7's norm is judged at train end
     assert "clip_grad_by_norm" not in vars(t.precision_plugin)  # the plugin is restored after the fit
 
