@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ce_guard.demos import kernels as kernels_module
 from ce_guard.demos.hybrid import Block, HybridConfig, HybridLM, LinearCrossEntropy
@@ -109,6 +110,26 @@ def test_mamba_block_is_causal_on_its_own() -> None:
         y, y_changed = block(x), block(changed)
     torch.testing.assert_close(y_changed[:, :11], y[:, :11], rtol=0, atol=1e-12)
     assert (y_changed[:, 11:] - y[:, 11:]).abs().amax(dim=-1).min() > 0  # information flows forward
+
+
+def test_joint_xbc_conv_is_the_three_convs_then_silu() -> None:
+    """One depthwise conv over the joined x, B and C channels is each one's own conv (and its SiLU)."""
+    torch.manual_seed(0)
+    mixer = Block(HybridConfig(**TINY), "M").mixer.double()
+    parts = [torch.randn(2, 21, conv.weight.shape[0], dtype=torch.float64, requires_grad=True)
+             for conv in (mixer.conv_x, mixer.conv_B, mixer.conv_C)]
+    joint = mixer._conv_silu(torch.cat(parts, dim=-1), use_fla=False)
+    alone = torch.cat([F.silu(conv(part)) for conv, part in zip((mixer.conv_x, mixer.conv_B, mixer.conv_C), parts)],
+                      dim=-1)
+    torch.testing.assert_close(joint, alone, rtol=0, atol=1e-14)
+    upstream = torch.randn_like(joint)
+    leaves = [*parts, *mixer.parameters()]
+    grads = torch.autograd.grad((joint * upstream).sum(), leaves, allow_unused=True)
+    grads_alone = torch.autograd.grad((alone * upstream).sum(), leaves, allow_unused=True)
+    for grad, grad_alone in zip(grads, grads_alone):
+        assert (grad is None) == (grad_alone is None)
+        if grad is not None:
+            torch.testing.assert_close(grad, grad_alone, rtol=0, atol=1e-13)
 
 
 def test_bf16_forward_backward() -> None:
