@@ -124,3 +124,59 @@ def test_one_step_under_model_parallel_dp2_and_tp2_matches_one_process(tmp_path)
     assert all(r["layout"] == "[S,B,V/TP]" and r["sharded"] for r in tp)
     assert all(r["loss"] == pytest.approx(full, rel=1e-5) for r in tp)
     assert all(r["verdicts"] == [(0, "within_budget")] for r in tp)
+
+
+def _loss_and_grads(module: HybridLitModule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    module.configure_model()
+    loss = module(*_rows())
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in module.named_parameters()}
+
+
+def test_compiled_blocks_keep_the_loss_the_gradients_and_the_state_dict_keys() -> None:
+    eager_loss, eager_grads = _loss_and_grads(HybridLitModule(_config()))
+    compiled = HybridLitModule(_config(), compile=True)
+    loss, grads = _loss_and_grads(compiled)
+    assert all(hasattr(block, "_compiled_call_impl") for block in compiled.model.layers)
+    assert grads.keys() == eager_grads.keys()  # compiled in place: no `_orig_mod.` in the names
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_is_refused_under_tensor_parallelism() -> None:
+    from types import SimpleNamespace
+
+    module = HybridLitModule(_config(), compile=True)
+    module._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2),
+                           "data_parallel": SimpleNamespace(size=lambda: 1)}
+    with pytest.raises(ValueError, match="`compile=False` under tensor parallelism"):
+        module.configure_model()
+
+
+def test_fused_adamw_clips_by_norm_under_bf16_mixed(tmp_path, monkeypatch) -> None:
+    """Lightning's mixed precision refuses to clip for an optimizer that unscales in its own step (fused AdamW);
+    under bf16 nothing is scaled, so the module clips as the base plugin does: the norm is taken and applied."""
+    import lightning.pytorch as pl
+
+    class FusedAdamW(HybridLitModule):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+
+    clipped = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        total = original(parameters, max_norm, *args, **kwargs)
+        clipped.append((float(total), float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for p in parameters])))))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=2, gradient_clip_val=0.01,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(FusedAdamW(_config()), DataLoader(TensorDataset(*_rows()), batch_size=2))
+    assert len(clipped) == 2
+    assert all(before > 0.01 and after == pytest.approx(0.01, rel=1e-3) for before, after in clipped)

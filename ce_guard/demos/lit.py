@@ -15,6 +15,8 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.optim.lr_scheduler import LambdaLR
@@ -22,10 +24,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from ce_guard.contract import CEContract
 from ce_guard.demos.data import IGNORE_INDEX
 from ce_guard.demos.hybrid import HybridConfig, HybridLM
-from ce_guard.demos.parallelize import apply_fsdp, apply_tp
+from ce_guard.demos.parallelize import apply_compile, apply_fsdp, apply_tp
 from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
-
 
 OUTPUT_LAYERS = ("ce_guard", "megatron")
 
@@ -54,6 +55,7 @@ class HybridLitModule(pl.LightningModule):
         fault: for demonstrations: a :class:`~ce_guard.faults.SeamFault` value (e.g. ``"grad_scale"``); ce_guard's
             output layer computes that broken contract while declaring the honest one.
         fault_scale: the integer k of ``grad_scale``.
+        compile: ``torch.compile`` each block (before FSDP; see ``parallelize.apply_compile``); not under TP.
         seed: seeds the weights; every rank builds the same full model before the plan shards it.
 
     Example:
@@ -77,6 +79,7 @@ class HybridLitModule(pl.LightningModule):
         output_layer: Literal["ce_guard", "megatron"] = "ce_guard",
         fault: str | None = None,
         fault_scale: int = 2,
+        compile: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -110,10 +113,15 @@ class HybridLitModule(pl.LightningModule):
             if self.hparams.output_layer == "megatron":
                 raise ValueError("output_layer='megatron' needs a device mesh: train with Lightning's"
                                  " ModelParallelStrategy (e.g. configs/cpu_tp2_megatron.yaml).")
-            contract = self._contract()
-            self.model = HybridLM(self.config, self._output(contract, slice(0, self.config.vocab_size)))
+            self.model = HybridLM(self.config, self._output(self._contract(), slice(0, self.config.vocab_size)))
+            if self.hparams.compile:
+                apply_compile(self.model)
             return
         tp, dp = mesh["tensor_parallel"], mesh["data_parallel"]
+        if self.hparams.compile and tp.size() > 1:
+            raise ValueError("Expected `compile=False` under tensor parallelism: compiled blocks fail in backward there"
+                             " (a DTensor redistribution receives a plain gradient, torch 2.13). Compile runs on one"
+                             " device and under data parallelism alone.")
         if self.config.vocab_size % tp.size():
             raise ValueError(f"Expected the TP degree {tp.size()} to divide `config.vocab_size`="
                              f"{self.config.vocab_size}; pad the vocabulary (CppTokenDataModule pads to 128).")
@@ -123,12 +131,14 @@ class HybridLitModule(pl.LightningModule):
             output = self._megatron_output(tp, dp, slice(start, start + rows))
         else:
             output = self._output(self._contract(
-            layout="[S,B,V/TP]" if tp.size() > 1 else "[N,V]", vocab_start=start, vocab_end=start + rows,
+                layout="[S,B,V/TP]" if tp.size() > 1 else "[N,V]", vocab_start=start, vocab_end=start + rows,
                 tp_group=tp.get_group(), normalize_by="global_tokens", token_group=dp.get_group()),
                 slice(start, start + rows))
         self.model = HybridLM(self.config, output)
         if tp.size() > 1:
             apply_tp(self.model, tp, sequence_parallel=self.hparams.sequence_parallel)
+        if self.hparams.compile:
+            apply_compile(self.model)
         if dp.size() > 1:
             apply_fsdp(self.model, dp)
 
@@ -179,13 +189,27 @@ class HybridLitModule(pl.LightningModule):
                 groups.setdefault((p.ndim >= 2, getattr(p, "device_mesh", None)), []).append(p)
         groups = [{"params": params, "weight_decay": self.hparams.weight_decay if decay else 0.0}
                   for (decay, _), params in groups.items()]
-        # Not fused: Lightning's mixed precision refuses gradient clipping with an optimizer that unscales in its
-        # own step (fused AdamW says it does), and the examples clip (docs/benchmarks.md, the kernel path).
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        # Fused on CUDA (one kernel for all parameters of a group); foreach elsewhere.
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                      fused=self.device.type == "cuda")
         schedule = warmup_cosine(self.hparams.warmup_steps, int(self.trainer.estimated_stepping_batches),
                                  self.hparams.min_lr_ratio)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as Lightning does, also for fused AdamW under bf16-mixed.
+
+        Lightning's mixed precision refuses to clip for an optimizer that unscales gradients in its own step,
+        which fused AdamW declares; without a grad scaler (bf16) nothing is scaled, so the base plugin's clipping
+        is exact. With fp16's scaler, Lightning's refusal stands.
+        """
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):

@@ -1,9 +1,9 @@
 """Tensor- and data-parallel plans for :class:`~ce_guard.demos.hybrid.HybridLM`, torchtitan style.
 
-``apply_tp`` then ``apply_fsdp``; each takes plain values, changes the model in place and logs one line.
-On a single device simply don't call them. The output module is left alone: it is vocab-parallel (or
-not) by its own contract, and always receives the full, replicated ``(B, S, D)`` hidden states as a
-plain tensor plus the untouched targets.
+``apply_tp`` or ``apply_compile``, then ``apply_fsdp``; each takes plain values, changes the model in place and
+logs one line. On a single device call none of them (or only ``apply_compile``). The output module is left
+alone: it is vocab-parallel (or not) by its own contract, and always receives the full, replicated
+``(B, S, D)`` hidden states as a plain tensor plus the untouched targets.
 """
 
 from __future__ import annotations
@@ -135,6 +135,19 @@ def apply_tp(model: HybridLM, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -
                 _shard_rows(block.mixer, name, tp_mesh)
     style = "Tensor + Sequence Parallelism" if sequence_parallel else "Tensor Parallelism"
     logger.info("Applied %s to the model", style)
+
+
+def apply_compile(model: HybridLM) -> None:
+    """``torch.compile`` each block in place (its state-dict keys unchanged), before FSDP as torchtitan orders it.
+
+    Why per block: the blocks of a kind share one compiled graph (8 blocks of 3 kinds: 3 graphs), so compiling
+    costs one trace per kind; the pointwise work between the matmuls (norms, gates, the scan's discretisation,
+    residual adds) fuses into a few kernels; fla's kernels stay opaque (they disable the compiler). Not after
+    :func:`apply_tp`: with its parametrized shards the compiled backward fails (torch 2.13).
+    """
+    for block in model.layers:
+        block.compile()
+    logger.info("Compiled each block with torch.compile")
 
 
 def apply_fsdp(model: HybridLM, dp_mesh: DeviceMesh, *,
