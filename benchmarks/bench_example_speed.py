@@ -4,7 +4,8 @@
 times, no guard and no validation; each fit's mean step time over steps ``warmup..warmup+measure-1`` is the
 window's wall time (device synchronised at its two ends). Reports the median over fits, tokens/s, the
 model-FLOPs utilisation by 6 x parameters x tokens against ``--peak-tflops``, and the speed-up over the first
-variant. ``--profile N`` then prints the top CUDA kernels of N steps of the last variant.
+variant. ``--profile N`` then profiles N steps of the last variant: top CUDA kernels and host ops, the device's busy time
+against the wall time, and the host syncs of one more step.
 
     python benchmarks/bench_example_speed.py --config configs/gpu_1.yaml --variants torch fla --profile 3
 
@@ -18,13 +19,17 @@ its losses differ from the plain path's by no more than the plain path's differ 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
+import time
+import warnings
 
 import lightning.pytorch as pl
 import torch
 from bench_guard_overhead import _ConfigCLI, device_label, fit_fresh, window_ms
 from lightning.pytorch.callbacks import Callback
+from torch.autograd import DeviceType
 
 from ce_guard.demos.data import CppTokenDataModule
 from ce_guard.demos.lit import HybridLitModule
@@ -32,6 +37,8 @@ from ce_guard.demos.lit import HybridLitModule
 VARIANTS = {
     "torch": ["--model.config.kernels=torch"],
     "fla": ["--model.config.kernels=fla"],
+    "torch_compile": ["--model.config.kernels=torch", "--model.compile=true"],
+    "fla_compile": ["--model.config.kernels=fla", "--model.compile=true"],
 }
 
 
@@ -41,23 +48,49 @@ def configured(args, overrides: list[str]) -> _ConfigCLI:
 
 
 class KernelProfile(Callback):
-    """torch.profiler over optimizer steps ``start..start+steps-1``; prints the top CUDA kernels at the end."""
+    """torch.profiler over optimizer steps ``start..start+steps-1``, then one step under CUDA's sync debug mode.
+
+    Reports the top CUDA kernels, the top host ops, the device's busy time against the wall time per step (a
+    step the device idles through is bound by the host), and where the step waits for the device (host syncs).
+    """
 
     def __init__(self, start: int, steps: int) -> None:
-        self.start, self.steps, self.table = start, steps, ""
-        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        self.start, self.steps, self.report = start, steps, ""
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        self._profiler = torch.profiler.profile(activities=activities)
+        self._wall = 0.0
+        self._syncs: warnings.catch_warnings | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.start:
             torch.cuda.synchronize()
             self._profiler.start()
+            self._wall = time.perf_counter()
+        elif trainer.global_step == self.start + self.steps:
+            self._syncs = warnings.catch_warnings(record=True)
+            self._sync_records = self._syncs.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.start + self.steps:
             torch.cuda.synchronize()
+            wall_ms = 1e3 * (time.perf_counter() - self._wall) / self.steps
             self._profiler.stop()
-            self.table = self._profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
-                                                             max_name_column_width=70)
+            averages = self._profiler.key_averages()
+            kernels = [event for event in averages if event.device_type == DeviceType.CUDA]  # one stream: no overlap
+            busy_ms = sum(event.self_device_time_total for event in kernels) / 1e3 / self.steps
+            self.report = "\n".join([
+                f"device busy {busy_ms:.1f} ms of {wall_ms:.1f} ms wall per step (profiled)",
+                averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70),
+                averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)])
+        elif trainer.global_step == self.start + self.steps + 1 and self._syncs is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._syncs.__exit__(None, None, None)
+            sites = collections.Counter(f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:80]}"
+                                        for w in self._sync_records if "synchroniz" in str(w.message))
+            self.report += "\nhost syncs in one step:\n" + "\n".join(f"{n:4d} x {site}" for site, n in
+                                                                     sites.most_common()) + "\n"
 
 
 def speed(args) -> dict:
@@ -103,9 +136,9 @@ def speed(args) -> dict:
     result = {"device": device, "params": params, "tokens_per_step": tokens_per_step, "rows": rows}
     if args.profile:
         profile = KernelProfile(args.warmup, args.profile)
-        fit_fresh(clis[args.variants[-1]], args.warmup + args.profile + 1, [profile])
-        print(f"\nTop CUDA kernels, {args.profile} steps of {args.variants[-1]}:\n{profile.table}")
-        result["profile"] = profile.table
+        fit_fresh(clis[args.variants[-1]], args.warmup + args.profile + 2, [profile])
+        print(f"\nProfile, {args.profile} steps of {args.variants[-1]}:\n{profile.report}")
+        result["profile"] = profile.report
     return result
 
 
@@ -128,7 +161,7 @@ def validation(args) -> dict:
             trainer = cli.config.trainer
             fit_fresh(cli, trainer.max_steps, [losses], limit_val_batches=trainer.limit_val_batches,
                       val_check_interval=trainer.val_check_interval, check_val_every_n_epoch=None,
-                      num_sanity_val_steps=0, gradient_clip_val=trainer.gradient_clip_val)
+                      num_sanity_val_steps=0)
             runs.append({"variant": name, "seed": seed, "val_loss": losses.losses})
             print(f"{name} seed {seed}: " + ", ".join(f"step {s} {v:.4f}" for s, v in losses.losses.items()),
                   flush=True)

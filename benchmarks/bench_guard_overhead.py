@@ -5,7 +5,11 @@ Fits of the same model and data, each ``warmup + measure`` optimizer steps: no g
 consecutive ``on_train_batch_end`` hooks (CUDA synchronised), so it holds data loading, forward, backward,
 the optimizer and, on a check step, the check. With ``measure=100`` and ``warmup=10`` the timed window
 (steps 10..109) holds exactly the checks its rate implies (100; 50 and 100), so the median window mean's
-excess over the unguarded fits is the amortised overhead.
+excess over the unguarded fits is the amortised overhead. Where fits differ from each other by more than a
+check costs (a step bound by the host varies a few percent from fit to fit), that comparison reads noise; the
+paired estimate does not: each check step's time less the median ordinary step of the same fit, amortised over
+``every`` steps of the unguarded median step. (It leaves out any cost the guard adds to ordinary steps; the
+medians of the guarded and unguarded fits show that.)
 
     python benchmarks/bench_guard_overhead.py --config configs/gpu_1.yaml           # GPU
     python benchmarks/bench_guard_overhead.py --quick                               # CPU, tiny, ~1 min
@@ -91,8 +95,9 @@ def time_fit(cli: LightningCLI, every_n_steps: int | None, steps: int) -> tuple[
 
 def fit_fresh(cli: LightningCLI, steps: int, callbacks: list[Callback], **trainer_args) -> pl.LightningModule:
     """Fit a fresh copy of the configured model for ``steps`` on one device, nothing but ``callbacks`` extra
-    (no validation and no logger unless ``trainer_args`` ask for them)."""
-    trainer_args = {"limit_val_batches": 0, "logger": False, **trainer_args}
+    (no validation and no logger unless ``trainer_args`` ask for them; the config's gradient clipping)."""
+    trainer_args = {"limit_val_batches": 0, "logger": False,
+                    "gradient_clip_val": cli.config.trainer.gradient_clip_val, **trainer_args}
     trainer = pl.Trainer(accelerator=cli.config.trainer.accelerator, devices=1, precision=cli.config.trainer.precision,
                          max_steps=steps, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks,
@@ -140,8 +145,7 @@ def time_monitor(cli: LightningCLI, monitor: bool, warmup: int, measure: int) ->
     """Mean step milliseconds of one fit over steps warmup..warmup+measure-1, the spikes the monitor called, and
     the median host milliseconds of each of its hooks."""
     health = [TimedHealth()] if monitor else []
-    step_ms, _ = window_ms(cli, warmup, measure, [CEParityCallback(every_n_steps=10 ** 9), *health],
-                           gradient_clip_val=cli.config.trainer.gradient_clip_val)
+    step_ms, _ = window_ms(cli, warmup, measure, [CEParityCallback(every_n_steps=10 ** 9), *health])
     hooks = {name: statistics.median(ms[warmup:]) for h in health for name, ms in h.host_ms.items() if ms[warmup:]}
     return step_ms, sum(len(h.spikes) for h in health), hooks
 
@@ -193,12 +197,15 @@ def main() -> None:
           f"{tokens_per_step} tokens/step, steps {args.warmup}..{args.warmup + args.measure - 1} timed, "
           f"median of {args.repeats} alternated fits")
     print(f"{'guard':>10} {'checks':>6} {'mean ms':>9} {'median ms':>9} {'max ms':>9} {'tokens/s':>10} "
-          f"{'overhead':>8} {'per check':>10}")
+          f"{'overhead':>8} {'per check':>10} {'paired: per check':>18} {'amortised':>9}")
     for row in rows:
         row["tokens_per_s"] = tokens_per_step / row["mean_step_ms"] * 1e3
         check = f"{row['check_ms']:.0f} ms" if "check_ms" in row else "-"
+        paired = f"{row['check_ms_paired']:.1f} ms" if "check_ms_paired" in row else "-"
+        amortised = f"{row['amortised_pct_paired']:.2f}%" if "amortised_pct_paired" in row else "-"
         print(f"{row['guard']:>10} {row['checks_timed']:>6} {row['mean_step_ms']:>9.1f} {row['median_step_ms']:>9.1f} "
-              f"{row['max_step_ms']:>9.1f} {row['tokens_per_s']:>10.0f} {row['overhead_pct']:>7.2f}% {check:>10}")
+              f"{row['max_step_ms']:>9.1f} {row['tokens_per_s']:>10.0f} {row['overhead_pct']:>7.2f}% {check:>10} "
+              f"{paired:>18} {amortised:>9}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device, "params": n_params, "precision": cli.config.trainer.precision,
@@ -219,20 +226,32 @@ def checks_cost(cli: LightningCLI, args) -> tuple[list[dict], int]:
             print(f"guard {'off' if every is None else f'every {every}'}: mean step "
                   f"{1e3 * statistics.fmean(seconds[window]):.1f} ms", flush=True)
     rows = []
+    batches = range(args.warmup, args.warmup + args.measure)
     for every, runs in fits.items():
         means = [1e3 * statistics.fmean(seconds) for seconds in runs]
         rows.append({"guard": "off" if every is None else f"every {every}",
-                     "checks_timed": sum(1 for step in range(args.warmup, args.warmup + args.measure)
-                                         if every and step % every == 0),
+                     "checks_timed": sum(1 for step in batches if every and step % every == 0),
                      "mean_step_ms": statistics.median(means), "fit_mean_step_ms": means,
                      "median_step_ms": statistics.median(1e3 * s for seconds in runs for s in seconds),
-                     "max_step_ms": 1e3 * max(s for seconds in runs for s in seconds)})
-    base = rows[0]["mean_step_ms"]
-    for row in rows:
+                     "max_step_ms": 1e3 * max(s for seconds in runs for s in seconds),
+                     "step_ms": [[round(1e3 * s, 3) for s in seconds] for seconds in runs]})
+    base, base_median = rows[0]["mean_step_ms"], rows[0]["median_step_ms"]
+    for every, row in zip(fits, rows):
         row["overhead_pct"] = 100 * (row["mean_step_ms"] / base - 1)
         if row["checks_timed"]:  # one check's cost: the window's excess time over its checks
             row["check_ms"] = (row["mean_step_ms"] - base) * args.measure / row["checks_timed"]
+            row["check_ms_paired"] = statistics.median(_check_excess_ms(seconds, batches, every)
+                                                       for seconds in fits[every])
+            row["amortised_pct_paired"] = 100 * row["check_ms_paired"] / (every * base_median)
     return rows, n_params
+
+
+def _check_excess_ms(seconds: list[float], batches: range, every: int) -> float:
+    """Mean milliseconds of the fit's check steps (batch index a multiple of ``every``; the timer runs after the
+    check) beyond the median of its other steps."""
+    checks = [s for batch, s in zip(batches, seconds) if batch % every == 0]
+    ordinary = [s for batch, s in zip(batches, seconds) if batch % every]
+    return 1e3 * (statistics.fmean(checks) - statistics.median(ordinary))
 
 
 if __name__ == "__main__":
