@@ -78,7 +78,10 @@ class KernelProfile(Callback):
             wall_ms = 1e3 * (time.perf_counter() - self._wall) / self.steps
             self._profiler.stop()
             averages = self._profiler.key_averages()
-            kernels = [event for event in averages if event.device_type == DeviceType.CUDA]  # one stream: no overlap
+            # Kernels and copies on the one stream (no overlap); a record_function range also has a device-side
+            # annotation spanning its kernels, which would count them twice.
+            kernels = [event for event in averages if event.device_type == DeviceType.CUDA
+                       and not event.is_user_annotation]
             busy_ms = sum(event.self_device_time_total for event in kernels) / 1e3 / self.steps
             self.report = "\n".join([
                 f"device busy {busy_ms:.1f} ms of {wall_ms:.1f} ms wall per step (profiled)",
