@@ -4,7 +4,7 @@
 times, no guard and no validation; each fit's mean step time over steps ``warmup..warmup+measure-1`` is the
 window's wall time (device synchronised at its two ends). Reports the median over fits, tokens/s, the
 model-FLOPs utilisation by 6 x parameters x tokens against ``--peak-tflops``, and the speed-up over the first
-variant. ``--profile N`` then profiles N steps of the last variant: top CUDA kernels and host ops, the device's busy time
+variant. ``--profile N`` then profiles N steps of the last variant that ran: top CUDA kernels and host ops, the device's busy time
 against the wall time, and the host syncs of one more step.
 
     python benchmarks/bench_example_speed.py --config configs/gpu_1.yaml --variants torch fla --profile 3
@@ -39,6 +39,7 @@ VARIANTS = {
     "fla": ["--model.config.kernels=fla"],
     "torch_compile": ["--model.config.kernels=torch", "--model.compile=true"],
     "fla_compile": ["--model.config.kernels=fla", "--model.compile=true"],
+    "fla_graphs": ["--model.config.kernels=fla", "--model.compile=true", "--model.compile_mode=reduce-overhead"],
 }
 
 
@@ -137,10 +138,11 @@ def speed(args) -> dict:
         print(f"{row['variant']:>14} {row['median_step_ms']:>9.1f} {row['tokens_per_s']:>10.0f} "
               f"{row['mfu_pct']:>6.1f}% {row['speedup']:>8.2f}x")
     result = {"device": device, "params": params, "tokens_per_step": tokens_per_step, "rows": rows}
-    if args.profile:
+    ran = [name for name in args.variants if step_ms[name]]
+    if args.profile and ran:
         profile = KernelProfile(args.warmup, args.profile)
-        fit_fresh(clis[args.variants[-1]], args.warmup + args.profile + 2, [profile])
-        print(f"\nProfile, {args.profile} steps of {args.variants[-1]}:\n{profile.report}")
+        fit_fresh(clis[ran[-1]], args.warmup + args.profile + 2, [profile])
+        print(f"\nProfile, {args.profile} steps of {ran[-1]}:\n{profile.report}")
         result["profile"] = profile.report
     return result
 

@@ -103,6 +103,7 @@ def fit_fresh(cli: LightningCLI, steps: int, callbacks: list[Callback], **traine
                          enable_model_summary=False, callbacks=callbacks,
                          default_root_dir="runs/bench_guard_overhead", **trainer_args)
     module = copy.deepcopy(cli.model)  # not built yet (configure_model runs in fit): a cheap, fresh copy
+    torch._dynamo.reset()  # a compiled model starts from no graphs (an earlier fit's CUDA graphs break its capture)
     trainer.fit(module, datamodule=cli.datamodule)
     return module
 

@@ -144,6 +144,11 @@ def test_compiled_blocks_keep_the_loss_the_gradients_and_the_state_dict_keys() -
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_an_unknown_compile_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="`compile_mode` to be one of"):
+        HybridLitModule(_config(), compile=True, compile_mode="fast")
+
+
 def test_compile_is_refused_under_tensor_parallelism() -> None:
     from types import SimpleNamespace
 

@@ -29,6 +29,7 @@ from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
 
 OUTPUT_LAYERS = ("ce_guard", "megatron")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 class HybridLitModule(pl.LightningModule):
@@ -56,6 +57,8 @@ class HybridLitModule(pl.LightningModule):
             output layer computes that broken contract while declaring the honest one.
         fault_scale: the integer k of ``grad_scale``.
         compile: ``torch.compile`` each block (before FSDP; see ``parallelize.apply_compile``); not under TP.
+        compile_mode: ``torch.compile``'s mode for the blocks: ``"reduce-overhead"`` replays each compiled
+            region as a CUDA graph, for a step whose host launches kernels slower than the device runs them.
         seed: seeds the weights; every rank builds the same full model before the plan shards it.
 
     Example:
@@ -80,6 +83,7 @@ class HybridLitModule(pl.LightningModule):
         fault: str | None = None,
         fault_scale: int = 2,
         compile: bool = False,
+        compile_mode: str = "default",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -95,6 +99,8 @@ class HybridLitModule(pl.LightningModule):
             raise ValueError(f"Expected `fault` to be None or one of {[f.value for f in SeamFault]}, got {fault!r}.")
         if output_layer not in OUTPUT_LAYERS:
             raise ValueError(f"Expected `output_layer` to be one of {OUTPUT_LAYERS}, got {output_layer!r}.")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"Expected `compile_mode` to be one of {COMPILE_MODES}, got {compile_mode!r}.")
         if output_layer == "megatron" and fault is not None:
             raise ValueError(f"Expected no `fault` with output_layer='megatron' (got {fault!r}): Megatron's layer"
                              " runs Megatron's own code; the injected faults live in ce_guard's layer.")
@@ -115,7 +121,7 @@ class HybridLitModule(pl.LightningModule):
                                  " ModelParallelStrategy (e.g. configs/cpu_tp2_megatron.yaml).")
             self.model = HybridLM(self.config, self._output(self._contract(), slice(0, self.config.vocab_size)))
             if self.hparams.compile:
-                apply_compile(self.model)
+                apply_compile(self.model, mode=self.hparams.compile_mode)
             return
         tp, dp = mesh["tensor_parallel"], mesh["data_parallel"]
         if self.hparams.compile and tp.size() > 1:
@@ -138,7 +144,7 @@ class HybridLitModule(pl.LightningModule):
         if tp.size() > 1:
             apply_tp(self.model, tp, sequence_parallel=self.hparams.sequence_parallel)
         if self.hparams.compile:
-            apply_compile(self.model)
+            apply_compile(self.model, mode=self.hparams.compile_mode)
         if dp.size() > 1:
             apply_fsdp(self.model, dp)
 

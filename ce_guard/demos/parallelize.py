@@ -137,17 +137,18 @@ def apply_tp(model: HybridLM, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -
     logger.info("Applied %s to the model", style)
 
 
-def apply_compile(model: HybridLM) -> None:
+def apply_compile(model: HybridLM, mode: str = "default") -> None:
     """``torch.compile`` each block in place (its state-dict keys unchanged), before FSDP as torchtitan orders it.
 
     Why per block: the blocks of a kind share one compiled graph (8 blocks of 3 kinds: 3 graphs), so compiling
     costs one trace per kind; the pointwise work between the matmuls (norms, gates, the scan's discretisation,
     residual adds) fuses into a few kernels; fla's kernels stay opaque (they disable the compiler). Not after
-    :func:`apply_tp`: with its parametrized shards the compiled backward fails (torch 2.13).
+    :func:`apply_tp`: with its parametrized shards the compiled backward fails (torch 2.13). ``mode`` is
+    ``torch.compile``'s (``"reduce-overhead"``: CUDA graphs).
     """
     for block in model.layers:
-        block.compile()
-    logger.info("Compiled each block with torch.compile")
+        block.compile(mode=mode)
+    logger.info(f"Compiled each block with torch.compile (mode={mode!r})")
 
 
 def apply_fsdp(model: HybridLM, dp_mesh: DeviceMesh, *,
