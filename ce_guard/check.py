@@ -83,7 +83,7 @@ def check_seam(
         if rows is not None:
             hidden, targets = hidden.reshape(-1, hidden.shape[-1])[rows], targets.reshape(-1)[rows]
         fit = fit_signatures(hidden, record.weight, targets, fused.grad_hidden, reference.grad_hidden,
-                             reference.token_weight, contract)
+                             reference.token_weight, contract, loss_factor=report.loss_ratio - 1)
         report = dataclasses.replace(report, signature=fit)
     return CheckResult(report, diagnose(report, group_sizes=group_sizes), None if rows is None else rows.numel())
 

@@ -92,6 +92,24 @@ def test_a_1_002x_bf16_scale_is_named_with_its_effect_size(seed):
     assert "sigma" in result.diagnosis.summary
 
 
+@pytest.mark.parametrize("spread", [12.0, 24.0])
+def test_pytorchs_own_bf16_path_scaled_on_confident_tokens_is_named_a_scale(spread):
+    """PyTorch's native path with its loss times 1.002: the token weight enters the logit gradient before its
+    bf16 rounding, which on peaked softmaxes moves the fitted scale off the loss's factor by a roundoff (read
+    0.0013 to 0.0019 here). The fit's pure scale, the native path rerun at the loss's factor, reads the same
+    offset, so the verdict names the scale, and not the mean's bf16 1/count (1/1946 rounded is 1.0022x)."""
+    for seed in range(3):
+        hidden, weight, targets = _inputs(seed, torch.bfloat16, spread=spread)
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), targets) * 1.002
+        loss.backward()
+        result = _check(hidden, weight, targets, CEContract(vocab_size=V),
+                        SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=w.grad))
+        assert result.diagnosis.cause == Cause.NORMALIZATION_SCALE, result.diagnosis.summary
+        fit = result.report.signature
+        assert fit.scale == pytest.approx(fit.pure_scale, abs=3 * fit.scale_se)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_a_correct_bf16_path_carries_no_fitted_scale(seed):
     """bf16 rounding of the common target term -1/n puts a factor on the target direction, not on the scale."""
