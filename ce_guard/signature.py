@@ -23,8 +23,8 @@ bf16 rounds every entry near the weight itself (a confident token's top class, o
 token whose target is unlikely) by that weight's own relative rounding, which moves with the token count.
 On a trained model's peaked softmax those entries carry much of the gradient, so its fitted scale sits off
 the loss's factor by up to one bf16 roundoff, though no fault but the scale is there. Given the loss's
-factor ``kappa``, the native path is run a second time at weights ``u (1 + kappa)``: a pure scale, rounded as
-such a path rounds it. Its coefficients (``pure_*``) are what the fit reads for a scale and nothing else, and
+factor ``kappa``, the native path runs at weights ``u (1 + kappa)``: a pure scale, rounded as such a path
+rounds it. Its coefficients (``pure_*``) are what the fit reads for a scale and nothing else, and
 its leftover spread along ``u_i m_i`` (which that rounding widens too) is then the one ``softmax_spread``
 is measured against.
 
@@ -113,8 +113,8 @@ def fit_signatures(
         grad_ref: dL/dh from the reference on the same tokens.
         token_weight: each token's weight in the reduction (the reference's dLoss/dper-token loss), flat.
         contract: the contract both were held to.
-        loss_factor: the fused loss's ratio to the reference's, minus 1, when it is over budget: the fit then
-            also reads a pure scale by that factor (``pure_*``; see the module docstring).
+        loss_factor: the fused loss's ratio to the reference's, minus 1: the native path then runs scaled by
+            it, and its coefficients are a pure scale's (``pure_*``; see the module docstring).
         max_tokens: visible tokens fitted at most, evenly spaced (the native path's two matmuls run on them).
     """
     if grad_fused is None or grad_ref is None or token_weight is None:
@@ -132,24 +132,24 @@ def fit_signatures(
     r = grad_ref.detach().reshape(-1, d)[rows].double()    # (m, D)
     u = token_weight.detach().reshape(-1)[rows].double()  # (m,) each token's weight in the reduction
     eps, wbar = contract.label_smoothing, _global_mean_row(weight, contract)  # wbar: (D,)
-    pure_factor = None if loss_factor is None or not math.isfinite(loss_factor) else 1 + loss_factor
-    native, pure, target_row, lse = _native_grad(h, weight.detach(), y, u, contract, pure_factor)
+    scaled = loss_factor is not None and math.isfinite(loss_factor)
+    factor = 1.0 + loss_factor if scaled else 1.0
+    # The native path at token weights u * factor: with the loss's factor, a pure scale by it.
+    native, target_row, lse = _native_grad(h, weight.detach(), y, factor * u, contract)
     native = native.to(grad_fused.dtype).double()  # (m, D) the output's rounding
-    pure = None if pure is None else pure.to(grad_fused.dtype).double()
     # The softmax-mean row m_i, to the native path's rounding: its dL/dh is
-    # u_i ((1 + 2 z lse_i) m_i - (1 - eps) t_i - eps w).
-    softmax_part = native + u[:, None] * ((1 - eps) * target_row + eps * wbar)
+    # u_i ((1 + 2 z lse_i) m_i - (1 - eps) t_i - eps w), times the factor.
+    softmax_part = native / factor + u[:, None] * ((1 - eps) * target_row + eps * wbar)
     mean_row = softmax_part / (1 + 2 * contract.z_loss * lse)[:, None]  # u_i m_i, (m, D)
     x = torch.stack([r, u[:, None] * target_row, u[:, None] * wbar.expand_as(r)], dim=1)  # (m, 3, D)
     if not (torch.isfinite(x).all() and torch.isfinite(f).all() and torch.isfinite(native).all()):
         return None  # non-finite values are the diagnosis then, and no least squares survives them
-    pure_error = None if pure is None or not torch.isfinite(pure).all() else pure - r
-    return _cluster_fit(x, f - r, r, native - r, mean_row, pure_error)
+    return _cluster_fit(x, f - r, r, native - r, mean_row, scaled=scaled)
 
 
-def _native_grad(h, weight, y, u, contract: CEContract, pure_factor: float | None = None):
-    """Per fitted token, over the global V: the native path's dL/dh, the same at token weights
-    ``u * pure_factor`` (None without a factor), the target's weight row and the lse.
+def _native_grad(h, weight, y, u, contract: CEContract):
+    """Per fitted token, over the global V: the native path's dL/dh at token weights ``u``, the target's weight
+    row and the lse.
 
     The native path's own arithmetic (``F.linear`` in the input dtype, ``F.cross_entropy`` in fp32): logits
     rounded to the input dtype, softmax in fp32, the logit gradient (token weight included) rounded to the
@@ -161,7 +161,6 @@ def _native_grad(h, weight, y, u, contract: CEContract, pure_factor: float | Non
     local = y - contract.vocab_start
     owned = (local >= 0) & (local < weight.shape[0])
     native = torch.zeros(m, d, dtype=torch.float64, device=h.device)
-    pure = None if pure_factor is None else torch.zeros_like(native)
     lse = torch.empty(m, dtype=torch.float64, device=h.device)
     step = max(1, _BLOCK_ELEMENTS // max(weight.shape[0], 1))
     for start in range(0, m, step):
@@ -179,14 +178,11 @@ def _native_grad(h, weight, y, u, contract: CEContract, pure_factor: float | Non
         block_owned = owned[block].nonzero().squeeze(1)
         logit_grad[block_owned, local[block][block_owned]] -= weight_u[block_owned] * (1 - eps)
         native[block] = logit_grad.to(weight.dtype).matmul(weight).double()  # this slice's share
-        if pure is not None:
-            pure[block] = logit_grad.mul_(pure_factor).to(weight.dtype).matmul(weight).double()
         lse[block] = block_lse.double()
     target_row = torch.zeros(m, d, dtype=torch.float64, device=h.device)
     target_row[owned] = weight[local[owned]].double()
-    parts = [native, target_row] + ([] if pure is None else [pure])
-    shares = _dist.all_reduce(torch.stack(parts), dist.ReduceOp.SUM, tp)  # (2 or 3, m, D)
-    return shares[0], None if pure is None else shares[2], shares[1], lse
+    shares = _dist.all_reduce(torch.stack([native, target_row]), dist.ReduceOp.SUM, tp)  # (2, m, D)
+    return shares[0], shares[1], lse
 
 
 def _global_mean_row(weight: torch.Tensor, contract: CEContract) -> torch.Tensor:
@@ -195,11 +191,10 @@ def _global_mean_row(weight: torch.Tensor, contract: CEContract) -> torch.Tensor
 
 
 def _cluster_fit(x: torch.Tensor, error: torch.Tensor, ref: torch.Tensor, native_error: torch.Tensor,
-                 softmax_row: torch.Tensor, pure_error: torch.Tensor | None = None) -> SignatureFit:
-    """Least squares of ``error`` (m, D) on ``x`` (m, k, D) with tokens as clusters; the coefficients of
-    ``pure_error`` (a pure scale's error) on the same columns; and the spread of what is left along each
-    token's ``softmax_row`` (m, D) against what the pure scale's error leaves (the native path's
-    ``native_error`` without one).
+                 softmax_row: torch.Tensor, *, scaled: bool = False) -> SignatureFit:
+    """Least squares of ``error`` (m, D) on ``x`` (m, k, D) with tokens as clusters, and the spread of what is
+    left along each token's ``softmax_row`` (m, D) against what the native path's ``native_error`` leaves;
+    when that path ran at the loss's factor (``scaled``), its coefficients are a pure scale's (``pure_*``).
 
     Columns are scaled to unit norm before solving (the mean weight row is ~1/sqrt(V) of a target row);
     the sandwich covariance ``A^-1 (sum_i s_i s_i^T) A^-1`` uses each token's score ``s_i = x_i^T res_i``.
@@ -219,17 +214,16 @@ def _cluster_fit(x: torch.Tensor, error: torch.Tensor, ref: torch.Tensor, native
     cov = a_inv @ (scores.T @ scores) @ a_inv * (m / max(m - k, 1))
     values = {name: (float(beta[i] / norms[i]), float(cov[i, i].clamp_min(0).sqrt() / norms[i]))
               for i, name in enumerate(DIRECTIONS)}
-    # A scale multiplies a path's rounding with its gradient: compare the rounding at unit scale, against a
-    # pure scale's when one is read (its rounding differs from token to token too; see the module docstring).
+    # A scale multiplies a path's rounding with its gradient: compare the rounding at unit scale (against a pure
+    # scale's when the native path ran at the loss's factor: its rounding differs from token to token too).
     def at_unit_scale(res: torch.Tensor, scale: float) -> torch.Tensor:
         return res / (1 + scale) if 1 + scale > 0 else res
 
-    baseline, pure = leave_over(native_error)[1], {}
-    if pure_error is not None:
-        pure_beta, pure_residual = leave_over(pure_error)
-        pure = {f"pure_{name}": float(pure_beta[i] / norms[i]) for i, name in enumerate(DIRECTIONS)}
-        baseline = at_unit_scale(pure_residual, pure["pure_scale"])
-    spread, spread_se, excess = _spread_ratio(at_unit_scale(residual, values["scale"][0]), baseline, softmax_row)
+    native_beta, native_residual = leave_over(native_error)
+    native_values = [float(native_beta[i] / norms[i]) for i in range(len(DIRECTIONS))]
+    pure = {f"pure_{name}": value for name, value in zip(DIRECTIONS, native_values, strict=True)} if scaled else {}
+    spread, spread_se, excess = _spread_ratio(at_unit_scale(residual, values["scale"][0]),
+                                              at_unit_scale(native_residual, native_values[0]), softmax_row)
     ref_norm = float(ref.norm())
     rel = (lambda t: float(t.norm()) / ref_norm) if ref_norm > 0 else (lambda t: math.inf)
     return SignatureFit(tokens=m, scale=values["scale"][0], scale_se=values["scale"][1],
