@@ -132,7 +132,7 @@ def fit_signatures(
     r = grad_ref.detach().reshape(-1, d)[rows].double()    # (m, D)
     u = token_weight.detach().reshape(-1)[rows].double()  # (m,) each token's weight in the reduction
     eps, wbar = contract.label_smoothing, _global_mean_row(weight, contract)  # wbar: (D,)
-    scaled = loss_factor is not None and math.isfinite(loss_factor)
+    scaled = loss_factor is not None and math.isfinite(loss_factor) and loss_factor > -1  # a zero loss scales nothing
     factor = 1.0 + loss_factor if scaled else 1.0
     # The native path at token weights u * factor: with the loss's factor, a pure scale by it.
     native, target_row, lse = _native_grad(h, weight.detach(), y, factor * u, contract)

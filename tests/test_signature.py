@@ -92,6 +92,16 @@ def test_a_1_002x_bf16_scale_is_named_with_its_effect_size(seed):
     assert "sigma" in result.diagnosis.summary
 
 
+def test_a_fused_loss_of_zero_reads_no_pure_scale():
+    """A loss factor of -1 (the fused loss is zero) cannot be a scale's: the fit keeps the native path at u."""
+    hidden, weight, targets = _inputs(4, torch.bfloat16, n=256, d=32, v=512)
+    contract = CEContract(vocab_size=512)
+    ref = reference_linear_cross_entropy(hidden, weight, targets, contract)
+    fit = fit_signatures(hidden, weight, targets, ref.grad_hidden.to(torch.bfloat16), ref.grad_hidden,
+                         ref.token_weight, contract, loss_factor=-1.0)
+    assert fit.pure_scale is None and math.isfinite(fit.softmax_spread)
+
+
 @pytest.mark.parametrize("spread", [12.0, 24.0])
 def test_pytorchs_own_bf16_path_scaled_on_confident_tokens_is_named_a_scale(spread):
     """PyTorch's native path with its loss times 1.002: the token weight enters the logit gradient before its
