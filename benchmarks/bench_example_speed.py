@@ -4,8 +4,8 @@
 times, no guard and no validation; each fit's mean step time over steps ``warmup..warmup+measure-1`` is the
 window's wall time (device synchronised at its two ends). Reports the median over fits, tokens/s, the
 model-FLOPs utilisation by 6 x parameters x tokens against ``--peak-tflops``, and the speed-up over the first
-variant. ``--profile N`` then profiles N steps of the last variant that ran: top CUDA kernels and host ops, the device's busy time
-against the wall time, and the host syncs of one more step.
+variant. ``--profile N`` then profiles N steps of the last variant that ran: top CUDA kernels and host ops,
+the device's busy time against the wall time, and the host syncs of one more step.
 
     python benchmarks/bench_example_speed.py --config configs/gpu_1.yaml --variants torch fla --profile 3
 

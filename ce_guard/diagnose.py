@@ -266,12 +266,11 @@ def _scale_explains_fit(r: ParityReport, kappa: float) -> bool:
     path's, and the two paths' independent rounding widens the tolerance by sqrt(2).
     """
     fit = r.signature
-    if abs(fit.scale - kappa) <= 3 * fit.scale_se + r.budget.loss_rel and _fit_clean_beside_scale(r):
-        return True
-    widen = math.sqrt(2)
-    return (fit.pure_scale is not None
-            and abs(fit.scale - fit.pure_scale) <= widen * 3 * fit.scale_se + r.budget.loss_rel
-            and _fit_clean_beside_scale(r, fit.pure_target, fit.pure_shift, widen))
+    expected = [(kappa, 0.0, 0.0, 1.0)]  # (scale, target, shift, widen)
+    if fit.pure_scale is not None:
+        expected.append((fit.pure_scale, fit.pure_target, fit.pure_shift, math.sqrt(2)))
+    return any(abs(fit.scale - scale) <= widen * 3 * fit.scale_se + r.budget.loss_rel
+               and _fit_clean_beside_scale(r, target, shift, widen) for scale, target, shift, widen in expected)
 
 
 def _gradient_factor(fit, kappa: float) -> float:
@@ -296,9 +295,8 @@ def _fitted_scale(r: ParityReport, sizes) -> Diagnosis | None:
         return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
                          f"loss {r.loss_ratio:.5f}x and dL/dh {1 + fit.scale:.5f}x ({fit.sigmas('scale'):.0f} sigma, fitted"
                          f" on {fit.tokens} tokens), and each token's softmax is off by its own factor: their spread is"
-                         f" {fit.softmax_spread:.2f}x {'a pure scale' if fit.pure_scale is not None else 'the native path'}'s"
-                         f" ({fit.spread_sigmas():.0f} sigma, rms"
-                         f" {fit.softmax_excess:.1e} beyond it): the softmax's"
+                         f" {fit.softmax_spread:.2f}x {'the native path' if fit.pure_scale is None else 'a pure scale'}'s"
+                         f" ({fit.spread_sigmas():.0f} sigma, rms {fit.softmax_excess:.1e} beyond it): the softmax's"
                          " statistics (running max, sum-exp, lse) and the mean's 1/count are held in a narrower dtype than"
                          " the contract declares",
                          {**_core_evidence(r), "scale": r.loss_ratio, **_fit_evidence(fit)})

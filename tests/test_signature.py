@@ -106,7 +106,7 @@ def test_a_fused_loss_of_zero_reads_no_pure_scale():
 def test_pytorchs_own_bf16_path_scaled_on_confident_tokens_is_named_a_scale(spread):
     """PyTorch's native path with its loss times 1.002: the token weight enters the logit gradient before its
     bf16 rounding, which on peaked softmaxes moves the fitted scale off the loss's factor by a roundoff (read
-    0.0013 to 0.0019 here). The fit's pure scale, the native path rerun at the loss's factor, reads the same
+    0.0013 to 0.0019 here). The fit's pure scale, its native path run at the loss's factor, reads the same
     offset, so the verdict names the scale, and not the mean's bf16 1/count (1/1946 rounded is 1.0022x)."""
     for seed in range(3):
         hidden, weight, targets = _inputs(seed, torch.bfloat16, spread=spread)
