@@ -40,6 +40,8 @@ VARIANTS = {
     "torch_compile": ["--model.config.kernels=torch", "--model.compile=true"],
     "fla_compile": ["--model.config.kernels=fla", "--model.compile=true"],
     "fla_graphs": ["--model.config.kernels=fla", "--model.compile=true", "--model.compile_mode=reduce-overhead"],
+    "fla_block_graphs": ["--model.config.kernels=fla", "--model.cuda_graphs=true"],
+    "fla_compile_block_graphs": ["--model.config.kernels=fla", "--model.compile=true", "--model.cuda_graphs=true"],
 }
 
 

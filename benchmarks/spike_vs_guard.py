@@ -23,6 +23,7 @@ from ce_guard.callbacks import CEParityCallback, SeamHealthCallback
 from ce_guard.demos.data import CppTokenDataModule
 from ce_guard.demos.hybrid import HybridConfig
 from ce_guard.demos.inject import InjectSeamFault
+from ce_guard.demos.kernels import KERNELS
 from ce_guard.demos.lit import HybridLitModule
 
 FAULTS = {  # fault -> extra contract options it needs to have something to break
@@ -54,7 +55,7 @@ def run(fault: str, args) -> dict:
                               pad_fraction=args.pad_fraction)
     config = HybridConfig(vocab_size=data.vocab_size, d_model=args.d_model, layer_pattern="M*M-", n_heads=4,
                           n_kv_heads=2, mamba_n_heads=4, mamba_head_dim=args.d_model // 2,
-                          mamba_n_groups=2, mamba_d_state=32, max_seq_len=args.seq_len)
+                          mamba_n_groups=2, mamba_d_state=32, max_seq_len=args.seq_len, kernels=args.kernels)
     module = HybridLitModule(config, token_chunk=256, **FAULTS[fault])
     # Every drifting check writes a repro bundle (the weight included: ~200 MB at d_model 256), so the run
     # dir can be kept apart from the results that get shipped.
@@ -95,6 +96,9 @@ def main() -> None:
     parser.add_argument("--pad-fraction", type=float, default=0.1)
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--kernels", default="torch", choices=KERNELS,
+                        help="the Mamba scan's kernels; plain PyTorch by default, as the recorded runs (fla autotunes"
+                             " for minutes on a fresh machine)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--run-dir", default=None, help="receipts and repro bundles (default: beside --out)")
     args = parser.parse_args()

@@ -159,6 +159,17 @@ def test_compile_is_refused_under_tensor_parallelism() -> None:
         module.configure_model()
 
 
+def test_cuda_graphs_are_refused_beside_reduce_overhead_and_off_a_single_cuda_device(tmp_path) -> None:
+    import lightning.pytorch as pl
+
+    with pytest.raises(ValueError, match="`cuda_graphs=False` with compile_mode='reduce-overhead'"):
+        HybridLitModule(_config(), compile=True, compile_mode="reduce-overhead", cuda_graphs=True)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="one CUDA device for `cuda_graphs=True`, got 1 x cpu"):
+        trainer.fit(HybridLitModule(_config(), cuda_graphs=True), DataLoader(TensorDataset(*_rows()), batch_size=2))
+
+
 def test_fused_adamw_clips_by_norm_under_bf16_mixed(tmp_path, monkeypatch) -> None:
     """Lightning's mixed precision refuses to clip for an optimizer that unscales in its own step (fused AdamW);
     under bf16 nothing is scaled, so the module clips as the base plugin does: the norm is taken and applied."""

@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from ce_guard.contract import CEContract
 from ce_guard.demos.data import IGNORE_INDEX
 from ce_guard.demos.hybrid import HybridConfig, HybridLM
-from ce_guard.demos.parallelize import apply_compile, apply_fsdp, apply_tp
+from ce_guard.demos.parallelize import apply_compile, apply_cuda_graphs, apply_fsdp, apply_tp
 from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
 
@@ -59,6 +59,10 @@ class HybridLitModule(pl.LightningModule):
         compile: ``torch.compile`` each block (before FSDP; see ``parallelize.apply_compile``); not under TP.
         compile_mode: ``torch.compile``'s mode for the blocks: ``"reduce-overhead"`` replays each compiled
             region as a CUDA graph, for a step whose host launches kernels slower than the device runs them.
+        cuda_graphs: capture each block's forward and backward as CUDA graphs at the first training step and
+            replay them after (``parallelize.apply_cuda_graphs``): unlike ``reduce-overhead`` the graphs hold
+            fla's kernels too. One CUDA device, no gradient accumulation; with ``compile`` the compiled blocks
+            are captured.
         seed: seeds the weights; every rank builds the same full model before the plan shards it.
 
     Example:
@@ -84,6 +88,7 @@ class HybridLitModule(pl.LightningModule):
         fault_scale: int = 2,
         compile: bool = False,
         compile_mode: str = "default",
+        cuda_graphs: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -101,6 +106,9 @@ class HybridLitModule(pl.LightningModule):
             raise ValueError(f"Expected `output_layer` to be one of {OUTPUT_LAYERS}, got {output_layer!r}.")
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"Expected `compile_mode` to be one of {COMPILE_MODES}, got {compile_mode!r}.")
+        if cuda_graphs and compile and compile_mode == "reduce-overhead":
+            raise ValueError("Expected `cuda_graphs=False` with compile_mode='reduce-overhead': both capture CUDA"
+                             " graphs; `cuda_graphs` alone captures the whole block (compile_mode='default').")
         if output_layer == "megatron" and fault is not None:
             raise ValueError(f"Expected no `fault` with output_layer='megatron' (got {fault!r}): Megatron's layer"
                              " runs Megatron's own code; the injected faults live in ce_guard's layer.")
@@ -108,6 +116,7 @@ class HybridLitModule(pl.LightningModule):
         self.config = config
         self.fault = None if fault is None else SeamFault(fault)
         self.model: HybridLM | None = None  # built in configure_model, once the device mesh is known
+        self._graphed = False
 
     # ------------------------------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -175,7 +184,22 @@ class HybridLitModule(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, targets)
 
+    def on_fit_start(self) -> None:
+        if not self.hparams.cuda_graphs:
+            return
+        if self.device.type != "cuda" or self.trainer.world_size > 1:
+            raise ValueError(f"Expected one CUDA device for `cuda_graphs=True`, got {self.trainer.world_size} x"
+                             f" {self.device.type}; set cuda_graphs=False.")
+        if self.trainer.accumulate_grad_batches > 1:
+            raise ValueError("Expected `accumulate_grad_batches=1` with `cuda_graphs=True`: the graphs write each"
+                             " backward's gradients into the same buffers, so micro-batches would not add up.")
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.hparams.cuda_graphs and not self._graphed:
+            input_ids = batch[0]
+            embedding = self.model.tok_embeddings.weight
+            apply_cuda_graphs(self.model, embedding.new_empty(*input_ids.shape, embedding.shape[1]))
+            self._graphed = True
         loss = self(*batch)
         # Under DP each rank's loss is its share of the global mean; the mean over ranks is that mean.
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)

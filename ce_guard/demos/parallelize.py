@@ -1,13 +1,15 @@
 """Tensor- and data-parallel plans for :class:`~ce_guard.demos.hybrid.HybridLM`, torchtitan style.
 
 ``apply_tp`` or ``apply_compile``, then ``apply_fsdp``; each takes plain values, changes the model in place and
-logs one line. On a single device call none of them (or only ``apply_compile``). The output module is left
+logs one line. On a single device call none of them (or only ``apply_compile``, and ``apply_cuda_graphs`` at the
+first training step). The output module is left
 alone: it is vocab-parallel (or not) by its own contract, and always receives the full, replicated
 ``(B, S, D)`` hidden states as a plain tensor plus the untouched targets.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -149,6 +151,36 @@ def apply_compile(model: HybridLM, mode: str = "default") -> None:
     for block in model.layers:
         block.compile(mode=mode)
     logger.info(f"Compiled each block with torch.compile (mode={mode!r})")
+
+
+def apply_cuda_graphs(model: HybridLM, sample: torch.Tensor) -> None:
+    """Replay every block's forward and backward as CUDA graphs (``torch.cuda.make_graphed_callables``).
+
+    Why: with fla's kernels the step is bound by the host (each conv and scan call spends more time in fla's
+    Python than on the device), and ``torch.compile``'s own CUDA graphs stop at those calls. A graph captured
+    around the whole block replays them too. ``sample`` is the residual stream on the training batches (shape
+    and dtype); another shape, and evaluation, run the blocks eagerly. Call inside the step's autocast: the
+    capture runs there with the cast cache off, as CUDA graphs require, so the captured casts read the
+    parameters in place and see each optimizer step. One CUDA device; the blocks' gradients land in the
+    graphs' static buffers, so gradients must not accumulate over micro-batches. Blocks compiled by
+    :func:`apply_compile` are captured compiled (the pointwise work fused); their eager fallback is uncompiled.
+    """
+    blocks = tuple(model.layers)
+    eager = [block.forward for block in blocks]
+    samples = tuple((torch.randn_like(sample).requires_grad_(),) for _ in blocks)
+    device = sample.device.type
+    with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device),
+                        cache_enabled=False):
+        torch.cuda.make_graphed_callables(blocks, samples)  # one memory pool, captured in the order they run
+    for block, eager_forward in zip(blocks, eager):
+        block.forward = functools.partial(_replay_on, sample.shape, sample.dtype, block.forward, eager_forward)
+        block._compiled_call_impl = None  # a compiled block was captured compiled; calls now reach the graphs
+    logger.info(f"Captured the forward and backward of {len(blocks)} blocks as CUDA graphs, input {tuple(sample.shape)}")
+
+
+def _replay_on(shape: torch.Size, dtype: torch.dtype, graphed, eager, x: torch.Tensor) -> torch.Tensor:
+    """The graphs replay into buffers of the captured shape; any other input runs the block eagerly."""
+    return graphed(x) if x.shape == shape and x.dtype == dtype else eager(x)
 
 
 def apply_fsdp(model: HybridLM, dp_mesh: DeviceMesh, *,
