@@ -189,11 +189,11 @@ class _StepRecord(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _fit_small_hybrid(tmp_path, **options) -> _StepRecord:
+def _fit_small_hybrid(tmp_path, kernels: str, **options) -> _StepRecord:
     """Six bf16-mixed steps of a small hybrid with validation after steps 2 and 4 (eval runs the blocks eagerly)."""
     config = HybridConfig(vocab_size=100352, d_model=128, layer_pattern="M*M-", n_heads=4, n_kv_heads=2,
                           mamba_n_heads=4, mamba_head_dim=64, mamba_n_groups=2, mamba_d_state=64,
-                          mamba_chunk_size=64, max_seq_len=256)
+                          mamba_chunk_size=64, max_seq_len=256, kernels=kernels)
     record = _StepRecord()
     trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=6, val_check_interval=2,
                          check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
@@ -204,11 +204,12 @@ def _fit_small_hybrid(tmp_path, **options) -> _StepRecord:
     return record
 
 
-def test_blocks_replayed_as_cuda_graphs_train_as_the_eager_blocks(tmp_path):
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("fla", marks=needs_fla)])
+def test_blocks_replayed_as_cuda_graphs_train_as_the_eager_blocks(tmp_path, kernels):
     """Same losses and the same gradient norms step by step: the graphs read each optimizer step's parameters
     and hand each backward's gradients over once (a stale or doubled gradient would show in the norms)."""
-    eager = _fit_small_hybrid(tmp_path / "eager")
-    graphed = _fit_small_hybrid(tmp_path / "graphed", cuda_graphs=True)
+    eager = _fit_small_hybrid(tmp_path / "eager", kernels)
+    graphed = _fit_small_hybrid(tmp_path / "graphed", kernels, cuda_graphs=True)
     assert len(graphed.losses) == len(eager.losses) == 6
     torch.testing.assert_close(graphed.losses, eager.losses, rtol=2e-3, atol=0)
     torch.testing.assert_close(graphed.grad_norms, eager.grad_norms, rtol=2e-2, atol=0)
