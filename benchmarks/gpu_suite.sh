@@ -116,12 +116,12 @@ fi
 
 SPEED=(--config configs/gpu_1.yaml)
 if want speed; then
-step "the example's kernel path: tokens/s side by side (plain scan, fla, fla with compiled blocks), then fla's tests"
-timeout 330 python benchmarks/bench_example_speed.py "${SPEED[@]}" --variants torch fla fla_compile --repeats 1 \
+step "the example's kernel path: tokens/s side by side (plain scan, fla, compiled, compiled as CUDA graphs), then fla's tests"
+timeout 330 python benchmarks/bench_example_speed.py "${SPEED[@]}" --variants torch fla fla_compile fla_compile_block_graphs --repeats 1 \
   --warmup 10 --measure 20 --profile 3 --out "$LOGS/speed.json" > "$LOGS/speed.log" 2>&1
 grep -A5 "ms/step" "$LOGS/speed.log" >> "$OUT/summary.txt"
 grep -A4 "device busy\|host syncs" "$LOGS/speed.log" >> "$OUT/summary.txt"
-timeout 200 python -m pytest -v -p no:cacheprovider tests/test_gpu.py -k fla > "$LOGS/fla_tests.log" 2>&1
+timeout 200 python -m pytest -v -p no:cacheprovider tests/test_gpu.py -k "fla or cuda_graphs" > "$LOGS/fla_tests.log" 2>&1
 grep -E "PASSED|FAILED|ERROR|passed|failed" "$LOGS/fla_tests.log" >> "$OUT/summary.txt"
 fi
 

@@ -204,12 +204,13 @@ def _fit_small_hybrid(tmp_path, kernels: str, **options) -> _StepRecord:
     return record
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("kernels", ["torch", pytest.param("fla", marks=needs_fla)])
-def test_blocks_replayed_as_cuda_graphs_train_as_the_eager_blocks(tmp_path, kernels):
+def test_blocks_replayed_as_cuda_graphs_train_as_the_eager_blocks(tmp_path, kernels, compile):
     """Same losses and the same gradient norms step by step: the graphs read each optimizer step's parameters
     and hand each backward's gradients over once (a stale or doubled gradient would show in the norms)."""
     eager = _fit_small_hybrid(tmp_path / "eager", kernels)
-    graphed = _fit_small_hybrid(tmp_path / "graphed", kernels, cuda_graphs=True)
+    graphed = _fit_small_hybrid(tmp_path / "graphed", kernels, cuda_graphs=True, compile=compile)
     assert len(graphed.losses) == len(eager.losses) == 6
     torch.testing.assert_close(graphed.losses, eager.losses, rtol=2e-3, atol=0)
     torch.testing.assert_close(graphed.grad_norms, eager.grad_norms, rtol=2e-2, atol=0)
