@@ -2,9 +2,8 @@
 
 ``apply_tp`` or ``apply_compile``, then ``apply_fsdp``; each takes plain values, changes the model in place and
 logs one line. On a single device call none of them (or only ``apply_compile``, and ``apply_cuda_graphs`` at the
-first training step). The output module is left
-alone: it is vocab-parallel (or not) by its own contract, and always receives the full, replicated
-``(B, S, D)`` hidden states as a plain tensor plus the untouched targets.
+first training step). The output module is left alone: it is vocab-parallel (or not) by its own contract, and
+always receives the full, replicated ``(B, S, D)`` hidden states as a plain tensor plus the untouched targets.
 """
 
 from __future__ import annotations
