@@ -7,16 +7,23 @@ scale (over budget, so it fits), the fit alone and the budget alone; medians of 
 
     python benchmarks/bench_check_cost.py --out runs/check_cost.json                 # GPU shape on CUDA
     python benchmarks/bench_check_cost.py --shape 2048x128x32768 --out runs/check_cost_cpu.json
+
+``--profile`` then profiles one clean check: the device's busy time against the wall time (a check the device
+idles through is bound by the host), the top CUDA kernels and host ops, and the host syncs of one more check.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 
 from bench_output_layer import time_ms
 from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam
@@ -41,6 +48,7 @@ def main() -> None:
     parser.add_argument("--shape", default="16384x4096x151936", help="NxDxV")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="profile one clean check (CUDA)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     n, d, v = (int(x) for x in args.shape.split("x"))
@@ -69,14 +77,47 @@ def main() -> None:
     }
     ms = {name: time_ms(fn, device, warmup=1, repeats=args.repeats) for name, fn in timings.items()}
     flagged = check_seam(scaled, contract)
+    profile = profile_check(lambda: check_seam(clean, contract)) if args.profile and device.type == "cuda" else None
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "shape": {"tokens": n, "hidden": d, "vocab": v}, "dtype": args.dtype, "ms": ms,
               "fit_share_of_clean_check": ms["signature fit alone"] / ms["clean check"],
               "budget_share_of_clean_check": ms["budget alone"] / ms["clean check"],
-              "flagged_cause": flagged.diagnosis.cause.value, "flagged_summary": flagged.diagnosis.summary}
+              "flagged_cause": flagged.diagnosis.cause.value, "flagged_summary": flagged.diagnosis.summary,
+              "profile": profile}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "profile"}, indent=1))
+    if profile:
+        print(profile)
+
+
+def profile_check(check) -> str:
+    """One check under torch.profiler (device busy time against wall time, top kernels and host ops), then one
+    more under CUDA's sync debug mode (where the check waits for the device)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as profiler:
+        began = time.perf_counter()
+        check()
+        torch.cuda.synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - began)
+    averages = profiler.key_averages()
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            check()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in records if "synchroniz" in str(w.message))
+    return "\n".join([
+        f"device busy {busy_ms:.1f} ms of {wall_ms:.1f} ms wall (one clean check, profiled)",
+        averages.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70),
+        averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70),
+        f"host syncs in one check: {sum(sites.values())}",
+        *(f"{n:4d} x {site}" for site, n in sites.most_common(25))])
 
 
 if __name__ == "__main__":

@@ -34,14 +34,21 @@ from torch.autograd import DeviceType
 from ce_guard.demos.data import CppTokenDataModule
 from ce_guard.demos.lit import HybridLitModule
 
+
+def _variant(kernels: str, compile: bool = False, cuda_graphs: bool = False, mode: str = "default") -> list[str]:
+    """Every switch set, so that a variant means the same whatever the config turns on."""
+    return [f"--model.config.kernels={kernels}", f"--model.compile={str(compile).lower()}",
+            f"--model.compile_mode={mode}", f"--model.cuda_graphs={str(cuda_graphs).lower()}"]
+
+
 VARIANTS = {
-    "torch": ["--model.config.kernels=torch"],
-    "fla": ["--model.config.kernels=fla"],
-    "torch_compile": ["--model.config.kernels=torch", "--model.compile=true"],
-    "fla_compile": ["--model.config.kernels=fla", "--model.compile=true"],
-    "fla_graphs": ["--model.config.kernels=fla", "--model.compile=true", "--model.compile_mode=reduce-overhead"],
-    "fla_block_graphs": ["--model.config.kernels=fla", "--model.cuda_graphs=true"],
-    "fla_compile_block_graphs": ["--model.config.kernels=fla", "--model.compile=true", "--model.cuda_graphs=true"],
+    "torch": _variant("torch"),
+    "fla": _variant("fla"),
+    "torch_compile": _variant("torch", compile=True),
+    "fla_compile": _variant("fla", compile=True),
+    "fla_graphs": _variant("fla", compile=True, mode="reduce-overhead"),
+    "fla_block_graphs": _variant("fla", cuda_graphs=True),
+    "fla_compile_block_graphs": _variant("fla", compile=True, cuda_graphs=True),
 }
 
 

@@ -115,6 +115,7 @@ class CEParityCallback(Callback):
         # Rank-invariant state (Lightning checkpoints callbacks from rank zero only).
         self.last_checked_step = -1
         self.history: list[dict[str, Any]] = []
+        self.missed: list[dict[str, Any]] = []  # check steps whose check did not run: {"step", "reason"}
         self.clean_checks_owed: int | None = None  # clean checks still owed before the rate relaxes; None: relaxed
         self._requested_step = -1
         self._listeners: list[Callable[[pl.Trainer, int, dict[str, Any] | None, str], None]] = []
@@ -207,9 +208,7 @@ class CEParityCallback(Callback):
         problem = recording.problem()
         # Agree before any collective: if one rank cannot check, none does (no rank waits for another).
         if _any_rank(trainer, problem is not None):
-            reason = problem or "another rank could not record the seam"
-            rank_zero_warn(f"CEParityCallback: skipped the check at step {recording.step}: {reason}.")
-            self._notify(trainer, recording.step, None, reason)
+            self._miss(trainer, recording.step, f"skipped: {problem or 'another rank could not record the seam'}")
             return None
         sizes = {**_group_sizes(trainer, contract), **self.extra_group_sizes}
         try:
@@ -222,9 +221,7 @@ class CEParityCallback(Callback):
                 raise
             result, error = None, f"{type(err).__name__}: {err}"
         if _any_rank(trainer, error is not None):
-            reason = f"it failed: {error or 'on another rank'}"
-            rank_zero_warn(f"CEParityCallback: the check at step {recording.step} {reason}")
-            self._notify(trainer, recording.step, None, reason)
+            self._miss(trainer, recording.step, f"failed: {error or 'on another rank'}")
             return None
         verdict = {"rank": trainer.global_rank, "cause": result.diagnosis.cause.value,
                    "drift": result.diagnosis.drift, "summary": result.diagnosis.summary}
@@ -293,6 +290,15 @@ class CEParityCallback(Callback):
                 rank_zero_info(f"CEParityCallback: {self.clean_checks_to_relax} clean checks in a row by step {step}:"
                                f" back to every {self.every_n_steps} steps.")
 
+    def _miss(self, trainer, step: int, reason: str) -> None:
+        """A check step without a verdict: warned, kept in ``missed``, logged as ``ce_parity/missed`` (a gap in
+        the panels has a reason), and told to listeners."""
+        rank_zero_warn(f"CEParityCallback: the check at step {step} {reason}")
+        self.missed.append({"step": step, "reason": reason})
+        for logger in trainer.loggers:
+            logger.log_metrics({f"{PREFIX}/missed": 1.0}, step=step)
+        self._notify(trainer, step, None, reason)
+
     def _notify(self, trainer, step: int, entry: dict[str, Any] | None, reason: str) -> None:
         for listener in self._listeners:
             listener(trainer, step, entry, reason)
@@ -326,11 +332,12 @@ class CEParityCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_checked_step": self.last_checked_step, "history": [dict(h) for h in self.history],
-                "clean_checks_owed": self.clean_checks_owed}
+                "missed": [dict(m) for m in self.missed], "clean_checks_owed": self.clean_checks_owed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_checked_step = int(state_dict["last_checked_step"])
         self.history = [dict(h) for h in state_dict["history"]]
+        self.missed = [dict(m) for m in state_dict.get("missed", [])]
         self.clean_checks_owed = state_dict.get("clean_checks_owed")
         self._resumed = True
 

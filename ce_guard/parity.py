@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ce_guard import _dist
 from ce_guard.contract import CEContract
-from ce_guard.reference import ReferenceResult, count_nonfinite
+from ce_guard.reference import ReferenceResult, compiled_on_cuda, count_nonfinite
 from ce_guard.signature import SignatureFit
 
 # Relative-error floors per input dtype, (loss, gradients): reduction order alone moves results this much.
@@ -328,55 +328,72 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
         raise ValueError(f"fused gradient shape {tuple(fused.shape)} does not match the reference's"
                          f" {tuple(ref.shape)}; was the gradient recorded on another rank's shard?")
     f_rows, r_rows = fused.detach().reshape(-1, fused.shape[-1]), ref.detach().reshape(-1, ref.shape[-1])
-    common = None if common_rows is None else common_rows.reshape(-1)
+    device = f_rows.device
+    common = (torch.ones(f_rows.shape[0], dtype=torch.bool, device=device) if common_rows is None
+              else common_rows.reshape(-1))
     step = max(1, _STAT_BLOCK_ELEMENTS // max(f_rows.shape[1], 1))
     blocks = [slice(start, start + step) for start in range(0, f_rows.shape[0], step)]
-    zero = torch.zeros((), dtype=torch.float64, device=f_rows.device)
-    row_error_sq = torch.zeros(f_rows.shape[0], dtype=torch.float64, device=f_rows.device)
+    block_error_stats = compiled_on_cuda(_block_error_stats, device)
+    block_residual_sq = compiled_on_cuda(_block_residual_sq, device)
+    row_error_sq = torch.zeros(f_rows.shape[0], dtype=torch.float64, device=device)
     row_fused_sq = torch.zeros_like(row_error_sq)
-    error_sum = torch.zeros(f_rows.shape[1], dtype=torch.float64, device=f_rows.device)  # over common rows
-    ref_sq, dot, max_abs, coupled_sq = zero.clone(), zero.clone(), zero.clone(), zero.clone()  # coupled: e^2 r^2
+    error_sum = torch.zeros(f_rows.shape[1], dtype=torch.float64, device=device)  # over common rows
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # sum r^2, <f, r>, sum e^2 r^2, max |e|
     for rows in blocks:
-        f, r = f_rows[rows].double(), r_rows[rows].double()
-        error = f - r
-        row_error_sq[rows] = error.square().sum(dim=1)
-        row_fused_sq[rows] = f.square().sum(dim=1)
-        ref_sq += r.square().sum()
-        dot += (f * r).sum()
-        coupled_sq += (error * r).square().sum()
-        max_abs = torch.maximum(max_abs, error.abs().max()) if error.numel() else max_abs
-        error_sum += (error if common is None else error[common[rows]]).sum(dim=0)
-    norm_f, norm_r = math.sqrt(float(row_fused_sq.sum())), math.sqrt(float(ref_sq))
-    error_sq, dot = float(row_error_sq.sum()), float(dot)
+        row_error_sq[rows], row_fused_sq[rows], block_error_sum, block_totals = block_error_stats(
+            f_rows[rows], r_rows[rows], common[rows])
+        error_sum += block_error_sum
+        totals[:3] += block_totals[:3]
+        totals[3] = torch.maximum(totals[3], block_totals[3])
+    ref_sq, dot = totals[0], totals[1]
     # |f - s r| / |r| at the least-squares s = <f, r> / <r, r>: zero for a pure scale, whatever s is. A second
     # pass, since |f|^2 - <f, r>^2 / |r|^2 cancels to nothing for the tiny residuals of a clean fp64 check.
-    scale = dot / norm_r ** 2 if norm_r > 0 else 0.0
-    residual_sq = sum(float((f_rows[rows].double() - scale * r_rows[rows].double()).square().sum()) for rows in blocks)
-    n_common = f_rows.shape[0] if common is None else int(common.sum())
-    common_error_sq = error_sq if common is None else float(row_error_sq[common].sum())
+    scale = torch.where(ref_sq > 0, dot / ref_sq, 0.0)
+    residual_sq = sum((block_residual_sq(f_rows[rows], r_rows[rows], scale) for rows in blocks), totals.new_zeros(()))
+    # Every scalar leaves the device at once: the host waits for the device once per gradient, not per block.
+    (fused_sq, ref_sq, dot, coupled_sq, max_abs, residual_sq, error_sq, common_error_sq, n_common,
+     common_shift_sq) = torch.stack([row_fused_sq.sum(), *totals, residual_sq, row_error_sq.sum(),
+                                     (row_error_sq * common).sum(), common.sum().double(),
+                                     error_sum.square().sum()]).tolist()
+    n_common = int(n_common)
+    norm_f, norm_r = math.sqrt(fused_sq), math.sqrt(ref_sq)
     # Mean r^2 over the common rows' elements: rows that should be zero (ignored tokens) must not dilute it.
-    mean_ref_sq = float(ref_sq) / (n_common * f_rows.shape[1]) if n_common and f_rows.shape[1] else 0.0
+    mean_ref_sq = ref_sq / (n_common * f_rows.shape[1]) if n_common and f_rows.shape[1] else 0.0
     return {
         "norm_fused": norm_f,
         "norm_ref": norm_r,
         "ratio": norm_f / norm_r if norm_r > 0 else (1.0 if norm_f == 0 else math.inf),
         "cosine": dot / (norm_f * norm_r) if norm_f > 0 and norm_r > 0 else (1.0 if norm_f == norm_r else 0.0),
-        "max_abs": float(max_abs),
+        "max_abs": max_abs,
         "rel_err": math.sqrt(error_sq) / norm_r if norm_r > 0 else (0.0 if error_sq == 0 else math.inf),
         "scaled_residual": math.sqrt(residual_sq) / norm_r if norm_r > 0 else None,
         # Share of the error's energy in its mean row, rows * |mean row|^2 / |error|^2: 1 when the error is one
         # vector added to every row, as a constant shift of dL/dz over a vocab slice leaves in dL/dW (and, with
         # equal token weights, in dL/dh); rounding has no common row, about 1/rows.
-        "shift_share": (float(error_sum.square().sum()) / n_common / common_error_sq
+        "shift_share": (common_shift_sq / n_common / common_error_sq
                         if common_error_sq > 0 and n_common else 0.0),
         # sum(e^2 r^2) / (sum(e^2) mean(r^2)): 1 when the error ignores each element's size (terms skipped, as a
         # gradient filter does), about E[r^4] / E[r^2]^2 (3 for Gaussian r) when it is a relative rounding of the
         # element itself, as a running sum kept in a narrow dtype leaves.
-        "magnitude_coupling": (float(coupled_sq) / error_sq / mean_ref_sq
+        "magnitude_coupling": (coupled_sq / error_sq / mean_ref_sq
                                if error_sq > 0 and mean_ref_sq > 0 else None),
         "row_error_sq": row_error_sq,  # (rows,) error energy per token (dL/dh) or vocab row (dL/dW)
         "row_fused_sq": row_fused_sq,  # (rows,)
     }
+
+
+def _block_error_stats(f: torch.Tensor, r: torch.Tensor, common: torch.Tensor):
+    """One block of rows in float64: per row |e|^2 and |f|^2, the column sums of e over the common rows, and
+    the block's sum r^2, <f, r>, sum e^2 r^2 and max |e| (e = f - r)."""
+    f, r = f.double(), r.double()
+    error = f - r
+    totals = torch.stack([r.square().sum(), (f * r).sum(), (error * r).square().sum(),
+                          error.abs().amax() if error.numel() else error.new_zeros(())])
+    return error.square().sum(dim=1), f.square().sum(dim=1), (error * common[:, None]).sum(dim=0), totals
+
+
+def _block_residual_sq(f: torch.Tensor, r: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (f.double() - scale * r.double()).square().sum()
 
 
 def _boundary_tokens(targets: torch.Tensor, contract: CEContract) -> torch.Tensor:

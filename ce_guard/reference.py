@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from collections.abc import Iterator
@@ -216,7 +217,7 @@ def _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk):
     denom = torch.zeros(n, dtype=torch.float32, device=device)
     target_logit = torch.zeros(n, dtype=torch.float32, device=device)
     logit_sum = torch.zeros(n, dtype=torch.float32, device=device)
-    block_statistics = _elementwise(_block_statistics, device)
+    block_statistics = compiled_on_cuda(_block_statistics, device)
     for rows in _chunks(n, token_chunk):
         h_chunk = h[rows]                                                      # (T, D), input dtype
         local_target = y[rows] - contract.vocab_start                          # (T,) index into this slice
@@ -263,7 +264,7 @@ def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chu
         h_share = _abs_max(h, dim=1) * _pow2(-token_exp) * (token_weight != 0)
         weight_exp, hidden_exp = (_FP16_EXPONENT - _ceil_log2(torch.stack(
             [_abs_max(weight), h_share.max()]))).tolist()                      # one host sync per call
-    block_logit_grad = _elementwise(_block_logit_grad, h.device)
+    block_logit_grad = compiled_on_cuda(_block_logit_grad, h.device)
     for rows in _chunks(h.shape[0], token_chunk):
         h_chunk = h[rows]                                                      # (T, D), input dtype
         visible = (token_weight[rows] != 0)[:, None]                         # ignored rows: 0, never inf * 0
@@ -312,14 +313,35 @@ def _block_logit_grad(raw, lse, prob_scale, uniform, hit, target_col, softcap: f
     return grad.to(dtype)
 
 
-def _elementwise(fn, device: torch.device):
-    """``fn`` compiled on CUDA: one kernel reads a logits block once, instead of one pass per eager op."""
-    return _compiled(fn) if device.type == "cuda" else fn
+def compiled_on_cuda(fn, device: torch.device):
+    """``fn`` compiled on CUDA: one kernel reads a block once, instead of one pass per eager op.
+
+    A compiler failure (an Inductor bug on this torch or device) must not cost the check: ``fn`` then runs
+    eagerly from there on, the same math with more passes over memory, and says so once.
+    """
+    return fn if device.type != "cuda" or fn in _COMPILE_FAILED else functools.partial(_run_compiled, fn)
+
+
+_COMPILE_FAILED: set = set()
+
+
+def _run_compiled(fn, *args):
+    if fn in _COMPILE_FAILED:  # failed on an earlier block of this call
+        return fn(*args)
+    try:
+        return _compiled(fn)(*args)
+    except Exception as err:  # noqa: BLE001 - any compiler error: the eager function is the fallback
+        _COMPILE_FAILED.add(fn)
+        warnings.warn(f"ce_guard: torch.compile failed on {fn.__name__} ({type(err).__name__}: {str(err)[:200]});"
+                      " it runs eagerly from now on (the same math, slower checks).", stacklevel=2)
+        return fn(*args)
 
 
 @functools.cache
 def _compiled(fn):
-    return torch.compile(fn)
+    # Mixed row and column reductions in one kernel (Inductor's mix-order reduction) miscompile float64
+    # accumulators in torch 2.11 ("Loop-carried variable ... fp32 ... re-assigned to fp64").
+    return torch.compile(fn, options={"triton.mix_order_reduction": False})
 
 
 def _exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -411,7 +433,10 @@ def count_nonfinite(t: torch.Tensor | None, rows: int = 4096) -> int:
         return 0
     t = t.detach()
     flat = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(-1, 1)
-    return sum(int((~torch.isfinite(flat[r])).sum()) for r in _chunks(flat.shape[0], rows))
+    count = torch.zeros((), dtype=torch.int64, device=t.device)
+    for r in _chunks(flat.shape[0], rows):
+        count += (~torch.isfinite(flat[r])).sum()
+    return int(count)  # one wait for the device, not one per block
 
 
 def _chunks(total: int, size: int) -> Iterator[slice]:

@@ -96,6 +96,10 @@ class RunSummary(Callback):
                 last = history[-1]
                 verdict = "DRIFT" if last["drift"] else "clean"
                 table.add_row("last verdict", f"step {last['step']}: {verdict} ({last['cause']})")
+            if parity.missed:
+                last = parity.missed[-1]
+                table.add_row("not run", f"{len(parity.missed)} check steps without a verdict; the last, step"
+                                         f" {last['step']}: {last['reason']}")
             receipts = Path(parity.run_dir or trainer.default_root_dir) / "ce_guard" / "receipts.jsonl"
             table.add_row("receipts", str(receipts) if receipts.exists() else "none written")
         if health is not None:

@@ -195,6 +195,26 @@ def test_non_finite_fused_loss_is_reported_and_training_continues(tmp_path):
     assert receipts(tmp_path)[0]["cause"] == "non_finite" and t.global_step == 2
 
 
+def test_a_check_that_fails_under_warn_is_kept_logged_and_training_continues(tmp_path, monkeypatch):
+    """A check step without a verdict must not vanish: ``missed`` names it and why, ``ce_parity/missed`` marks it in
+    the panels, and a resumed run keeps the record."""
+    def broken_check(*args, **kwargs):
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr("ce_guard.callbacks.check_seam", broken_check)
+    parity = CEParityCallback(every_n_steps=2)
+    t, log = trainer(tmp_path, [parity], max_steps=4)
+    with pytest.warns(UserWarning, match="the check at step 2 failed: RuntimeError: compiler exploded"):
+        t.fit(TinyLM(), token_loader())
+    assert t.global_step == 4 and parity.history == []
+    assert parity.missed == [{"step": 0, "reason": "failed: RuntimeError: compiler exploded"},
+                             {"step": 2, "reason": "failed: RuntimeError: compiler exploded"}]
+    assert [step for step, metrics in log.calls if "ce_parity/missed" in metrics] == [0, 2]
+    resumed = CEParityCallback(every_n_steps=2)
+    resumed.load_state_dict(parity.state_dict())
+    assert resumed.missed == parity.missed
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="`every_n_steps` must be an int >= 1"):
         CEParityCallback(every_n_steps=0)

@@ -3,11 +3,18 @@ a fault config on top is flagged at the first check with its cause."""
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+from rich.console import Console
+
+from ce_guard.callbacks import CEParityCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +67,17 @@ def test_grad_scale_fault_is_flagged_at_the_first_check(tmp_path) -> None:
     assert (first["step"], first["drift"], first["cause"]) == (0, True, "normalization_scale")
     assert Path(first["bundle"]).is_file()
     assert "first drift" in done.stdout and "step 0 (rank 0): normalization_scale" in done.stdout
+
+
+def test_the_summary_names_check_steps_that_got_no_verdict(tmp_path) -> None:
+    spec = importlib.util.spec_from_file_location("train_hybrid", ROOT / "examples" / "train_hybrid.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    parity = CEParityCallback(every_n_steps=50)
+    parity.history = [{"step": 0, "drift": False, "cause": "within_budget", "summary": "", "rank": 0}]
+    parity.missed = [{"step": 50, "reason": "failed: RuntimeError: x"}, {"step": 100, "reason": "failed: OOM"}]
+    trainer = SimpleNamespace(callbacks=[parity], loggers=[], default_root_dir=str(tmp_path))
+    console = Console(file=io.StringIO(), width=200)
+    console.print(example.RunSummary().table(trainer))
+    out = console.file.getvalue()
+    assert "checks" in out and "not run" in out and "2 check steps without a verdict; the last, step 100: failed: OOM" in out

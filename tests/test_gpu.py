@@ -2,13 +2,15 @@
 example's kernel path (fla's kernels, the blocks as CUDA graphs)."""
 
 import copy
+import dataclasses
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from test_parity import _seam
 
-from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam, reference_linear_cross_entropy
+from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam, parity, reference_linear_cross_entropy
 from ce_guard.demos.data import CppTokenDataModule
 from ce_guard.demos.hybrid import CausalDepthwiseConv, HybridConfig, Mamba2Mixer
 from ce_guard.demos.kernels import causal_conv_silu, fla_installed, ssd_fla
@@ -62,6 +64,24 @@ def test_fused_cuda_path_is_within_budget_under_the_guard():
     result = check_seam(SeamRecord(hidden=hidden, weight=weight.detach(), targets=targets, fused=fused, upstream=1.0),
                         layer.ce_contract)
     assert result.diagnosis.cause.value == "within_budget", result.diagnosis.summary
+
+
+@pytest.mark.filterwarnings("error:ce_guard. torch.compile failed")
+def test_gradient_statistics_compiled_on_cuda_equal_the_eager_ones_on_cpu(monkeypatch):
+    """compare()'s float64 block statistics run compiled on CUDA (blocks of 7 rows here, so the last block's
+    shorter shape compiles too) and give the eager CPU pass's numbers."""
+    fused, reference, contract = _seam()
+    monkeypatch.setattr(parity, "_STAT_BLOCK_ELEMENTS", 7 * 48)
+    on_cpu = parity.compare(fused, reference, contract)
+    def on_cuda_device(result):
+        return dataclasses.replace(result, **{f.name: getattr(result, f.name).cuda() for f in dataclasses.fields(result)
+                                              if isinstance(getattr(result, f.name), torch.Tensor)})
+
+    on_cuda = parity.compare(on_cuda_device(fused), on_cuda_device(reference), contract)
+    for field in dataclasses.fields(on_cpu):
+        a, b = getattr(on_cpu, field.name), getattr(on_cuda, field.name)
+        if isinstance(a, float):
+            assert b == pytest.approx(a, rel=1e-10, abs=1e-15), field.name
 
 
 @pytest.mark.parametrize("upstream", [1.0, 0.25])

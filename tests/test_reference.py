@@ -1,6 +1,7 @@
 """The reference against float64 autograd on small shapes, every contract option, fp32 and bf16 inputs."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ce_guard import reference
 from ce_guard.contract import CEContract
 from ce_guard.reference import reference_linear_cross_entropy
 from memory_probe import AllocationProbe
@@ -267,3 +269,30 @@ def test_fp16_backward_of_no_tokens_is_zero_not_an_error():
                                             torch.zeros(0, dtype=torch.long), contract, backward_dtype=torch.float16)
     assert float(result.loss) == 0.0 and result.grad_hidden.shape == (0, 4)
     assert not result.grad_weight.any()
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_function_once(monkeypatch):
+    """An Inductor bug must not cost the check: the block function runs eagerly, with one warning, from then on."""
+    calls = []
+
+    def broken_compile(fn):
+        def compiled(*args):
+            calls.append(fn.__name__)
+            raise AssertionError("Loop-carried variable accum0 has initial type fp32")
+        return compiled
+
+    def block_sum(x):
+        return x.sum(dim=1)
+
+    monkeypatch.setattr(reference, "_COMPILE_FAILED", set())
+    monkeypatch.setattr(reference, "_compiled", broken_compile)
+    x = torch.randn(3, 4)
+    fn = reference.compiled_on_cuda(block_sum, torch.device("cuda"))
+    with pytest.warns(UserWarning, match="torch.compile failed on block_sum .*runs eagerly"):
+        torch.testing.assert_close(fn(x), x.sum(dim=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(fn(x), x.sum(dim=1))  # the same callable, on the next block
+        assert reference.compiled_on_cuda(block_sum, torch.device("cuda")) is block_sum
+    assert calls == ["block_sum"]
+    assert reference.compiled_on_cuda(block_sum, torch.device("cpu")) is block_sum
