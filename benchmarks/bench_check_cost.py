@@ -8,6 +8,14 @@ scale (over budget, so it fits), the fit alone and the budget alone; medians of 
     python benchmarks/bench_check_cost.py --out runs/check_cost.json                 # GPU shape on CUDA
     python benchmarks/bench_check_cost.py --shape 2048x128x32768 --out runs/check_cost_cpu.json
 
+``--count-ops`` counts the aten ops one clean check dispatches, a proxy for its host time (each op is a
+launch on CUDA), with each block function that runs compiled on CUDA counted as one call; on CPU each matmul
+adds two upcasts CUDA does not run. ``--chunk-elements`` sets the reference's block, so that a small CPU
+shape runs as many blocks as a GPU one (1024x32x12544 with 1048576: the 13 blocks of 8192x1024x100352).
+
+    python benchmarks/bench_check_cost.py --shape 1024x32x12544 --chunk-elements 1048576 --count-ops --repeats 1 \
+        --out runs/check_ops.json
+
 ``--profile`` then profiles one clean check: the device's busy time against the wall time (a check the device
 idles through is bound by the host), the top CUDA kernels and host ops, and the host syncs of one more check.
 """
@@ -20,17 +28,19 @@ import json
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
 from torch.autograd import DeviceType
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench_output_layer import time_ms
-from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam
+from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam, parity, reference
 from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
 from ce_guard.parity import native_error_budget
-from ce_guard.reference import reference_linear_cross_entropy
+from ce_guard.reference import DEFAULT_CHUNK_ELEMENTS, reference_linear_cross_entropy
 from ce_guard.signature import fit_signatures
 
 
@@ -49,6 +59,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="profile one clean check (CUDA)")
+    parser.add_argument("--count-ops", action="store_true", help="count the aten ops of one clean check")
+    parser.add_argument("--chunk-elements", type=int, default=DEFAULT_CHUNK_ELEMENTS,
+                        help="the reference's logits per block (how many blocks a check runs)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     n, d, v = (int(x) for x in args.shape.split("x"))
@@ -70,25 +83,55 @@ def main() -> None:
                               reference.token_weight, contract)
 
     timings = {
-        "clean check": lambda: check_seam(clean, contract),
-        "flagged check (fit included)": lambda: check_seam(scaled, contract),
+        "clean check": lambda: check_seam(clean, contract, chunk_elements=args.chunk_elements),
+        "flagged check (fit included)": lambda: check_seam(scaled, contract, chunk_elements=args.chunk_elements),
         "signature fit alone": fit,
         "budget alone": lambda: native_error_budget(hidden, weight.detach(), targets, contract, sample_tokens=256),
     }
     ms = {name: time_ms(fn, device, warmup=1, repeats=args.repeats) for name, fn in timings.items()}
-    flagged = check_seam(scaled, contract)
-    profile = profile_check(lambda: check_seam(clean, contract)) if args.profile and device.type == "cuda" else None
+    flagged = check_seam(scaled, contract, chunk_elements=args.chunk_elements)
+    profile = profile_check(timings["clean check"]) if args.profile and device.type == "cuda" else None
+    ops = count_ops(timings["clean check"]) if args.count_ops else None
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "shape": {"tokens": n, "hidden": d, "vocab": v}, "dtype": args.dtype, "ms": ms,
               "fit_share_of_clean_check": ms["signature fit alone"] / ms["clean check"],
               "budget_share_of_clean_check": ms["budget alone"] / ms["clean check"],
               "flagged_cause": flagged.diagnosis.cause.value, "flagged_summary": flagged.diagnosis.summary,
-              "profile": profile}
+              "ops_per_clean_check": None if ops is None else sum(ops.values()),
+              "ops_by_name": None if ops is None else dict(ops.most_common()), "profile": profile}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "profile"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("profile", "ops_by_name")}, indent=1))
     if profile:
         print(profile)
+
+
+def count_ops(check) -> collections.Counter:
+    """The aten ops one call of ``check`` dispatches, by name; a block function that runs compiled on CUDA
+    counts as one call, not as the ops its eager version dispatches."""
+    counts: collections.Counter = collections.Counter()
+    inside_block = [False]
+
+    def as_one_call(fn, device):
+        def call(*args):
+            counts[f"compiled {fn.__name__}"] += 1
+            inside_block[0] = True
+            try:
+                return fn(*args)
+            finally:
+                inside_block[0] = False
+        return call
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside_block[0]:
+                counts[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with mock.patch.object(reference, "compiled_on_cuda", as_one_call), \
+            mock.patch.object(parity, "compiled_on_cuda", as_one_call), Count():
+        check()
+    return counts
 
 
 def profile_check(check) -> str:

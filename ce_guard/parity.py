@@ -244,8 +244,8 @@ def compare(
     gw = _grad_stats(fused.grad_weight, reference.grad_weight)
     nonfinite = {**{f"input_{k}": v for k, v in reference.nonfinite_inputs.items()},
                  "fused_loss": count_nonfinite(fused.loss),
-                 "fused_grad_hidden": count_nonfinite(fused.grad_hidden),
-                 "fused_grad_weight": count_nonfinite(fused.grad_weight),
+                 "fused_grad_hidden": count_nonfinite(fused.grad_hidden, _STAT_BLOCK_ELEMENTS),
+                 "fused_grad_weight": count_nonfinite(fused.grad_weight, _STAT_BLOCK_ELEMENTS),
                  "reference_loss": count_nonfinite(reference.loss)}
 
     loss_rel = abs(loss_f - loss_r) / max(abs(loss_r), 1e-12)

@@ -221,18 +221,11 @@ def _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk):
     for rows in _chunks(n, token_chunk):
         h_chunk = h[rows]                                                      # (T, D), input dtype
         local_target = y[rows] - contract.vocab_start                          # (T,) index into this slice
+        running = run_max[rows], denom[rows], logit_sum[rows], target_logit[rows]
         for cols in _chunks(weight.shape[0], vocab_chunk):
             raw = _exact_mm(h_chunk, weight[cols].T)                          # (T, Vb) fp32, before softcap
-            block_max, block_denom, block_sum = block_statistics(raw, contract.softcap)
-            new_max = torch.maximum(run_max[rows], block_max)
-            denom[rows] = denom[rows] * torch.exp(run_max[rows] - new_max) + block_denom * torch.exp(
-                block_max - new_max)
-            run_max[rows] = new_max
-            logit_sum[rows] += block_sum
-            in_block = (local_target >= cols.start) & (local_target < cols.stop)  # also drops ignore_index
-            idx = (local_target - cols.start).clamp(0, raw.shape[1] - 1)
-            picked = _softcap(raw.gather(1, idx[:, None]).squeeze(1), contract.softcap)
-            target_logit[rows] += torch.where(in_block, picked, 0.0)
+            running = block_statistics(raw, local_target - cols.start, *running, contract.softcap)
+        run_max[rows], denom[rows], logit_sum[rows], target_logit[rows] = running
 
     # Vocab-parallel: max over the TP group, then rescale each rank's denominator to the global max.
     tp = contract.tp_group
@@ -276,9 +269,9 @@ def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chu
         for cols in _chunks(weight.shape[0], vocab_chunk):
             w_block = weight[cols]                                             # (Vb, D), input dtype
             raw = _exact_mm(h_chunk, w_block.T)                                # (T, Vb) fp32, before softcap
-            in_block = (local_target >= cols.start) & (local_target < cols.stop)
-            target_col = torch.where(in_block, local_target - cols.start, -1)
-            dz = block_logit_grad(raw, lse[rows], p_scale, uniform, hit, target_col, contract.softcap, operands)
+            # The target's column in this block; outside [0, block width) for a target elsewhere, which matches none.
+            dz = block_logit_grad(raw, lse[rows], p_scale, uniform, hit, local_target - cols.start, contract.softcap,
+                                  operands)
             del raw
             w_operand = torch.mul(w_block, 2.0 ** weight_exp, out=torch.empty_like(w_block, dtype=operands))
             _add_product(grad_h[rows], dz, w_operand)
@@ -287,11 +280,18 @@ def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chu
     return grad_h, grad_w
 
 
-def _block_statistics(raw: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of one logits block: the max, the sum of exp(z - max) and the sum of z, z softcapped."""
+def _block_statistics(raw, block_target, run_max, denom, logit_sum, target_logit, softcap: float | None):
+    """One logits block folded into each row's running statistics: the max, the sum of exp(z - max) (rescaled to
+    the new max), the sum of z, and the target's logit where the target (``block_target``, its column in this
+    block) falls in the block; z softcapped. One function, so that on CUDA one compiled call does a block."""
     z = _softcap(raw, softcap)
     block_max = z.amax(dim=1)
-    return block_max, torch.exp(z - block_max[:, None]).sum(dim=1), z.sum(dim=1)
+    new_max = torch.maximum(run_max, block_max)
+    denom = denom * torch.exp(run_max - new_max) + torch.exp(z - block_max[:, None]).sum(dim=1) * torch.exp(
+        block_max - new_max)
+    in_block = (block_target >= 0) & (block_target < raw.shape[1])          # also drops ignore_index
+    picked = z.gather(1, block_target.clamp(0, raw.shape[1] - 1)[:, None]).squeeze(1)
+    return new_max, denom, logit_sum + z.sum(dim=1), target_logit + torch.where(in_block, picked, 0.0)
 
 
 def _block_logit_grad(raw, lse, prob_scale, uniform, hit, target_col, softcap: float | None,
@@ -301,7 +301,7 @@ def _block_logit_grad(raw, lse, prob_scale, uniform, hit, target_col, softcap: f
 
     Per token: ``prob_scale = w (1 + 2 z_loss lse)``, ``uniform = w eps / V``, ``hit = w (1 - eps)``, where w is
     the token's weight (upstream gradient / divisor, 0 if ignored) times its fp16 scale; ``target_col`` is the
-    target's column in this block, -1 if elsewhere. The target's term is subtracted in fp32, where ``p_y ~ 1``
+    target's column in this block, outside ``[0, block width)`` if elsewhere. The target's term is subtracted in fp32, where ``p_y ~ 1``
     cancels.
     """
     z = _softcap(raw, softcap)
@@ -427,14 +427,14 @@ def _local_rows(grad_h: torch.Tensor, contract: CEContract, local_shape: torch.S
     return grad_h[_local_token_range(local_shape, tp)] if contract.sequence_parallel else grad_h
 
 
-def count_nonfinite(t: torch.Tensor | None, rows: int = 4096) -> int:
+def count_nonfinite(t: torch.Tensor | None, block_elements: int = 1 << 24) -> int:
     """NaN/Inf count, a block of rows at a time: a mask of a [V, D] weight would cost V*D bytes at once."""
     if t is None:
         return 0
     t = t.detach()
     flat = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(-1, 1)
     count = torch.zeros((), dtype=torch.int64, device=t.device)
-    for r in _chunks(flat.shape[0], rows):
+    for r in _chunks(flat.shape[0], max(1, block_elements // max(flat.shape[1], 1))):
         count += (~torch.isfinite(flat[r])).sum()
     return int(count)  # one wait for the device, not one per block
 

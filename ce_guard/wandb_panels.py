@@ -36,6 +36,7 @@ SUMMARIES = {
     "ce_parity/max_per_token_abs_diff": "max",
     "ce_parity/max_grad_hidden_abs_diff": "max",
     "ce_parity/check_seconds": "mean,max",
+    "ce_parity/missed": "max",  # 1 if any check step got no verdict (CEParityCallback.missed says why)
     "ce_parity/margin_loss": "max,last",
     "ce_parity/margin_grad_hidden": "max,last",
     "ce_parity/margin_grad_weight": "max,last",
