@@ -9,6 +9,7 @@
 #   OUT=runs/gpu bash benchmarks/gpu_suite.sh [tests] [output_layer] [tp] [examples] [calibrate] [spike]
 #   (default: all; calibrate and spike take at most 5.7 and 5.5 minutes)
 #   OUT=runs/gpu bash benchmarks/gpu_suite.sh speed | speed_val | speed_guard   (needs the gpu extra)
+#   OUT=runs/gpu bash benchmarks/gpu_suite.sh check_cost   (one check at the fast step's shape, timed and profiled)
 set -u
 SECTIONS=${*:-tests output_layer tp examples calibrate spike}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
@@ -137,6 +138,13 @@ step "the guard's overhead against the fast step (the config's compiled blocks a
 timeout 560 python benchmarks/bench_guard_overhead.py "${SPEED[@]}" --repeats 2 --out "$LOGS/guard_fast.json" \
   > "$LOGS/guard_fast.log" 2>&1
 grep -A4 "per check" "$LOGS/guard_fast.log" >> "$OUT/summary.txt"
+fi
+
+if want check_cost; then
+step "one check at the fast step's shape (8192 x 1024 x 100352, bf16): timed, profiled, its ops counted"
+timeout 200 python benchmarks/bench_check_cost.py --shape 8192x1024x100352 --repeats 5 --profile --count-ops \
+  --out "$LOGS/check_cost_gpu1.json" > "$LOGS/check_cost_gpu1.log" 2>&1
+grep -E '"clean check"|ops_per|device busy|host syncs in' "$LOGS/check_cost_gpu1.log" >> "$OUT/summary.txt"
 fi
 
 step "done"
