@@ -13,8 +13,8 @@ launch on CUDA), with each block function that runs compiled on CUDA counted as 
 adds two upcasts CUDA does not run. ``--chunk-elements`` sets the reference's block, so that a small CPU
 shape runs as many blocks as a GPU one (1024x32x12544 with 1048576: the 13 blocks of 8192x1024x100352).
 
-    python benchmarks/bench_check_cost.py --shape 1024x32x12544 --chunk-elements 1048576 --count-ops --repeats 1 \
-        --out runs/check_ops.json
+    python benchmarks/bench_check_cost.py --shape 1024x32x12544 --chunk-elements 1048576 --count-ops \
+        --repeats 1 --out runs/check_ops.json
 
 ``--profile`` then profiles one clean check: the device's busy time against the wall time (a check the device
 idles through is bound by the host), the top CUDA kernels and host ops, and the host syncs of one more check.
@@ -32,9 +32,9 @@ from unittest import mock
 
 import torch
 from torch import nn
-from torch.autograd import DeviceType
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench_example_speed import kernel_report, sync_report
 from bench_output_layer import time_ms
 from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam, parity, reference
 from ce_guard.faults import SeamFault
@@ -82,14 +82,15 @@ def main() -> None:
         return fit_signatures(hidden, weight.detach(), targets, scaled.fused.grad_hidden, reference.grad_hidden,
                               reference.token_weight, contract)
 
+    chunk = args.chunk_elements
     timings = {
-        "clean check": lambda: check_seam(clean, contract, chunk_elements=args.chunk_elements),
-        "flagged check (fit included)": lambda: check_seam(scaled, contract, chunk_elements=args.chunk_elements),
+        "clean check": lambda: check_seam(clean, contract, chunk_elements=chunk),
+        "flagged check (fit included)": lambda: check_seam(scaled, contract, chunk_elements=chunk),
         "signature fit alone": fit,
         "budget alone": lambda: native_error_budget(hidden, weight.detach(), targets, contract, sample_tokens=256),
     }
     ms = {name: time_ms(fn, device, warmup=1, repeats=args.repeats) for name, fn in timings.items()}
-    flagged = check_seam(scaled, contract, chunk_elements=args.chunk_elements)
+    flagged = check_seam(scaled, contract, chunk_elements=chunk)
     profile = profile_check(timings["clean check"]) if args.profile and device.type == "cuda" else None
     ops = count_ops(timings["clean check"]) if args.count_ops else None
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
@@ -144,9 +145,6 @@ def profile_check(check) -> str:
         check()
         torch.cuda.synchronize()
         wall_ms = 1e3 * (time.perf_counter() - began)
-    averages = profiler.key_averages()
-    kernels = [e for e in averages if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
-    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -154,14 +152,7 @@ def profile_check(check) -> str:
             check()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in records if "synchroniz" in str(w.message))
-    return "\n".join([
-        f"device busy {busy_ms:.1f} ms of {wall_ms:.1f} ms wall (one clean check, profiled)",
-        averages.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70),
-        averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70),
-        f"host syncs in one check: {sum(sites.values())}",
-        *(f"{n:4d} x {site}" for site, n in sites.most_common(25))])
-
+    return kernel_report(profiler.key_averages(), wall_ms, 1, "check") + "\n" + sync_report(records, "check")
 
 if __name__ == "__main__":
     main()

@@ -35,7 +35,8 @@ from ce_guard.demos.data import CppTokenDataModule
 from ce_guard.demos.lit import HybridLitModule
 
 
-def _variant(kernels: str, compile: bool = False, cuda_graphs: bool = False, mode: str = "default") -> list[str]:
+def _variant(kernels: str, compile: bool = False, cuda_graphs: bool = False,
+             mode: str = "default") -> list[str]:
     """Every switch set, so that a variant means the same whatever the config turns on."""
     return [f"--model.config.kernels={kernels}", f"--model.compile={str(compile).lower()}",
             f"--model.compile_mode={mode}", f"--model.cuda_graphs={str(cuda_graphs).lower()}"]
@@ -87,23 +88,34 @@ class KernelProfile(Callback):
             torch.cuda.synchronize()
             wall_ms = 1e3 * (time.perf_counter() - self._wall) / self.steps
             self._profiler.stop()
-            averages = self._profiler.key_averages()
-            # Kernels and copies on the one stream (no overlap); a record_function range also has a device-side
-            # annotation spanning its kernels, which would count them twice.
-            kernels = [event for event in averages if event.device_type == DeviceType.CUDA
-                       and not event.is_user_annotation]
-            busy_ms = sum(event.self_device_time_total for event in kernels) / 1e3 / self.steps
-            self.report = "\n".join([
-                f"device busy {busy_ms:.1f} ms of {wall_ms:.1f} ms wall per step (profiled)",
-                averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70),
-                averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)])
+            self.report = kernel_report(self._profiler.key_averages(), wall_ms, self.steps, "step")
         elif trainer.global_step == self.start + self.steps + 1 and self._syncs is not None:
             torch.cuda.set_sync_debug_mode("default")
             self._syncs.__exit__(None, None, None)
-            sites = collections.Counter(f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:80]}"
-                                        for w in self._sync_records if "synchroniz" in str(w.message))
-            self.report += "\nhost syncs in one step:\n" + "\n".join(f"{n:4d} x {site}" for site, n in
-                                                                     sites.most_common()) + "\n"
+            self.report += "\n" + sync_report(self._sync_records, "step")
+
+
+def kernel_report(averages, wall_ms: float, runs: int, what: str) -> str:
+    """The device's busy time against the wall time per ``what`` (over ``runs`` of it), then the top CUDA
+    kernels and the top host ops of a torch.profiler's ``key_averages()``."""
+    # Kernels and copies on the one stream (no overlap); a record_function range also has a device-side
+    # annotation spanning its kernels, which would count them twice.
+    kernels = [event for event in averages
+               if event.device_type == DeviceType.CUDA and not event.is_user_annotation]
+    busy_ms = sum(event.self_device_time_total for event in kernels) / 1e3 / runs
+    return "\n".join([
+        f"device busy {busy_ms:.1f} ms of {wall_ms:.1f} ms wall per {what} (profiled)",
+        averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70),
+        averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)])
+
+
+def sync_report(records: list[warnings.WarningMessage], what: str) -> str:
+    """Where one ``what`` waited for the device: the warnings CUDA's sync debug mode ("warn") recorded, by
+    site."""
+    sites = collections.Counter(f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:80]}"
+                                for w in records if "synchroniz" in str(w.message))
+    return (f"host syncs in one {what}: {sum(sites.values())}\n"
+            + "".join(f"{n:4d} x {site}\n" for site, n in sites.most_common()))
 
 
 def speed(args) -> dict:

@@ -208,7 +208,8 @@ class CEParityCallback(Callback):
         problem = recording.problem()
         # Agree before any collective: if one rank cannot check, none does (no rank waits for another).
         if _any_rank(trainer, problem is not None):
-            self._miss(trainer, recording.step, f"skipped: {problem or 'another rank could not record the seam'}")
+            reason = problem or "another rank could not record the seam"
+            self._miss(trainer, recording.step, f"skipped: {reason}")
             return None
         sizes = {**_group_sizes(trainer, contract), **self.extra_group_sizes}
         try:
@@ -291,8 +292,8 @@ class CEParityCallback(Callback):
                                f" back to every {self.every_n_steps} steps.")
 
     def _miss(self, trainer, step: int, reason: str) -> None:
-        """A check step without a verdict: warned, kept in ``missed``, logged as ``ce_parity/missed`` (a gap in
-        the panels has a reason), and told to listeners."""
+        """A check step without a verdict: warned, kept in ``missed``, logged as ``ce_parity/missed`` (a gap
+        in the panels has a reason), and told to listeners."""
         rank_zero_warn(f"CEParityCallback: the check at step {step} {reason}")
         self.missed.append({"step": step, "reason": reason})
         for logger in trainer.loggers:

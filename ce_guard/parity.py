@@ -349,7 +349,8 @@ def _grad_stats(fused: torch.Tensor | None, ref: torch.Tensor | None,
     # |f - s r| / |r| at the least-squares s = <f, r> / <r, r>: zero for a pure scale, whatever s is. A second
     # pass, since |f|^2 - <f, r>^2 / |r|^2 cancels to nothing for the tiny residuals of a clean fp64 check.
     scale = torch.where(ref_sq > 0, dot / ref_sq, 0.0)
-    residual_sq = sum((block_residual_sq(f_rows[rows], r_rows[rows], scale) for rows in blocks), totals.new_zeros(()))
+    residual_sq = sum((block_residual_sq(f_rows[rows], r_rows[rows], scale) for rows in blocks),
+                      totals.new_zeros(()))
     # Every scalar leaves the device at once: the host waits for the device once per gradient, not per block.
     (fused_sq, ref_sq, dot, coupled_sq, max_abs, residual_sq, error_sq, common_error_sq, n_common,
      common_shift_sq) = torch.stack([row_fused_sq.sum(), *totals, residual_sq, row_error_sq.sum(),

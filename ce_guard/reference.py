@@ -266,24 +266,26 @@ def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chu
         token_scale = _pow2(token_exp[rows])                                   # (T,)
         w_tok = token_weight[rows] * token_scale                               # (T,) upstream and 1/divisor; 0 if ignored
         p_scale, uniform, hit = prob_scale[rows] * token_scale, w_tok * (eps / contract.vocab_size), w_tok * (1 - eps)
+        lse_rows, grad_h_rows = lse[rows], grad_h[rows]                        # views, once per token chunk
         for cols in _chunks(weight.shape[0], vocab_chunk):
             w_block = weight[cols]                                             # (Vb, D), input dtype
             raw = _exact_mm(h_chunk, w_block.T)                                # (T, Vb) fp32, before softcap
-            # The target's column in this block; outside [0, block width) for a target elsewhere, which matches none.
-            dz = block_logit_grad(raw, lse[rows], p_scale, uniform, hit, local_target - cols.start, contract.softcap,
-                                  operands)
+            # The target's column in this block; a target elsewhere falls outside [0, width) and matches none.
+            dz = block_logit_grad(raw, lse_rows, p_scale, uniform, hit, local_target - cols.start,
+                                  contract.softcap, operands)
             del raw
             w_operand = torch.mul(w_block, 2.0 ** weight_exp, out=torch.empty_like(w_block, dtype=operands))
-            _add_product(grad_h[rows], dz, w_operand)
+            _add_product(grad_h_rows, dz, w_operand)
             _add_product(grad_w[cols], dz.T, h_operand, alpha=2.0 ** -hidden_exp)
-        grad_h[rows] *= _pow2(-token_exp[rows] - weight_exp)[:, None]
+        grad_h_rows *= _pow2(-token_exp[rows] - weight_exp)[:, None]
     return grad_h, grad_w
 
 
 def _block_statistics(raw, block_target, run_max, denom, logit_sum, target_logit, softcap: float | None):
-    """One logits block folded into each row's running statistics: the max, the sum of exp(z - max) (rescaled to
-    the new max), the sum of z, and the target's logit where the target (``block_target``, its column in this
-    block) falls in the block; z softcapped. One function, so that on CUDA one compiled call does a block."""
+    """One logits block folded into each row's running statistics: the max, the sum of exp(z - max)
+    (rescaled to the new max), the sum of z, and the target's logit where the target (``block_target``, its
+    column in this block) falls in the block; z softcapped. One function, so that on CUDA one compiled call
+    does a block."""
     z = _softcap(raw, softcap)
     block_max = z.amax(dim=1)
     new_max = torch.maximum(run_max, block_max)
@@ -301,8 +303,8 @@ def _block_logit_grad(raw, lse, prob_scale, uniform, hit, target_col, softcap: f
 
     Per token: ``prob_scale = w (1 + 2 z_loss lse)``, ``uniform = w eps / V``, ``hit = w (1 - eps)``, where w is
     the token's weight (upstream gradient / divisor, 0 if ignored) times its fp16 scale; ``target_col`` is the
-    target's column in this block, outside ``[0, block width)`` if elsewhere. The target's term is subtracted in fp32, where ``p_y ~ 1``
-    cancels.
+    target's column in this block, outside ``[0, block width)`` if elsewhere. The target's term is subtracted
+    in fp32, where ``p_y ~ 1`` cancels.
     """
     z = _softcap(raw, softcap)
     grad = torch.exp(z - lse[:, None]) * prob_scale[:, None] - uniform[:, None]
@@ -332,8 +334,9 @@ def _run_compiled(fn, *args):
         return _compiled(fn)(*args)
     except Exception as err:  # noqa: BLE001 - any compiler error: the eager function is the fallback
         _COMPILE_FAILED.add(fn)
-        warnings.warn(f"ce_guard: torch.compile failed on {fn.__name__} ({type(err).__name__}: {str(err)[:200]});"
-                      " it runs eagerly from now on (the same math, slower checks).", stacklevel=2)
+        warnings.warn(f"ce_guard: torch.compile failed on {fn.__name__} ({type(err).__name__}:"
+                      f" {str(err)[:200]}); it runs eagerly from now on (the same math, slower checks).",
+                      stacklevel=2)
         return fn(*args)
 
 

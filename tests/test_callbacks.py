@@ -196,8 +196,8 @@ def test_non_finite_fused_loss_is_reported_and_training_continues(tmp_path):
 
 
 def test_a_check_that_fails_under_warn_is_kept_logged_and_training_continues(tmp_path, monkeypatch):
-    """A check step without a verdict must not vanish: ``missed`` names it and why, ``ce_parity/missed`` marks it in
-    the panels, and a resumed run keeps the record."""
+    """A check step without a verdict must not vanish: ``missed`` names it and why, ``ce_parity/missed`` marks
+    it in the panels, and a resumed run keeps the record."""
     def broken_check(*args, **kwargs):
         raise RuntimeError("compiler exploded")
 

@@ -73,9 +73,11 @@ def test_gradient_statistics_compiled_on_cuda_equal_the_eager_ones_on_cpu(monkey
     fused, reference, contract = _seam()
     monkeypatch.setattr(parity, "_STAT_BLOCK_ELEMENTS", 7 * 48)
     on_cpu = parity.compare(fused, reference, contract)
+
     def on_cuda_device(result):
-        return dataclasses.replace(result, **{f.name: getattr(result, f.name).cuda() for f in dataclasses.fields(result)
-                                              if isinstance(getattr(result, f.name), torch.Tensor)})
+        tensors = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+        return dataclasses.replace(result, **{name: t.cuda() for name, t in tensors.items()
+                                              if isinstance(t, torch.Tensor)})
 
     on_cuda = parity.compare(on_cuda_device(fused), on_cuda_device(reference), contract)
     for field in dataclasses.fields(on_cpu):

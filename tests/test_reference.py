@@ -272,7 +272,8 @@ def test_fp16_backward_of_no_tokens_is_zero_not_an_error():
 
 
 def test_a_compiler_failure_falls_back_to_the_eager_function_once(monkeypatch):
-    """An Inductor bug must not cost the check: the block function runs eagerly, with one warning, from then on."""
+    """An Inductor bug must not cost the check: the block function runs eagerly, with one warning, from then
+    on."""
     calls = []
 
     def broken_compile(fn):
