@@ -16,8 +16,9 @@ shape runs as many blocks as a GPU one (1024x32x12544 with 1048576: the 13 block
     python benchmarks/bench_check_cost.py --shape 1024x32x12544 --chunk-elements 1048576 --count-ops \
         --repeats 1 --out runs/check_ops.json
 
-``--profile`` then profiles one clean check: the device's busy time against the wall time (a check the device
-idles through is bound by the host), the top CUDA kernels and host ops, and the host syncs of one more check.
+``--profile`` then profiles one clean check and one signature fit: the device's busy time against the wall
+time (a check the device idles through is bound by the host), the top CUDA kernels and host ops, and the host
+syncs of one more call.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def main() -> None:
     }
     ms = {name: time_ms(fn, device, warmup=1, repeats=args.repeats) for name, fn in timings.items()}
     flagged = check_seam(scaled, contract, chunk_elements=chunk)
-    profile = profile_check(timings["clean check"]) if args.profile and device.type == "cuda" else None
+    profiled = ("clean check", "signature fit alone") if args.profile and device.type == "cuda" else ()
+    profile = "\n".join(profile_check(timings[name], name) for name in profiled) or None
     ops = count_ops(timings["clean check"]) if args.count_ops else None
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "shape": {"tokens": n, "hidden": d, "vocab": v}, "dtype": args.dtype, "ms": ms,
@@ -135,9 +137,9 @@ def count_ops(check) -> collections.Counter:
     return counts
 
 
-def profile_check(check) -> str:
-    """One check under torch.profiler (device busy time against wall time, top kernels and host ops), then one
-    more under CUDA's sync debug mode (where the check waits for the device)."""
+def profile_check(check, name: str) -> str:
+    """One call of ``check`` under torch.profiler (device busy time against wall time, top kernels and host
+    ops), then one more under CUDA's sync debug mode (where it waits for the device)."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=activities) as profiler:
@@ -152,7 +154,7 @@ def profile_check(check) -> str:
             check()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return kernel_report(profiler.key_averages(), wall_ms, 1, "check") + "\n" + sync_report(records, "check")
+    return kernel_report(profiler.key_averages(), wall_ms, 1, name) + "\n" + sync_report(records, name)
 
 if __name__ == "__main__":
     main()

@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from ce_guard import _dist
 from ce_guard.contract import CEContract
+from ce_guard.reference import _block_logit_grad, compiled_on_cuda
 
 DIRECTIONS = ("scale", "target", "shift")
 _BLOCK_ELEMENTS = 1 << 25  # logits of one block of fitted tokens: 128 MiB of fp32
@@ -141,7 +142,7 @@ def fit_signatures(
     # u_i ((1 + 2 z lse_i) m_i - (1 - eps) t_i - eps w), times the factor.
     softmax_part = native / factor + u[:, None] * ((1 - eps) * target_row + eps * wbar)
     mean_row = softmax_part / (1 + 2 * contract.z_loss * lse)[:, None]  # u_i m_i, (m, D)
-    x = torch.stack([r, u[:, None] * target_row, u[:, None] * wbar.expand_as(r)], dim=1)  # (m, 3, D)
+    x = torch.stack([r, u[:, None] * target_row, u[:, None] * wbar.expand_as(r)])  # (3, m, D)
     if not (torch.isfinite(x).all() and torch.isfinite(f).all() and torch.isfinite(native).all()):
         return None  # non-finite values are the diagnosis then, and no least squares survives them
     return _cluster_fit(x, f - r, r, native - r, mean_row, scaled=scaled)
@@ -156,61 +157,77 @@ def _native_grad(h, weight, y, u, contract: CEContract):
     input dtype before its matmul. Each TP rank's share is summed in fp64.
     """
     m, d = h.shape
-    tp = contract.tp_group
-    eps, z_loss = contract.label_smoothing, contract.z_loss
-    local = y - contract.vocab_start
-    owned = (local >= 0) & (local < weight.shape[0])
-    native = torch.zeros(m, d, dtype=torch.float64, device=h.device)
+    tp, eps = contract.tp_group, contract.label_smoothing
+    width = weight.shape[0]
+    local = y - contract.vocab_start  # the target's column here; outside [0, width) if another rank's
+    native = torch.empty(m, d, dtype=torch.float64, device=h.device)
     lse = torch.empty(m, dtype=torch.float64, device=h.device)
-    step = max(1, _BLOCK_ELEMENTS // max(weight.shape[0], 1))
+    block_statistics = compiled_on_cuda(_native_block_statistics, h.device)
+    block_logit_grad = compiled_on_cuda(_native_block_logit_grad, h.device)
+    step = max(1, _BLOCK_ELEMENTS // max(width, 1))
     for start in range(0, m, step):
         block = slice(start, start + step)
-        z = (h[block] @ weight.T).float()                                   # (c, V/TP)
-        z_max = _dist.all_reduce(z.amax(dim=1), dist.ReduceOp.MAX, tp)    # (c,) over the TP group
-        e = z.sub_(z_max[:, None]).exp_()                                   # in place: one logits-sized buffer
-        total = _dist.all_reduce(e.sum(dim=1), dist.ReduceOp.SUM, tp)     # (c,)
-        block_lse = z_max + total.log()                                     # (c,)
+        z = h[block] @ weight.T                                             # (c, V/TP), input dtype
+        z_max, denom = block_statistics(z)                                  # (c,) each, this slice's
+        global_max = _dist.all_reduce(z_max.clone(), dist.ReduceOp.MAX, tp)
+        total = _dist.all_reduce(denom * torch.exp(z_max - global_max), dist.ReduceOp.SUM, tp)
+        block_lse = global_max + total.log()                                # (c,)
         # u dL/dz of the contract: u ((1 + 2 z lse) p - (1 - eps) onehot - eps / V)
-        weight_u = u[block].float()                                         # (c,)
-        logit_grad = e.mul_((weight_u * (1 + 2 * z_loss * block_lse) / total)[:, None])
-        if eps:
-            logit_grad.sub_((weight_u * eps / contract.vocab_size)[:, None])
-        block_owned = owned[block].nonzero().squeeze(1)
-        logit_grad[block_owned, local[block][block_owned]] -= weight_u[block_owned] * (1 - eps)
-        native[block] = logit_grad.to(weight.dtype).matmul(weight).double()  # this slice's share
+        weight_u = u[block].float()
+        prob_scale = weight_u * (1 + 2 * contract.z_loss * block_lse)
+        uniform, hit = weight_u * (eps / contract.vocab_size), weight_u * (1 - eps)
+        logit_grad = block_logit_grad(z, block_lse, prob_scale, uniform, hit, local[block])
+        native[block] = logit_grad.matmul(weight).double()                 # this slice's share
         lse[block] = block_lse.double()
-    target_row = torch.zeros(m, d, dtype=torch.float64, device=h.device)
-    target_row[owned] = weight[local[owned]].double()
+    owned = ((local >= 0) & (local < width))[:, None]
+    target_row = torch.where(owned, weight[local.clamp(0, width - 1)].double(), 0.0)
     shares = _dist.all_reduce(torch.stack([native, target_row]), dist.ReduceOp.SUM, tp)  # (2, m, D)
     return shares[0], shares[1], lse
 
 
+def _native_block_statistics(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row max and sum of exp(z - max) of one block of logits in the input dtype, upcast to fp32 as
+    ``F.cross_entropy`` does; one function, so that on CUDA one compiled call reads the block once."""
+    z = z.float()
+    z_max = z.amax(dim=1)
+    return z_max, torch.exp(z - z_max[:, None]).sum(dim=1)
+
+
+def _native_block_logit_grad(z, lse, prob_scale, uniform, hit, target_col) -> torch.Tensor:
+    """The reference's logit gradient of one block of logits in the input dtype, rounded back to it."""
+    return _block_logit_grad(z.float(), lse, prob_scale, uniform, hit, target_col, None, z.dtype)
+
+
 def _global_mean_row(weight: torch.Tensor, contract: CEContract) -> torch.Tensor:
-    total = _dist.all_reduce(weight.detach().double().sum(dim=0), dist.ReduceOp.SUM, contract.tp_group)  # (D,)
+    # Accumulated in fp32 as it is read: a float64 copy of the weight first would be 5 GB at V = 152k and
+    # D = 4096, and a direction needs no more than fp32's precision.
+    local = weight.detach().sum(dim=0, dtype=torch.float32).double()
+    total = _dist.all_reduce(local, dist.ReduceOp.SUM, contract.tp_group)  # (D,)
     return total / contract.vocab_size
 
 
 def _cluster_fit(x: torch.Tensor, error: torch.Tensor, ref: torch.Tensor, native_error: torch.Tensor,
                  softmax_row: torch.Tensor, *, scaled: bool = False) -> SignatureFit:
-    """Least squares of ``error`` (m, D) on ``x`` (m, k, D) with tokens as clusters, and the spread of what is
+    """Least squares of ``error`` (m, D) on ``x`` (k, m, D) with tokens as clusters, and the spread of what is
     left along each token's ``softmax_row`` (m, D) against what the native path's ``native_error`` leaves;
     when that path ran at the loss's factor (``scaled``), its coefficients are a pure scale's (``pure_*``).
 
     Columns are scaled to unit norm before solving (the mean weight row is ~1/sqrt(V) of a target row);
     the sandwich covariance ``A^-1 (sum_i s_i s_i^T) A^-1`` uses each token's score ``s_i = x_i^T res_i``.
+    Directions come first, so that every product over all elements is one matmul of a flat (k, m D) matrix.
     """
-    m, k, _ = x.shape
-    norms = x.square().sum(dim=(0, 2)).sqrt().clamp_min(1e-300)  # (k,)
-    xs = x / norms[None, :, None]
-    a = torch.einsum("mkd,mjd->kj", xs, xs)                          # (k, k)
-    a_inv = torch.linalg.pinv(a)
+    k, m, _ = x.shape
+    norms = x.square().sum(dim=(1, 2)).sqrt().clamp_min(1e-300)  # (k,)
+    xs = x / norms[:, None, None]
+    flat = xs.reshape(k, -1)                                         # (k, m D)
+    a_inv = torch.linalg.pinv(flat @ flat.T)                         # (k, k)
 
     def leave_over(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        beta = a_inv @ torch.einsum("mkd,md->k", xs, e)               # (k,)
-        return beta, e - torch.einsum("mkd,k->md", xs, beta)          # (m, D)
+        beta = a_inv @ (flat @ e.reshape(-1))                        # (k,)
+        return beta, e - (beta @ flat).reshape(e.shape)              # (m, D)
 
     beta, residual = leave_over(error)
-    scores = torch.einsum("mkd,md->mk", xs, residual)                # (m, k)
+    scores = (xs * residual).sum(dim=2).T                            # (m, k)
     cov = a_inv @ (scores.T @ scores) @ a_inv * (m / max(m - k, 1))
     values = {name: (float(beta[i] / norms[i]), float(cov[i, i].clamp_min(0).sqrt() / norms[i]))
               for i, name in enumerate(DIRECTIONS)}

@@ -9,8 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_parity import _seam
+from test_signature import V, _inputs
 
-from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam, parity, reference_linear_cross_entropy
+from ce_guard import (
+    CEContract,
+    SeamOutputs,
+    SeamRecord,
+    check_seam,
+    parity,
+    reference_linear_cross_entropy,
+    signature,
+)
 from ce_guard.demos.data import CppTokenDataModule
 from ce_guard.demos.hybrid import CausalDepthwiseConv, HybridConfig, Mamba2Mixer
 from ce_guard.demos.kernels import causal_conv_silu, fla_installed, ssd_fla
@@ -84,6 +93,31 @@ def test_gradient_statistics_compiled_on_cuda_equal_the_eager_ones_on_cpu(monkey
         a, b = getattr(on_cpu, field.name), getattr(on_cuda, field.name)
         if isinstance(a, float):
             assert b == pytest.approx(a, rel=1e-10, abs=1e-15), field.name
+
+
+@pytest.mark.filterwarnings("error:ce_guard. torch.compile failed")
+@pytest.mark.parametrize("spread", [2.0, 12.0])
+def test_the_fits_native_path_compiled_on_cuda_is_pytorchs_own(spread, monkeypatch):
+    """The fit's native path runs its logits blocks compiled on CUDA (blocks of 300 tokens here, so the last,
+    shorter block compiles too). Handed PyTorch's own bf16 gradients it reads their per-token softmax spread
+    as its own, and it reads what the same blocks run eagerly read."""
+    monkeypatch.setattr(signature, "_BLOCK_ELEMENTS", 300 * V)
+    hidden, weight, targets = (t.cuda() for t in _inputs(3, torch.bfloat16, spread=spread))
+    contract = CEContract(vocab_size=V)
+    h = hidden.detach().requires_grad_()
+    F.cross_entropy(F.linear(h, weight).float(), targets).backward()
+    ref = reference_linear_cross_entropy(hidden, weight, targets, contract)
+
+    def fit():
+        return signature.fit_signatures(hidden, weight, targets, h.grad, ref.grad_hidden, ref.token_weight,
+                                        contract, loss_factor=0.0)
+
+    compiled = fit()
+    monkeypatch.setattr(signature, "compiled_on_cuda", lambda fn, device: fn)
+    eager = fit()
+    assert compiled.softmax_spread == pytest.approx(1.0, abs=0.02)
+    for name in ("softmax_spread", "pure_scale", "scale"):
+        assert getattr(compiled, name) == pytest.approx(getattr(eager, name), rel=1e-3), name
 
 
 @pytest.mark.parametrize("upstream", [1.0, 0.25])
