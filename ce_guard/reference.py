@@ -289,8 +289,8 @@ def _block_statistics(raw, block_target, run_max, denom, logit_sum, target_logit
     z = _softcap(raw, softcap)
     block_max = z.amax(dim=1)
     new_max = torch.maximum(run_max, block_max)
-    denom = denom * torch.exp(run_max - new_max) + torch.exp(z - block_max[:, None]).sum(dim=1) * torch.exp(
-        block_max - new_max)
+    block_denom = (z - block_max[:, None]).exp_().sum(dim=1)               # in place: one block-sized buffer
+    denom = denom * torch.exp(run_max - new_max) + block_denom * torch.exp(block_max - new_max)
     in_block = (block_target >= 0) & (block_target < raw.shape[1])          # also drops ignore_index
     picked = z.gather(1, block_target.clamp(0, raw.shape[1] - 1)[:, None]).squeeze(1)
     return new_max, denom, logit_sum + z.sum(dim=1), target_logit + torch.where(in_block, picked, 0.0)
@@ -307,9 +307,14 @@ def _block_logit_grad(raw, lse, prob_scale, uniform, hit, target_col, softcap: f
     in fp32, where ``p_y ~ 1`` cancels.
     """
     z = _softcap(raw, softcap)
-    grad = torch.exp(z - lse[:, None]) * prob_scale[:, None] - uniform[:, None]
-    cols = torch.arange(raw.shape[1], device=raw.device)
-    grad = torch.where(cols[None, :] == target_col[:, None], grad - hit[:, None], grad)
+    grad = (z - lse[:, None]).exp_().mul_(prob_scale[:, None]).sub_(uniform[:, None])  # one (T, Vb) buffer
+    if torch.compiler.is_compiling():  # a column mask fuses into the one kernel that writes the block
+        cols = torch.arange(raw.shape[1], device=raw.device)
+        grad = torch.where(cols[None, :] == target_col[:, None], grad - hit[:, None], grad)
+    else:  # eagerly, touch each row's target column only, not a (T, Vb) mask
+        in_block = (target_col >= 0) & (target_col < raw.shape[1])
+        rows = torch.arange(raw.shape[0], device=raw.device)
+        grad[rows, target_col.clamp(0, raw.shape[1] - 1)] -= torch.where(in_block, hit, 0.0)
     if softcap is not None:
         grad = grad * (1.0 - (z / softcap).square())                            # d tanh-cap / d raw
     return grad.to(dtype)

@@ -188,9 +188,9 @@ def _native_grad(h, weight, y, u, contract: CEContract):
 def _native_block_statistics(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row max and sum of exp(z - max) of one block of logits in the input dtype, upcast to fp32 as
     ``F.cross_entropy`` does; one function, so that on CUDA one compiled call reads the block once."""
-    z = z.float()
+    z = z.to(torch.float32, copy=True)  # a copy even of fp32 logits: the exp overwrites it
     z_max = z.amax(dim=1)
-    return z_max, torch.exp(z - z_max[:, None]).sum(dim=1)
+    return z_max, z.sub_(z_max[:, None]).exp_().sum(dim=1)
 
 
 def _native_block_logit_grad(z, lse, prob_scale, uniform, hit, target_col) -> torch.Tensor:
