@@ -8,7 +8,7 @@
 # Usage, from the repository root on a machine with 4 GPUs:
 #   OUT=runs/gpu bash benchmarks/gpu_suite.sh [tests] [output_layer] [tp] [examples] [calibrate] [spike]
 #   (default: all; calibrate and spike take at most 5.7 and 5.5 minutes)
-#   OUT=runs/gpu bash benchmarks/gpu_suite.sh speed | speed_val | speed_guard   (needs the gpu extra)
+#   OUT=runs/gpu bash benchmarks/gpu_suite.sh speed | speed_val | speed_guard | speed_monitor   (needs the gpu extra)
 #   OUT=runs/gpu bash benchmarks/gpu_suite.sh check_cost   (one check at the fast step's shape, timed and profiled)
 set -u
 SECTIONS=${*:-tests output_layer tp examples calibrate spike}
@@ -138,6 +138,13 @@ step "the guard's overhead against the fast step (the config's compiled blocks a
 timeout 560 python benchmarks/bench_guard_overhead.py "${SPEED[@]}" --repeats 2 --out "$LOGS/guard_fast.json" \
   > "$LOGS/guard_fast.log" 2>&1
 grep -A4 "per check" "$LOGS/guard_fast.log" >> "$OUT/summary.txt"
+fi
+
+if want speed_monitor; then
+step "SeamHealthCallback's cost against the fast step (fits alternated without and with it, no check after step 0)"
+timeout 300 python benchmarks/bench_guard_overhead.py "${SPEED[@]}" --monitor --repeats 2 --warmup 10 --measure 60 \
+  --out "$LOGS/monitor_fast.json" > "$LOGS/monitor_fast.log" 2>&1
+grep -E "monitor|mean step|median" "$LOGS/monitor_fast.log" | grep -v Warning | tail -12 >> "$OUT/summary.txt"
 fi
 
 if want check_cost; then
