@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench_example_speed import kernel_report, sync_report
 from bench_output_layer import time_ms
-from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam, parity, reference
+from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam, parity, reference, signature
 from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
 from ce_guard.parity import native_error_budget
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--shape", default="16384x4096x151936", help="NxDxV")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--profile", action="store_true", help="profile one clean check (CUDA)")
+    parser.add_argument("--profile", action="store_true", help="profile one clean check and one fit (CUDA)")
     parser.add_argument("--count-ops", action="store_true", help="count the aten ops of one clean check")
     parser.add_argument("--chunk-elements", type=int, default=DEFAULT_CHUNK_ELEMENTS,
                         help="the reference's logits per block (how many blocks a check runs)")
@@ -132,7 +132,8 @@ def count_ops(check) -> collections.Counter:
             return func(*args, **(kwargs or {}))
 
     with mock.patch.object(reference, "compiled_on_cuda", as_one_call), \
-            mock.patch.object(parity, "compiled_on_cuda", as_one_call), Count():
+            mock.patch.object(parity, "compiled_on_cuda", as_one_call), \
+            mock.patch.object(signature, "compiled_on_cuda", as_one_call), Count():
         check()
     return counts
 
@@ -155,6 +156,7 @@ def profile_check(check, name: str) -> str:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return kernel_report(profiler.key_averages(), wall_ms, 1, name) + "\n" + sync_report(records, name)
+
 
 if __name__ == "__main__":
     main()

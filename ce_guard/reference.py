@@ -227,15 +227,20 @@ def _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk):
             running = block_statistics(raw, local_target - cols.start, *running, contract.softcap)
         run_max[rows], denom[rows], logit_sum[rows], target_logit[rows] = running
 
-    # Vocab-parallel: max over the TP group, then rescale each rank's denominator to the global max.
     tp = contract.tp_group
-    global_max = _dist.all_reduce(run_max.clone(), dist.ReduceOp.MAX, tp)
-    denom = denom * torch.exp(run_max - global_max)
-    _dist.all_reduce(denom, dist.ReduceOp.SUM, tp)
+    lse = group_lse(run_max, denom, tp)
     _dist.all_reduce(target_logit, dist.ReduceOp.SUM, tp)  # only the owning rank contributed a non-zero
     logit_sum_local = logit_sum.clone()
     _dist.all_reduce(logit_sum, dist.ReduceOp.SUM, tp)
-    return global_max + torch.log(denom), target_logit, logit_sum, logit_sum_local
+    return lse, target_logit, logit_sum, logit_sum_local
+
+
+def group_lse(row_max: torch.Tensor, denom: torch.Tensor, tp) -> torch.Tensor:
+    """Each row's lse over the TP group's vocab slices, from this slice's max and sum of exp(z - max): the max
+    over the group, then each rank's denominator rescaled to it and summed."""
+    global_max = _dist.all_reduce(row_max.clone(), dist.ReduceOp.MAX, tp)
+    total = _dist.all_reduce(denom * torch.exp(row_max - global_max), dist.ReduceOp.SUM, tp)
+    return global_max + torch.log(total)
 
 
 def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chunk, operands):

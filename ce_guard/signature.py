@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from ce_guard import _dist
 from ce_guard.contract import CEContract
-from ce_guard.reference import _block_logit_grad, compiled_on_cuda
+from ce_guard.reference import _block_logit_grad, compiled_on_cuda, group_lse
 
 DIRECTIONS = ("scale", "target", "shift")
 _BLOCK_ELEMENTS = 1 << 25  # logits of one block of fitted tokens: 128 MiB of fp32
@@ -168,10 +168,7 @@ def _native_grad(h, weight, y, u, contract: CEContract):
     for start in range(0, m, step):
         block = slice(start, start + step)
         z = h[block] @ weight.T                                             # (c, V/TP), input dtype
-        z_max, denom = block_statistics(z)                                  # (c,) each, this slice's
-        global_max = _dist.all_reduce(z_max.clone(), dist.ReduceOp.MAX, tp)
-        total = _dist.all_reduce(denom * torch.exp(z_max - global_max), dist.ReduceOp.SUM, tp)
-        block_lse = global_max + total.log()                                # (c,)
+        block_lse = group_lse(*block_statistics(z), tp)                    # (c,) over the global vocab
         # u dL/dz of the contract: u ((1 + 2 z lse) p - (1 - eps) onehot - eps / V)
         weight_u = u[block].float()
         prob_scale = weight_u * (1 + 2 * contract.z_loss * block_lse)
