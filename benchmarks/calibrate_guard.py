@@ -45,6 +45,7 @@ from torch import nn
 from ce_guard import CEContract, CheckResult, SeamOutputs, SeamRecord, check_seam
 from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
+from ce_guard.parity import softmax_margin
 
 IGNORE = -100
 
@@ -186,10 +187,13 @@ def run_check(layer: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> 
     return result, token_chunk
 
 
+MARGINS = ("loss", "dh", "dw", "softmax")  # error / budget per compared quantity, the softmax's per-token spread last
+
+
 def margins(result: CheckResult) -> dict[str, float]:
     r, b = result.report, result.report.budget
     return {"loss": r.loss_rel_err / b.loss_rel, "dh": (r.grad_hidden_rel_err or 0.0) / b.grad_hidden_rel,
-            "dw": (r.grad_weight_rel_err or 0.0) / b.grad_weight_rel}
+            "dw": (r.grad_weight_rel_err or 0.0) / b.grad_weight_rel, "softmax": softmax_margin(r.signature) or 0.0}
 
 
 class Clock:
@@ -288,7 +292,7 @@ def false_alarms(args, world: World) -> dict:
                     drift = any(dr for _, dr, _ in ranks)
                     verdicts[cause if not drift else next(c for c, dr, _ in ranks if dr)] += 1
                     s = samples[key]
-                    for part in ("loss", "dh", "dw"):
+                    for part in ("loss", "dh", "dw", "softmax"):
                         s[f"margin_{part}"].append(max(m[part] for _, _, m in ranks))
                     b = result.report.budget
                     s["budget_loss"].append(b.loss_rel)
@@ -349,9 +353,9 @@ def _summarize(key: tuple, s: dict[str, list]) -> dict:
         "loss_ref_range": [min(s["loss_ref"]), max(s["loss_ref"])],  # the loss itself: a relative budget follows it
         "err_median": {p: med(s[f"err_{p}"]) for p in ("loss", "dh", "dw")},
         "err_max": {p: max(s[f"err_{p}"]) for p in ("loss", "dh", "dw")},
-        "margin_max": {p: max(s[f"margin_{p}"]) for p in ("loss", "dh", "dw")},
-        "margin_median": {p: med(s[f"margin_{p}"]) for p in ("loss", "dh", "dw")},
-        "worst_margin": max(max(s[f"margin_{p}"]) for p in ("loss", "dh", "dw")),
+        "margin_max": {p: max(s[f"margin_{p}"]) for p in MARGINS},
+        "margin_median": {p: med(s[f"margin_{p}"]) for p in MARGINS},
+        "worst_margin": max(max(s[f"margin_{p}"]) for p in MARGINS),
         "seconds_per_check": med(s["seconds"]),
     }
 
@@ -366,16 +370,16 @@ def false_alarm_table(result: dict) -> str:
             f" torch {result['torch']}, {result['world_size']} rank(s), stopped by {result['stopped']},"
             f" {result['seconds']:.0f} s)\n\n"
             "| path | dtype | TP | N | D | V | chunks | checks | budget loss / dL/dh / dL/dW"
-            " | budget max / min | median err/budget loss / dL/dh / dL/dW | max err/budget loss / dL/dh / dL/dW"
-            " | s/check |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            " | budget max / min | median err/budget loss / dL/dh / dL/dW / softmax"
+            " | max err/budget loss / dL/dh / dL/dW / softmax | s/check |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = sorted(result["keys"], key=lambda k: (k["path"], k["dtype"], k["tp"], k["vocab"], k["tokens"],
                                                   k["hidden"], k["chunks"] or 0))
-    def three(values: dict, fmt: str) -> str:
-        return " / ".join(format(values[p], fmt) for p in ("loss", "dh", "dw"))
+    def joined(values: dict, fmt: str, parts=("loss", "dh", "dw")) -> str:
+        return " / ".join(format(values.get(p, 0.0), fmt) for p in parts)
 
     lines = [f"| {k['path']} | {k['dtype']} | {k['tp']} | {k['tokens']} | {k['hidden']} | {k['vocab']}"
-             f" | {k['chunks'] or '-'} | {k['checks']} | {three(k['budget'], '.1e')} | {three(_spread(k['budget_range']), '.2f')}"
-             f" | {three(k['margin_median'], '.2f')} | {three(k['margin_max'], '.2f')}"
+             f" | {k['chunks'] or '-'} | {k['checks']} | {joined(k['budget'], '.1e')} | {joined(_spread(k['budget_range']), '.2f')}"
+             f" | {joined(k['margin_median'], '.2f', MARGINS)} | {joined(k['margin_max'], '.2f', MARGINS)}"
              f" | {k['seconds_per_check']:.2f} |"
              for k in rows]
     return head + "\n".join(lines) + "\n"

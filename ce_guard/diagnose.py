@@ -1,10 +1,11 @@
 """Turn a parity report into a named seam fault, with the numbers that point to it.
 
 Each rule tests one signature from the fault catalogue (docs/faults.md) against the report, most
-specific first: non-finite values, an empty check, padding in the gradient, a scale that one of the
+specific first: non-finite values, an empty check, each token's softmax alone rounded wider than the native
+path's (a narrow accumulator whose errors cancel in every budget), padding in the gradient, a scale that one of the
 token counts or a parallel group size explains, a loss offset that log(TP), z-loss or local-V smoothing
 explains, a hidden gradient left unreduced (or reduced twice) over TP, errors piled on slice edges; then,
-from the signature fit of a check over budget (ce_guard/signature.py), a factor loss and dL/dh share, or
+from the signature fit (ce_guard/signature.py), a factor loss and dL/dh share, or
 rounding-sized factors they do not share; without a fit, a scale both gradients' norms carry; a constant
 shift of dL/dz over the vocab slice (local-V smoothing the loss cannot show), a hidden gradient alone off
 (rounded in a narrow running sum, or terms skipped), then precision drift. Nothing matched is said plainly.
@@ -19,7 +20,7 @@ from enum import Enum
 
 import torch
 
-from ce_guard.parity import ParityReport, margins
+from ce_guard.parity import NARROW_SOFTMAX, ParityReport, margins
 
 SCALE_COSINE = 0.999     # a pure scale leaves the gradient's direction intact
 SCALE_TOLERANCE = 0.005  # relative tolerance on (expected - 1) for a named scale factor
@@ -28,7 +29,6 @@ SHIFT_SHARE = 0.5        # a constant dL/dz shift puts all its error in one comm
 ROUNDING_COUPLING = 1.6  # error-to-size coupling: skipped terms 1.0-1.2, a narrow running sum 2.3-3.7 (docs/faults.md #3)
 SIGNIFICANT = 5.0        # standard errors a fitted coefficient must clear to be read as a fault's signature
 NARROW_ROUNDING = 2.0 ** -7  # two bf16 unit roundoffs: the most a narrow accumulator's rounding moves a factor
-NARROW_SOFTMAX = 2.0 ** -11  # fp16's unit roundoff: the least per-token softmax factor read as a narrow dtype's
 # Standard errors by which a scale's per-token softmax spread must exceed a pure scale's to be a narrow dtype's. On
 # the example model's hidden states scales read 0.93-1.03x (at most 0.3 of them), bf16 accumulators 1.41-2.28x
 # (3.8-10): at 5 two of 17 fell short (docs/benchmarks.md, "Naming at the margin").
@@ -104,7 +104,7 @@ def diagnose(report: ParityReport, *, group_sizes: Mapping[str, int] | None = No
     sizes = dict(group_sizes or {})
     sizes.setdefault("TP", report.tp_size)
     sizes.setdefault("DP", report.token_group_size)
-    for rule in (_non_finite, _empty, _within_budget, _ignored_rows, _named_scale, _offset, _tp_grad_reduction,
+    for rule in (_non_finite, _empty, _within_budget, _narrow_softmax_alone, _ignored_rows, _named_scale, _offset, _tp_grad_reduction,
                  _target_masking, _fitted_scale, _fitted_rounding, _unnamed_scale, _smoothing_shift, _gradient_only,
                  _precision):
         found = rule(report, sizes)
@@ -141,6 +141,28 @@ def _within_budget(r: ParityReport, sizes) -> Diagnosis | None:
     if not r.within_budget:
         return None
     return Diagnosis(Cause.WITHIN_BUDGET, False, "within budget: " + _headline(r), _core_evidence(r))
+
+
+def _narrow_softmax_alone(r: ParityReport, sizes) -> Diagnosis | None:
+    """Loss and gradients within budget, but each token's softmax off by its own factor, wider than native.
+
+    A running max, sum-exp or lse kept in bf16 rounds each token's lse by its own amount: unbiased, so it cancels
+    in the mean loss and spreads over the gradients' norm within their budget. Only the per-token spread shows it.
+    """
+    m, fit = margins(r), r.signature
+    if (m["softmax"] or 0.0) <= 1.0 or any((m[k] or 0.0) > 1.0 for k in ("loss", "grad_hidden", "grad_weight")):
+        return None
+    if r.per_token_max_abs_diff is not None and r.per_token_max_abs_diff > r.budget.per_token_abs:
+        return None
+    against = "the native path" if fit.pure_scale is None else "a pure scale"
+    return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
+                     f"each token's softmax is off by its own factor: their spread is {fit.softmax_spread:.2f}x"
+                     f" {against}'s ({fit.spread_sigmas():.0f} sigma on {fit.tokens} tokens, rms"
+                     f" {fit.softmax_excess:.1e} beyond it), while loss and gradients are within budget (margins"
+                     f" {m['loss']:.2f}, {m['grad_hidden'] or 0.0:.2f}, {m['grad_weight'] or 0.0:.2f}): each token's"
+                     " rounding cancels in the mean; the softmax's statistics (running max, sum-exp, lse) are held in a"
+                     " narrower dtype than the contract declares",
+                     {**_core_evidence(r), **_fit_evidence(fit)})
 
 
 def _ignored_rows(r: ParityReport, sizes) -> Diagnosis | None:

@@ -27,6 +27,13 @@ _FLOORS = {torch.float64: (1e-11, 1e-10), torch.float32: (2e-6, 2e-5), torch.bfl
            torch.float16: (5e-5, 5e-4)}
 
 
+# A correct path rounds each token's softmax no more widely than the native path (logits in the input dtype,
+# softmax in fp32). Wider by SPREAD_SIGMAS standard errors, and by NARROW_SOFTMAX (fp16's unit roundoff) in rms per
+# token, is a narrower dtype's rounding of the softmax's statistics: unbiased per token, so it cancels in the mean
+# loss and hides in the gradients' norm budget (docs/faults.md, row 3).
+SPREAD_SIGMAS = 5.0
+NARROW_SOFTMAX = 2.0 ** -11
+
 # Unit roundoff of what fp32 matmuls round to under torch.set_float32_matmul_precision: TF32, bf16.
 _FP32_MATMUL_ROUNDOFF = {"highest": 0.0, "high": 2.0 ** -11, "medium": 2.0 ** -8}
 
@@ -299,7 +306,17 @@ def margins(report: ParityReport) -> dict[str, float | None]:
 
     return {"loss": ratio(report.loss_rel_err, b.loss_rel),
             "grad_hidden": ratio(report.grad_hidden_rel_err, b.grad_hidden_rel),
-            "grad_weight": ratio(report.grad_weight_rel_err, b.grad_weight_rel)}
+            "grad_weight": ratio(report.grad_weight_rel_err, b.grad_weight_rel),
+            "softmax": softmax_margin(report.signature)}
+
+
+def softmax_margin(fit: SignatureFit | None) -> float | None:
+    """How far each token's softmax factor spreads beyond the native path's, against the line a correct path stays
+    under: the lesser of its standard errors over ``SPREAD_SIGMAS`` and its rms excess over ``NARROW_SOFTMAX`` (above
+    1 only when both are). None where no signature was fitted."""
+    if fit is None:
+        return None
+    return min(max(fit.spread_sigmas(), 0.0) / SPREAD_SIGMAS, fit.softmax_excess / NARROW_SOFTMAX)
 
 
 def _scalar_loss(loss: torch.Tensor, visible: torch.Tensor) -> float:

@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # (metric, title, log scale, budget) per panel; a budget is drawn where the receipts carry one. The margins lead:
 # one panel says whether every compared quantity stayed under its budget (the line at 1).
-MARGINS = (("margin_loss", "loss"), ("margin_grad_hidden", "dL/dh"), ("margin_grad_weight", "dL/dW"))
+MARGINS = (("margin_loss", "loss"), ("margin_grad_hidden", "dL/dh"), ("margin_grad_weight", "dL/dW"),
+           ("margin_softmax", "softmax spread"))
 PANELS = (
     ("margins", "error / budget (drift above 1)", True, None),
     ("loss_rel_err", "loss relative error", True, "budget_loss_rel"),

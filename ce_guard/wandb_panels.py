@@ -40,6 +40,7 @@ SUMMARIES = {
     "ce_parity/margin_loss": "max,last",
     "ce_parity/margin_grad_hidden": "max,last",
     "ce_parity/margin_grad_weight": "max,last",
+    "ce_parity/margin_softmax": "max,last",
     "ce_health/loss_z": "max",
     "ce_health/grad_norm_z": "max",
     "ce_health/attributable_to_seam": "max",

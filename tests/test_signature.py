@@ -11,7 +11,7 @@ from ce_guard import CEContract, SeamRecord, check_seam
 from ce_guard.diagnose import Cause
 from ce_guard.fused import FusedLinearCrossEntropy
 from ce_guard.faults import SeamFault
-from ce_guard.parity import SeamOutputs, _expected_mean_error, native_error_budget
+from ce_guard.parity import SeamOutputs, _expected_mean_error, margins, native_error_budget
 from ce_guard.reference import reference_linear_cross_entropy
 from ce_guard.signature import fit_signatures
 
@@ -163,11 +163,36 @@ def test_the_native_path_the_fit_compares_against_is_pytorchs_own(spread):
     assert fit.softmax_spread == pytest.approx(1.0, abs=0.02)
 
 
-def test_a_clean_check_pays_for_no_fit():
-    hidden, weight, targets = _inputs(0, torch.bfloat16, n=256, d=32, v=2048)
+def test_a_clean_fp32_check_pays_for_no_fit():
+    hidden, weight, targets = _inputs(0, torch.float32, n=256, d=32, v=2048)
     contract = CEContract(vocab_size=2048)
     result = _check(hidden, weight, targets, contract, broken_fused(hidden, weight, targets, contract))
     assert result.diagnosis.cause == Cause.WITHIN_BUDGET and result.report.signature is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_clean_bf16_check_is_fitted_and_its_softmax_spreads_as_the_native_paths(seed):
+    hidden, weight, targets = _inputs(seed, torch.bfloat16)
+    contract = CEContract(vocab_size=V)
+    result = _check(hidden, weight, targets, contract, broken_fused(hidden, weight, targets, contract))
+    assert result.report.signature is not None and margins(result.report)["softmax"] < 0.5
+    assert result.diagnosis.cause == Cause.WITHIN_BUDGET and result.report.within_budget
+
+
+@pytest.mark.parametrize("chunks", [1, 16])
+def test_bf16_accumulators_within_every_budget_are_flagged_by_the_softmax_spread_alone(chunks):
+    """With 2048 visible tokens 1/count is exact in bf16, so the fault is only each token's rounded lse: unbiased,
+    it cancels in the mean. At this seed loss and gradients are within budget; the per-token spread is not."""
+    hidden, weight, targets = _inputs(4, torch.bfloat16, pad=0.0)
+    contract = CEContract(vocab_size=V)
+    layer = FusedLinearCrossEntropy(D, contract, weight=torch.nn.Parameter(weight.clone()),
+                                    fault=SeamFault.BF16_ACCUMULATORS, token_chunk=math.ceil(N / chunks))
+    result = _check(hidden, weight, targets, contract, _layer_outputs(layer, hidden, targets))
+    m = margins(result.report)
+    assert max(m["loss"], m["grad_hidden"], m["grad_weight"]) <= 1 < m["softmax"]
+    assert not result.report.within_budget and result.diagnosis.drift
+    assert result.diagnosis.cause == Cause.ACCUMULATOR_DTYPE
+    assert result.diagnosis.summary.startswith("each token's softmax is off by its own factor")
 
 
 def test_the_expected_mean_error_keeps_only_a_bias_the_sample_can_see():
