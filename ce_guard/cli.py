@@ -411,7 +411,8 @@ def _print_check(out: Console, contract: CEContract, result: CheckResult) -> Non
         fit = r.signature
         _print_row(out, "fit", f"dL/dh error on {fit.tokens} tokens: scale {fit.scale:+.3g} ({fit.sigmas('scale'):.1f}"
                                f" sigma), target {fit.target:+.3g} ({fit.sigmas('target'):.1f} sigma), shift"
-                               f" {fit.shift:+.3g} ({fit.sigmas('shift'):.1f} sigma), residual {fit.residual_rel:.3g}")
+                               f" {fit.shift:+.3g} ({fit.sigmas('shift'):.1f} sigma), residual {fit.residual_rel:.3g},"
+                               f" softmax spread {fit.softmax_spread:.3g}x native ({fit.spread_sigmas():.1f} sigma)")
     row = f" ({d.catalogue_entry})" if d.catalogue_entry else ""
     verdict = f"{'DRIFT' if d.drift else 'ok'}: {d.cause.value}{row}: {d.summary}"
     _print_row(out, "verdict", verdict, style="bold red" if d.drift else "bold green")

@@ -104,9 +104,9 @@ def diagnose(report: ParityReport, *, group_sizes: Mapping[str, int] | None = No
     sizes = dict(group_sizes or {})
     sizes.setdefault("TP", report.tp_size)
     sizes.setdefault("DP", report.token_group_size)
-    for rule in (_non_finite, _empty, _within_budget, _narrow_softmax_alone, _ignored_rows, _named_scale, _offset, _tp_grad_reduction,
-                 _target_masking, _fitted_scale, _fitted_rounding, _unnamed_scale, _smoothing_shift, _gradient_only,
-                 _precision):
+    for rule in (_non_finite, _empty, _within_budget, _narrow_softmax_alone, _ignored_rows, _named_scale, _offset,
+                 _tp_grad_reduction, _target_masking, _fitted_scale, _fitted_rounding, _unnamed_scale,
+                 _smoothing_shift, _gradient_only, _precision):
         found = rule(report, sizes)
         if found is not None:
             return found
