@@ -42,10 +42,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ce_guard import CEContract, CheckResult, SeamOutputs, SeamRecord, check_seam
+from ce_guard import CEContract, CheckResult, SeamOutputs, SeamRecord, check_seam, parity
 from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
-from ce_guard.parity import softmax_margin
 
 IGNORE = -100
 
@@ -191,9 +190,10 @@ MARGINS = ("loss", "dh", "dw", "softmax")  # error / budget per compared quantit
 
 
 def margins(result: CheckResult) -> dict[str, float]:
-    r, b = result.report, result.report.budget
-    return {"loss": r.loss_rel_err / b.loss_rel, "dh": (r.grad_hidden_rel_err or 0.0) / b.grad_hidden_rel,
-            "dw": (r.grad_weight_rel_err or 0.0) / b.grad_weight_rel, "softmax": softmax_margin(r.signature) or 0.0}
+    """The check's logged margins (``ce_guard.parity.margins``) under this table's short names; 0 where not measured."""
+    m = parity.margins(result.report)
+    return {"loss": m["loss"], "dh": m["grad_hidden"] or 0.0, "dw": m["grad_weight"] or 0.0,
+            "softmax": m["softmax"] or 0.0}
 
 
 class Clock:
@@ -292,7 +292,7 @@ def false_alarms(args, world: World) -> dict:
                     drift = any(dr for _, dr, _ in ranks)
                     verdicts[cause if not drift else next(c for c, dr, _ in ranks if dr)] += 1
                     s = samples[key]
-                    for part in ("loss", "dh", "dw", "softmax"):
+                    for part in MARGINS:
                         s[f"margin_{part}"].append(max(m[part] for _, _, m in ranks))
                     b = result.report.budget
                     s["budget_loss"].append(b.loss_rel)
@@ -375,7 +375,7 @@ def false_alarm_table(result: dict) -> str:
     rows = sorted(result["keys"], key=lambda k: (k["path"], k["dtype"], k["tp"], k["vocab"], k["tokens"],
                                                   k["hidden"], k["chunks"] or 0))
     def joined(values: dict, fmt: str, parts=("loss", "dh", "dw")) -> str:
-        return " / ".join(format(values.get(p, 0.0), fmt) for p in parts)
+        return " / ".join(format(values[p], fmt) for p in parts)
 
     lines = [f"| {k['path']} | {k['dtype']} | {k['tp']} | {k['tokens']} | {k['hidden']} | {k['vocab']}"
              f" | {k['chunks'] or '-'} | {k['checks']} | {joined(k['budget'], '.1e')} | {joined(_spread(k['budget_range']), '.2f')}"
