@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from ce_guard._dist import all_gather_dim0, all_reduce, group_rank, group_size
+from ce_guard._matmul import reduction_blocks
 from ce_guard.contract import CEContract
 from ce_guard.faults import SeamFault
 
@@ -372,17 +373,18 @@ def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumul
     accumulation the contract rules out (for dW across chunks; for dL/dh across TP ranks, whose partial
     sums are added later); an ``accum_dtype`` of bf16 keeps it, by design (the matmul still sums each
     chunk's tokens in fp32 and rounds the running total once per chunk). A first write ignores ``out``'s
-    old contents, so it needs no zeroed buffer.
+    old contents, so it needs no zeroed buffer. fp32 on CUDA sums in blocks (``ce_guard._matmul``).
     """
     # On CUDA, 16-bit tensor cores accumulate straight into an fp32 buffer (no product-sized temporary).
     mixed = a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and out.dtype == torch.float32
     if out.dtype != a.dtype and not mixed:
         a, b = a.to(out.dtype), b.to(out.dtype)  # elsewhere there is no mixed-dtype mm: the buffer's dtype
     out_dtype = {"out_dtype": torch.float32} if mixed else {}
-    if accumulate:
-        torch.addmm(out, a, b, out=out, **out_dtype)
-    else:
-        torch.mm(a, b, out=out, **out_dtype)
+    for i, block in enumerate(reduction_blocks(a, out)):
+        if accumulate or i > 0:
+            torch.addmm(out, a[:, block], b[block], out=out, **out_dtype)
+        else:
+            torch.mm(a[:, block], b[block], out=out, **out_dtype)
 
 
 def _reduced_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ce_guard import _dist
+from ce_guard._matmul import reduction_blocks
 from ce_guard.contract import CEContract
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 26  # 64M fp32 logits per block: 256 MiB, ~0.7 GB live in all at V = 152k
@@ -369,11 +370,14 @@ def _exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
-    """``out += alpha * a @ b`` into fp32 ``out``: fp16 operands on CUDA on tensor cores (exact products)."""
+    """``out += alpha * a @ b`` into fp32 ``out``: fp16 operands on CUDA on tensor cores (exact products);
+    fp32 on CUDA in blocks of the reduction (``ce_guard._matmul``)."""
     if a.is_cuda and a.dtype == torch.float16:
         torch.addmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
-    else:  # fp16 x fp16 is exact in fp32, so upcasting first gives the same products
-        out.addmm_(a.float(), b.float(), alpha=alpha)
+        return
+    a, b = a.float(), b.float()  # fp16 x fp16 is exact in fp32, so upcasting first gives the same products
+    for block in reduction_blocks(a, out):
+        out.addmm_(a[:, block], b[block], alpha=alpha)
 
 
 def _default_backward_dtype(weight: torch.Tensor) -> torch.dtype:

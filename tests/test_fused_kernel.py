@@ -8,6 +8,7 @@ held to the plain-torch chunk math and, through the whole layer, to float64 ``F.
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from test_fused import OPTIONS, N, V, assert_close_to, contract_for, make_inputs
 from torch import nn
 
 from ce_guard import fused
+from ce_guard._matmul import FP32_REDUCTION_BLOCK, reduction_blocks
 from ce_guard.contract import CEContract
 from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
@@ -136,6 +138,25 @@ def test_kernel_covers_honest_mean_and_sum_only():
 def test_kernel_is_never_chosen_for_cpu_tensors():
     m = honest_math(CEContract(vocab_size=V))
     assert not fused._kernel_applies(torch.zeros(2, 3, dtype=torch.bfloat16), m)
+
+
+def _operand(device_is_cuda: bool, dtype: torch.dtype, columns: int) -> SimpleNamespace:
+    """What ``reduction_blocks`` reads of a tensor, so that CPU machines test the CUDA rule."""
+    return SimpleNamespace(is_cuda=device_is_cuda, dtype=dtype, shape=(8, columns))
+
+
+@pytest.mark.parametrize("columns", [1, 4096, 4097, 100352, 151936])
+def test_fp32_products_on_cuda_sum_their_reduction_in_blocks(columns):
+    fp32 = _operand(True, torch.float32, 0)
+    blocks = reduction_blocks(_operand(True, torch.float32, columns), fp32)
+    covered = [i for b in blocks for i in range(columns)[b]]
+    assert covered == list(range(columns))  # every column once, in order
+    assert len(blocks) == -(-columns // FP32_REDUCTION_BLOCK)
+    # Everything else (CPU, 16-bit operands into fp32 on tensor cores, a bf16 accumulator) is one product.
+    for a, out in ((_operand(False, torch.float32, columns), fp32),
+                   (_operand(True, torch.bfloat16, columns), fp32),
+                   (_operand(True, torch.float32, columns), _operand(True, torch.bfloat16, 0))):
+        assert reduction_blocks(a, out) == [slice(0, columns)]
 
 
 @pytest.mark.parametrize("n_tokens, vocab, itemsize, expected", [
