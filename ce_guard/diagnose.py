@@ -69,12 +69,29 @@ def catalogue_entry(cause: Cause) -> str | None:
 
 @dataclass(frozen=True)
 class Diagnosis:
-    """A named cause, whether it is drift, one sentence a person can act on, and the evidence."""
+    """A named cause, whether it is drift, one sentence a person can act on, and the evidence.
+
+    ``variant`` is ``"<cause>/<which signature>"`` (e.g. ``tp_grad_reduction/partial``): the machine-readable
+    name of the rule that matched, for tests and dashboards to assert on instead of the prose.
+    """
 
     cause: Cause
     drift: bool
     summary: str
     evidence: dict[str, float | int | str] = field(default_factory=dict)
+    variant: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.variant:
+            object.__setattr__(self, "variant", self.cause.value)
+        if self.variant.split("/")[0] != self.cause.value:
+            raise ValueError(f"Diagnosis variant {self.variant!r} must start with its cause {self.cause.value!r}.")
+
+    @classmethod
+    def of(cls, variant: str, drift: bool, summary: str,
+           evidence: dict[str, float | int | str] | None = None) -> "Diagnosis":
+        """A diagnosis named by its variant; the cause is the variant's first part."""
+        return cls(Cause(variant.split("/")[0]), drift, summary, dict(evidence or {}), variant)
 
     @property
     def fault_row(self) -> int | None:
@@ -85,7 +102,7 @@ class Diagnosis:
         return catalogue_entry(self.cause)
 
     def to_dict(self) -> dict[str, object]:
-        return {"cause": self.cause.value, "drift": self.drift, "summary": self.summary,
+        return {"cause": self.cause.value, "variant": self.variant, "drift": self.drift, "summary": self.summary,
                 "fault_row": self.fault_row, "evidence": dict(self.evidence)}
 
 
@@ -110,7 +127,7 @@ def diagnose(report: ParityReport, *, group_sizes: Mapping[str, int] | None = No
         found = rule(report, sizes)
         if found is not None:
             return found
-    return Diagnosis(Cause.UNEXPLAINED, True,
+    return Diagnosis.of("unexplained/no_signature", True,
                      "parity outside budget and no known signature matches: " + _headline(report),
                      _core_evidence(report))
 
@@ -120,7 +137,7 @@ def _non_finite(r: ParityReport, sizes) -> Diagnosis | None:
     if not bad:
         return None
     where = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in bad.items())
-    return Diagnosis(Cause.NON_FINITE, True, f"non-finite values ({where}); not averaged away",
+    return Diagnosis.of("non_finite/values", True, f"non-finite values ({where}); not averaged away",
                      {f"nonfinite_{k}": v for k, v in bad.items()})
 
 
@@ -129,18 +146,18 @@ def _empty(r: ParityReport, sizes) -> Diagnosis | None:
         return None
     leaked = abs(r.loss_fused) > 0 or bool(r.grad_hidden_norm_fused)
     if leaked:
-        return Diagnosis(Cause.IGNORE_INDEX_LEAK, True,
+        return Diagnosis.of("ignore_index_leak/all_ignored", True,
                          f"every target is ignore_index, yet the fused path returned loss {r.loss_fused:.6g} and"
                          f" dL/dh norm {r.grad_hidden_norm_fused or 0.0:.6g}: padding reaches the loss",
                          _core_evidence(r))
-    return Diagnosis(Cause.NO_VISIBLE_TOKENS, False, "no visible tokens in this check: nothing to compare",
+    return Diagnosis.of("no_visible_tokens/empty", False, "no visible tokens in this check: nothing to compare",
                      {"n_tokens": r.n_tokens})
 
 
 def _within_budget(r: ParityReport, sizes) -> Diagnosis | None:
     if not r.within_budget:
         return None
-    return Diagnosis(Cause.WITHIN_BUDGET, False, "within budget: " + _headline(r), _core_evidence(r))
+    return Diagnosis.of("within_budget/clean", False, "within budget: " + _headline(r), _core_evidence(r))
 
 
 def _narrow_softmax_alone(r: ParityReport, sizes) -> Diagnosis | None:
@@ -155,7 +172,7 @@ def _narrow_softmax_alone(r: ParityReport, sizes) -> Diagnosis | None:
     if r.per_token_max_abs_diff is not None and r.per_token_max_abs_diff > r.budget.per_token_abs:
         return None
     against = "the native path" if fit.pure_scale is None else "a pure scale"
-    return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
+    return Diagnosis.of("accumulator_dtype/narrow_softmax", True,
                      f"each token's softmax is off by its own factor: their spread is {fit.softmax_spread:.2f}x"
                      f" {against}'s ({fit.spread_sigmas():.0f} sigma on {fit.tokens} tokens, rms"
                      f" {fit.softmax_excess:.1e} beyond it), while loss and gradients are within budget (margins"
@@ -170,7 +187,7 @@ def _ignored_rows(r: ParityReport, sizes) -> Diagnosis | None:
         return None
     if r.grad_hidden_ignored_norm <= r.budget.grad_hidden_rel * r.grad_hidden_norm_ref:
         return None
-    return Diagnosis(Cause.IGNORE_INDEX_LEAK, True,
+    return Diagnosis.of("ignore_index_leak/ignored_rows", True,
                      f"dL/dh is non-zero on ignored tokens (norm {r.grad_hidden_ignored_norm:.4g}, reference 0):"
                      " padding targets are gathered as real classes",
                      {**_core_evidence(r), "grad_hidden_ignored_norm": r.grad_hidden_ignored_norm})
@@ -214,11 +231,11 @@ def _named_scale(r: ParityReport, sizes) -> Diagnosis | None:
         if count > 0 and not _close(count, r.divisor, 1e-9) and matches(r.divisor / count):
             evidence.update(fused_divisor=count, contract_divisor=r.divisor)
             if padding:
-                return Diagnosis(Cause.IGNORE_INDEX_LEAK, True,
+                return Diagnosis.of("ignore_index_leak/padding_in_divisor", True,
                                  f"{head}: the fused path divides by {name} ({count:g}) where the contract says"
                                  f" {_contract_divisor_words(r)} ({r.divisor:g}); padding is in the denominator",
                                  evidence)
-            return Diagnosis(Cause.NORMALIZATION_OWNER, True,
+            return Diagnosis.of("normalization_owner/token_count", True,
                              f"{head}{_k_note(r.divisor / count, sizes)}: the fused path divides by {name}"
                              f" ({count:g}) where the contract says {_contract_divisor_words(r)} ({r.divisor:g})",
                              evidence)
@@ -229,7 +246,7 @@ def _named_scale(r: ParityReport, sizes) -> Diagnosis | None:
         owner = (f"k = {k} = {group} size" if group else f"k = {k} matches no parallel group or"
                  f" accumulation size ({', '.join(f'{n}={s}' for n, s in sizes.items())})")
         evidence.update(k=k)
-        return Diagnosis(Cause.NORMALIZATION_SCALE, True,
+        return Diagnosis.of("normalization_scale/integer_k", True,
                          f"{head}, {owner}: loss and gradients are {k}x {'too large' if ratio > 1 else 'too small'};"
                          f" a divide by the {group or 'group'} size (or by the accumulation steps) is missing or doubled",
                          evidence)
@@ -255,7 +272,7 @@ def _unnamed_scale(r: ParityReport, sizes) -> Diagnosis | None:
         if abs(grad_ratio - 1.0) <= noise or abs(grad_ratio - ratio) > noise or residual > budget:
             return None
     residual = r.grad_hidden_scaled_residual
-    return Diagnosis(Cause.NORMALIZATION_SCALE, True,
+    return Diagnosis.of("normalization_scale/norm_factor", True,
                      f"{_scale_head(r, ratio)}: loss and gradients are {ratio:.4g}x"
                      f" {'too large' if ratio > 1 else 'too small'}, a pure scale (dL/dh residual after it"
                      f" {residual:.2g}) that no token count or group size explains: the loss is divided by"
@@ -314,7 +331,7 @@ def _fitted_scale(r: ParityReport, sizes) -> Diagnosis | None:
     if not _scale_explains_fit(r, kappa):
         return None
     if fit.spread_sigmas() >= WIDER_SPREAD and fit.softmax_excess >= NARROW_SOFTMAX:
-        return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
+        return Diagnosis.of("accumulator_dtype/narrow_softmax_and_scale", True,
                          f"loss {r.loss_ratio:.5f}x and dL/dh {1 + fit.scale:.5f}x ({fit.sigmas('scale'):.0f} sigma, fitted"
                          f" on {fit.tokens} tokens), and each token's softmax is off by its own factor: their spread is"
                          f" {fit.softmax_spread:.2f}x {'the native path' if fit.pure_scale is None else 'a pure scale'}'s"
@@ -325,14 +342,14 @@ def _fitted_scale(r: ParityReport, sizes) -> Diagnosis | None:
     rounded = _rounded_reciprocal(r, kappa)
     if rounded is not None and abs(kappa - rounded[1]) < abs(kappa - _gradient_factor(fit, kappa)):
         dtype, excess = rounded
-        return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
+        return Diagnosis.of("accumulator_dtype/rounded_reciprocal", True,
                          f"loss {r.loss_ratio:.5f}x and dL/dh {1 + fit.scale:.5f}x ({fit.sigmas('scale'):.0f} sigma, fitted"
                          f" on {fit.tokens} tokens): the loss's factor is nearer {1 + excess:.5f}x, which is 1/{r.divisor:g}"
                          f" rounded to {dtype}, than the gradients' own: the mean's 1/count is held in {dtype} (a scale"
                          " of exactly that size would read the same)",
                          {**_core_evidence(r), "scale": r.loss_ratio, "rounded_reciprocal_excess": excess,
                           **_fit_evidence(fit)})
-    return Diagnosis(Cause.NORMALIZATION_SCALE, True,
+    return Diagnosis.of("normalization_scale/fitted_factor", True,
                      f"loss {r.loss_ratio:.5f}x and dL/dh {1 + fit.scale:.5f}x ({fit.sigmas('scale'):.0f} sigma,"
                      f" fitted on {fit.tokens} tokens), nothing but rounding beside it: loss and gradients are"
                      f" {r.loss_ratio:.4g}x {'too large' if kappa > 0 else 'too small'}, a factor no token count or"
@@ -354,7 +371,7 @@ def _fitted_rounding(r: ParityReport, sizes) -> Diagnosis | None:
         return None
     grads = (f"dL/dh carries {1 + fit.scale:.5f}x ({fit.sigmas('scale'):.0f} sigma)"
              if fit.sigmas("scale") >= SIGNIFICANT else f"dL/dh carries no factor ({fit.scale:+.1e} +- {fit.scale_se:.1e})")
-    return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
+    return Diagnosis.of("accumulator_dtype/different_factors", True,
                      f"loss {r.loss_ratio:.5f}x ({r.loss_rel_err / r.budget.loss_rel:.1f}x its budget) while {grads},"
                      f" fitted on {fit.tokens} tokens: loss and gradients are off by different factors, each within"
                      f" two bf16 roundoffs ({NARROW_ROUNDING:.2%}): a running max, sum-exp, loss total or the mean's"
@@ -391,19 +408,19 @@ def _offset(r: ParityReport, sizes) -> Diagnosis | None:
     contract = r.contract
     for name, size in sizes.items():
         if size > 1 and _close(offset, math.log(size), OFFSET_TOLERANCE):
-            return Diagnosis(Cause.LOG_TP_OFFSET, True,
+            return Diagnosis.of("log_tp_offset/denominator_twice", True,
                              f"loss higher by {offset:.5f} per token = log({size}) = log({name}):"
                              " the denominator was summed over the group twice (logits gathered, then reduced again)",
                              evidence)
     z = contract.get("z_loss", 0.0) or 0.0
     if z and abs(offset) > 0 and _close(abs(offset), z * r.mean_lse_sq, OFFSET_TOLERANCE):
         how = "missing from" if offset < 0 else "applied twice in"
-        return Diagnosis(Cause.Z_LOSS_BOUNDARY, True,
+        return Diagnosis.of(f"z_loss_boundary/{'missing' if offset < 0 else 'doubled'}", True,
                          f"loss offset {offset:.6g} per token = {'-' if offset < 0 else '+'}z * mean(lse^2)"
                          f" = {z:g} * {r.mean_lse_sq:.4g}: z-loss is {how} the fused path", evidence)
     eps = contract.get("label_smoothing", 0.0) or 0.0
     if eps and (_close(offset, r.smoothing_local_offset, OFFSET_TOLERANCE) or r.fused_loss_tp_spread > abs(offset) / 2):
-        return Diagnosis(Cause.LABEL_SMOOTHING_LOCAL_V, True,
+        return Diagnosis.of("label_smoothing_local_v/loss_offset", True,
                          f"loss offset {offset:.6g} per token (local-V smoothing predicts"
                          f" {r.smoothing_local_offset:.6g}); fused loss differs across TP ranks by"
                          f" {r.fused_loss_tp_spread:.3g}: label smoothing uses the local vocab slice",
@@ -423,7 +440,7 @@ def _tp_grad_reduction(r: ParityReport, sizes) -> Diagnosis | None:
     evidence = {**_core_evidence(r), "tp_size": r.tp_size}
     summed = r.grad_hidden_tp_sum_rel_err
     if summed is not None and summed <= r.budget.grad_hidden_rel:
-        return Diagnosis(Cause.TP_GRAD_REDUCTION, True,
+        return Diagnosis.of("tp_grad_reduction/partial", True,
                          f"loss exact but dL/dh norm ratio {r.grad_hidden_norm_ratio:.4f} (cosine"
                          f" {r.grad_hidden_cosine:.4f}), and the TP={r.tp_size} ranks' dL/dh summed matches the"
                          f" reference (rel err {summed:.3g}, budget {r.budget.grad_hidden_rel:.3g}): each rank returns"
@@ -433,7 +450,7 @@ def _tp_grad_reduction(r: ParityReport, sizes) -> Diagnosis | None:
     ratio, cosine = r.grad_hidden_norm_ratio, r.grad_hidden_cosine
     if (ratio is not None and cosine is not None and cosine >= SCALE_COSINE
             and abs(ratio - r.tp_size) <= max(4 * r.budget.grad_scale * r.tp_size, 1e-6)):
-        return Diagnosis(Cause.TP_GRAD_REDUCTION, True,
+        return Diagnosis.of("tp_grad_reduction/doubled", True,
                          f"loss exact but dL/dh norm ratio {ratio:.4f} = TP = {r.tp_size} (cosine {cosine:.6f}):"
                          " the hidden gradient is all-reduced over TP twice (once in the loss, once in the"
                          " output layer's copy-to-TP-region backward)", evidence)
@@ -450,7 +467,7 @@ def _target_masking(r: ParityReport, sizes) -> Diagnosis | None:
     if not (on_edges or on_boundary):
         return None
     contract = r.contract
-    return Diagnosis(Cause.TARGET_MASKING, True,
+    return Diagnosis.of("target_masking/slice_edges", True,
                      f"errors sit on the vocab slice's edges (dL/dW edge rows hold {edge:.0%} of the error,"
                      f" boundary-target tokens {boundary:.0%} of the dL/dh error from {r.boundary_token_fraction:.1%}"
                      f" of tokens) at TP={r.tp_size}, slice [{contract.get('vocab_start')}, {contract.get('vocab_end')}):"
@@ -478,7 +495,7 @@ def _smoothing_shift(r: ParityReport, sizes) -> Diagnosis | None:
     if not off or any(share < SHIFT_SHARE for _, share in off):
         return None
     shares = ", ".join(f"{name} {share:.1%}" for name, share in off)
-    return Diagnosis(Cause.LABEL_SMOOTHING_LOCAL_V, True,
+    return Diagnosis.of("label_smoothing_local_v/gradient_shift", True,
                      f"the gradient error is one constant shift of dL/dz over this vocab slice ({shares} of"
                      f" it in a common row) at TP={r.tp_size}, label smoothing {eps:g}, loss offset"
                      f" {r.loss_offset_per_token:.3g} per token (local-V smoothing predicts"
@@ -509,12 +526,12 @@ def _gradient_only(r: ParityReport, sizes) -> Diagnosis | None:
     evidence = {**_core_evidence(r), **{f"excess_{k}": v for k, v in excess.items()},
                 "grad_hidden_magnitude_coupling": coupling}
     if coupling >= ROUNDING_COUPLING:
-        return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
+        return Diagnosis.of("accumulator_dtype/hidden_gradient_sum", True,
                          f"{head} (each element rounded relative to its own size; skipped terms give ~1): the hidden"
                          " gradient carries a narrower dtype's rounding than the inputs': its sum over vocab blocks, or"
                          " the logit gradient itself, is kept in bf16 or the input dtype",
                          evidence)
-    return Diagnosis(Cause.GRADIENT_APPROXIMATION, True,
+    return Diagnosis.of("gradient_approximation/skipped_terms", True,
                      f"{head} (the error ignores each element's size; a narrow running sum gives 2-4): the backward"
                      " skips small terms (e.g. a gradient filter on small-probability blocks)", evidence)
 
@@ -533,13 +550,13 @@ def _precision(r: ParityReport, sizes) -> Diagnosis | None:
     evidence = {**_core_evidence(r), **{f"excess_{k}": v for k, v in excess.items()}}
     worst = max(excess, key=excess.get)
     if excess["dL/dh"] <= 1.0 and excess["dL/dW"] <= 1.0:
-        return Diagnosis(Cause.UNEXPLAINED, True,
+        return Diagnosis.of("unexplained/loss_only", True,
                          f"only the loss is off ({r.loss_ratio:.5f}x, {excess['loss']:.1f}x its budget) while dL/dh"
                          " and dL/dW are within budget: a scale, penalty or reduced-precision accumulator too small"
                          " for the gradients to resolve at this dtype; watch whether it grows", evidence)
     if excess["loss"] <= 1.0 and worst == "dL/dh":
         return None  # the hidden gradient off in no way _gradient_only knows: unexplained
-    return Diagnosis(Cause.ACCUMULATOR_DTYPE, True,
+    return Diagnosis.of("accumulator_dtype/precision", True,
                      f"scale ratio {ratio:.4f}, cosine {r.grad_hidden_cosine if r.grad_hidden_cosine is not None else 1:.6f},"
                      f" errors above budget (loss {excess['loss']:.1f}x, dL/dh {excess['dL/dh']:.1f}x,"
                      f" dL/dW {excess['dL/dW']:.1f}x), worst on {worst}: accumulators (running max, denominator or"
