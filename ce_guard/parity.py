@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ce_guard import _dist
 from ce_guard.contract import CEContract
-from ce_guard.reference import ReferenceResult, compiled_on_cuda, count_nonfinite
+from ce_guard._compile import compiled_on_cuda
+from ce_guard.reference import ReferenceResult, count_nonfinite
 from ce_guard.signature import SignatureFit
 
 # Relative-error floors per input dtype, (loss, gradients): reduction order alone moves results this much.

@@ -28,10 +28,7 @@ Two passes per call:
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from collections.abc import Iterator
 
@@ -39,12 +36,14 @@ import torch
 import torch.distributed as dist
 
 from ce_guard import _dist
-from ce_guard._matmul import reduction_blocks
+from ce_guard._compile import compiled_on_cuda
+from ce_guard._exact_products import (FP16_EXPONENT, abs_max, add_product, ceil_log2, default_backward_dtype,
+                                      exact_fp32_matmul, exact_mm, pow2)
+from ce_guard._reference_inputs import validate_reference_inputs
 from ce_guard.contract import CEContract
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 26  # 64M fp32 logits per block: 256 MiB, ~0.7 GB live in all at V = 152k
 DEFAULT_TOKEN_CHUNK = 16384  # 16384 x 4096 blocks: dL/dW written once per call (docs/benchmarks.md)
-_FP16_EXPONENT = 14  # scaled fp16 operands stay under 2**14: headroom below fp16's 65504, 28 binades above its normals' floor
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ def reference_linear_cross_entropy(
         >>> r.loss.shape, r.grad_hidden.shape
         (torch.Size([]), torch.Size([4, 8]))
     """
-    _validate(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk, backward_dtype)
+    validate_reference_inputs(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk, backward_dtype)
     tp, token_group = contract.tp_group, contract.token_group
     tp_size = _dist.group_size(tp)
     nonfinite = {"hidden": count_nonfinite(hidden), "weight": count_nonfinite(weight)}
@@ -130,7 +129,7 @@ def reference_linear_cross_entropy(
     n, d = h.shape
     vocab_chunk = max(1, chunk_elements // min(token_chunk, max(n, 1)))
 
-    with _exact_fp32_matmul():
+    with exact_fp32_matmul():
         lse, target_logit, logit_sum, logit_sum_local = _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk)
         visible = y != contract.ignore_index
         # Per token, fp32: (1-eps) * nll + eps * (lse - mean_v z_v) + z * lse^2; ignored tokens are 0.
@@ -155,7 +154,7 @@ def reference_linear_cross_entropy(
         grad_hidden = grad_weight = token_weight = None
         if grad_output is not None:
             token_weight = _upstream_per_token(grad_output, contract, visible, divisor, tp, y.device)
-            operands = backward_dtype or _default_backward_dtype(weight)
+            operands = backward_dtype or default_backward_dtype(weight)
             grad_h, grad_weight = _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chunk,
                                              operands)
             _dist.all_reduce(grad_h, dist.ReduceOp.SUM, tp)  # each rank held its vocab slice's share
@@ -224,7 +223,7 @@ def _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk):
         local_target = y[rows] - contract.vocab_start                          # (T,) index into this slice
         running = run_max[rows], denom[rows], logit_sum[rows], target_logit[rows]
         for cols in _chunks(weight.shape[0], vocab_chunk):
-            raw = _exact_mm(h_chunk, weight[cols].T)                          # (T, Vb) fp32, before softcap
+            raw = exact_mm(h_chunk, weight[cols].T)                          # (T, Vb) fp32, before softcap
             running = block_statistics(raw, local_target - cols.start, *running, contract.softcap)
         run_max[rows], denom[rows], logit_sum[rows], target_logit[rows] = running
 
@@ -259,31 +258,31 @@ def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chu
     token_exp = torch.zeros(h.shape[0], dtype=torch.int32, device=h.device)    # e_t
     weight_exp = hidden_exp = 0
     if operands == torch.float16 and h.shape[0]:
-        token_exp = _FP16_EXPONENT - _ceil_log2(prob_scale.abs() + token_weight.abs())
-        h_share = _abs_max(h, dim=1) * _pow2(-token_exp) * (token_weight != 0)
-        weight_exp, hidden_exp = (_FP16_EXPONENT - _ceil_log2(torch.stack(
-            [_abs_max(weight), h_share.max()]))).tolist()                      # one host sync per call
+        token_exp = FP16_EXPONENT - ceil_log2(prob_scale.abs() + token_weight.abs())
+        h_share = abs_max(h, dim=1) * pow2(-token_exp) * (token_weight != 0)
+        weight_exp, hidden_exp = (FP16_EXPONENT - ceil_log2(torch.stack(
+            [abs_max(weight), h_share.max()]))).tolist()                      # one host sync per call
     block_logit_grad = compiled_on_cuda(_block_logit_grad, h.device)
     for rows in _chunks(h.shape[0], token_chunk):
         h_chunk = h[rows]                                                      # (T, D), input dtype
         visible = (token_weight[rows] != 0)[:, None]                         # ignored rows: 0, never inf * 0
-        h_operand = (h_chunk * (_pow2(hidden_exp - token_exp[rows])[:, None] * visible)).to(operands)
+        h_operand = (h_chunk * (pow2(hidden_exp - token_exp[rows])[:, None] * visible)).to(operands)
         local_target = y[rows] - contract.vocab_start
-        token_scale = _pow2(token_exp[rows])                                   # (T,)
+        token_scale = pow2(token_exp[rows])                                   # (T,)
         w_tok = token_weight[rows] * token_scale                               # (T,) upstream and 1/divisor; 0 if ignored
         p_scale, uniform, hit = prob_scale[rows] * token_scale, w_tok * (eps / contract.vocab_size), w_tok * (1 - eps)
         lse_rows, grad_h_rows = lse[rows], grad_h[rows]                        # views, once per token chunk
         for cols in _chunks(weight.shape[0], vocab_chunk):
             w_block = weight[cols]                                             # (Vb, D), input dtype
-            raw = _exact_mm(h_chunk, w_block.T)                                # (T, Vb) fp32, before softcap
+            raw = exact_mm(h_chunk, w_block.T)                                # (T, Vb) fp32, before softcap
             # The target's column in this block; a target elsewhere falls outside [0, width) and matches none.
             dz = block_logit_grad(raw, lse_rows, p_scale, uniform, hit, local_target - cols.start,
                                   contract.softcap, operands)
             del raw
             w_operand = torch.mul(w_block, 2.0 ** weight_exp, out=torch.empty_like(w_block, dtype=operands))
-            _add_product(grad_h_rows, dz, w_operand)
-            _add_product(grad_w[cols], dz.T, h_operand, alpha=2.0 ** -hidden_exp)
-        grad_h_rows *= _pow2(-token_exp[rows] - weight_exp)[:, None]
+            add_product(grad_h_rows, dz, w_operand)
+            add_product(grad_w[cols], dz.T, h_operand, alpha=2.0 ** -hidden_exp)
+        grad_h_rows *= pow2(-token_exp[rows] - weight_exp)[:, None]
     return grad_h, grad_w
 
 
@@ -324,84 +323,6 @@ def _block_logit_grad(raw, lse, prob_scale, uniform, hit, target_col, softcap: f
     if softcap is not None:
         grad = grad * (1.0 - (z / softcap).square())                            # d tanh-cap / d raw
     return grad.to(dtype)
-
-
-def compiled_on_cuda(fn, device: torch.device):
-    """``fn`` compiled on CUDA: one kernel reads a block once, instead of one pass per eager op.
-
-    A compiler failure (an Inductor bug on this torch or device) must not cost the check: ``fn`` then runs
-    eagerly from there on, the same math with more passes over memory, and says so once.
-    """
-    return fn if device.type != "cuda" or fn in _COMPILE_FAILED else functools.partial(_run_compiled, fn)
-
-
-_COMPILE_FAILED: set = set()
-
-
-def _run_compiled(fn, *args):
-    if fn in _COMPILE_FAILED:  # failed on an earlier block of this call
-        return fn(*args)
-    try:
-        return _compiled(fn)(*args)
-    except Exception as err:  # noqa: BLE001 - any compiler error: the eager function is the fallback
-        _COMPILE_FAILED.add(fn)
-        warnings.warn(f"ce_guard: torch.compile failed on {fn.__name__} ({type(err).__name__}:"
-                      f" {str(err)[:200]}); it runs eagerly from now on (the same math, slower checks).",
-                      stacklevel=2)
-        return fn(*args)
-
-
-@functools.cache
-def _compiled(fn):
-    # Mixed row and column reductions in one kernel (Inductor's mix-order reduction) miscompile float64
-    # accumulators in torch 2.11 ("Loop-carried variable ... fp32 ... re-assigned to fp64").
-    return torch.compile(fn, options={"triton.mix_order_reduction": False})
-
-
-def _exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` accumulated in fp32, from operands in the input dtype.
-
-    16-bit operands on CUDA run on tensor cores with an fp32 output: a bf16 or fp16 product is exact in fp32,
-    so this equals the fp32 matmul of the upcast operands up to summation order, at tensor-core speed.
-    """
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
-def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
-    """``out += alpha * a @ b`` into fp32 ``out``: fp16 operands on CUDA on tensor cores (exact products);
-    fp32 on CUDA in blocks of the reduction (``ce_guard._matmul``)."""
-    if a.is_cuda and a.dtype == torch.float16:
-        torch.addmm(out, a, b, alpha=alpha, out_dtype=torch.float32, out=out)
-        return
-    a, b = a.float(), b.float()  # fp16 x fp16 is exact in fp32, so upcasting first gives the same products
-    for block in reduction_blocks(a, out):
-        out.addmm_(a[:, block], b[block], alpha=alpha)
-
-
-def _default_backward_dtype(weight: torch.Tensor) -> torch.dtype:
-    return torch.float16 if weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
-
-
-def _ceil_log2(x: torch.Tensor) -> torch.Tensor:
-    """e with ``x <= 2**e`` (int32; 0 for 0), from the exponent bits."""
-    return torch.frexp(x.float()).exponent.clamp(-100, 100)
-
-
-def _pow2(exponent: torch.Tensor | int) -> torch.Tensor:
-    """``2**exponent`` in fp32, built from its bits, so it is exact."""
-    exponent = torch.as_tensor(exponent, dtype=torch.int32)
-    return ((exponent.clamp(-126, 127) + 127) << 23).view(torch.float32)
-
-
-def _abs_max(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    low, high = torch.aminmax(t, dim=dim)  # no |t|-sized temporary
-    return torch.maximum(-low, high).float()
-
-
-def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
-    return z if cap is None else cap * torch.tanh(z / cap)
 
 
 def _divisor(contract: CEContract, n_visible: int, n_visible_global: int, token_group_size: int) -> float:
@@ -461,70 +382,5 @@ def _chunks(total: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, total))
 
 
-@contextmanager
-def _exact_fp32_matmul() -> Iterator[None]:
-    """A user's ``set_float32_matmul_precision('high')`` would let TF32 into the reference: undo it here."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-def _validate(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk, backward_dtype) -> None:
-    if not isinstance(contract, CEContract):
-        raise TypeError(f"`contract` must be a CEContract, got {type(contract).__name__}.")
-    if not (hidden.is_floating_point() and weight.is_floating_point()):
-        raise ValueError(f"`hidden` and `weight` must be floating point, got {hidden.dtype} and {weight.dtype}.")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"`hidden` ({hidden.dtype}) and `weight` ({weight.dtype}) must share a dtype, as the"
-                         " output layer's matmul does; cast one of them before the check.")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
-        raise ValueError(f"`targets` must be an integer tensor of class ids, got {targets.dtype}.")
-    if hidden.dim() < 2 or hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"`hidden` must be [..., D] with leading shape equal to targets' {tuple(targets.shape)},"
-                         f" got {tuple(hidden.shape)}.")
-    if weight.dim() != 2 or weight.shape != (contract.vocab_slice_size, hidden.shape[-1]):
-        raise ValueError(f"`weight` must be this rank's vocab slice [{contract.vocab_start}, {contract.vocab_end}) as"
-                         f" ({contract.vocab_slice_size}, {hidden.shape[-1]}), got {tuple(weight.shape)}.")
-    if hidden.device != weight.device or hidden.device != targets.device:
-        raise ValueError(f"`hidden`, `weight` and `targets` must be on one device, got {hidden.device},"
-                         f" {weight.device} and {targets.device}.")
-    bad = (targets != contract.ignore_index) & ((targets < 0) | (targets >= contract.vocab_size))
-    if bool(bad.any()):
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"targets must be in [0, {contract.vocab_size}) or ignore_index={contract.ignore_index};"
-                         f" found {int(targets[first])} at {first} ({int(bad.sum())} such targets).")
-    if chunk_elements < 1 or token_chunk < 1:
-        raise ValueError(f"`chunk_elements` and `token_chunk` must be >= 1, got {chunk_elements} and {token_chunk}.")
-    if backward_dtype not in (None, torch.float16, torch.float32):
-        raise ValueError(f"`backward_dtype` must be None, torch.float16 or torch.float32, got {backward_dtype}.")
-    if grad_output is not None and contract.reduction != "none" and not _is_scalar(grad_output):
-        raise ValueError(f"`grad_output` must be a scalar for reduction={contract.reduction!r}.")
-    tp_size = _dist.group_size(contract.tp_group)
-    if tp_size == 1 and not contract.is_full_vocab:
-        raise ValueError(f"the weight slice [{contract.vocab_start}, {contract.vocab_end}) is not the whole vocabulary"
-                         f" ({contract.vocab_size}) but the TP group has one rank; pass the TP group in the contract.")
-    if tp_size > 1:
-        _check_partition_tiles(contract, weight.device)
-
-
-def _is_scalar(x) -> bool:
-    return isinstance(x, (int, float)) or (isinstance(x, torch.Tensor) and x.numel() == 1)
-
-
-def _check_partition_tiles(contract: CEContract, device: torch.device) -> None:
-    """The TP ranks' slices must tile [0, V) in rank order; otherwise every formula downstream is wrong."""
-    tp = contract.tp_group
-    mine = torch.tensor([[contract.vocab_start, contract.vocab_end]], dtype=torch.int64, device=device)
-    slices = _dist.all_gather_dim0(mine, tp).tolist()
-    expected_start = 0
-    for rank, (start, end) in enumerate(slices):
-        if start != expected_start:
-            raise ValueError(f"vocab slices over the TP group {slices} do not tile [0, {contract.vocab_size}):"
-                             f" rank {rank} starts at {start}, expected {expected_start}.")
-        expected_start = end
-    if expected_start != contract.vocab_size:
-        raise ValueError(f"vocab slices over the TP group {slices} end at {expected_start}, not at"
-                         f" vocab_size={contract.vocab_size}.")
+def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return z if cap is None else cap * torch.tanh(z / cap)

@@ -44,7 +44,8 @@ import torch.distributed as dist
 
 from ce_guard import _dist
 from ce_guard.contract import CEContract
-from ce_guard.reference import _block_logit_grad, compiled_on_cuda, group_lse
+from ce_guard._compile import compiled_on_cuda
+from ce_guard.reference import _block_logit_grad, group_lse
 
 DIRECTIONS = ("scale", "target", "shift")
 _BLOCK_ELEMENTS = 1 << 25  # logits of one block of fitted tokens: 128 MiB of fp32

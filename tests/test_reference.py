@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ce_guard import reference
+from ce_guard import _compile, reference
 from ce_guard.contract import CEContract
 from ce_guard.reference import reference_linear_cross_entropy
 from memory_probe import AllocationProbe
@@ -285,18 +285,18 @@ def test_a_compiler_failure_falls_back_to_the_eager_function_once(monkeypatch):
     def block_sum(x):
         return x.sum(dim=1)
 
-    monkeypatch.setattr(reference, "_COMPILE_FAILED", set())
-    monkeypatch.setattr(reference, "_compiled", broken_compile)
+    monkeypatch.setattr(_compile, "_COMPILE_FAILED", set())
+    monkeypatch.setattr(_compile, "_compiled", broken_compile)
     x = torch.randn(3, 4)
-    fn = reference.compiled_on_cuda(block_sum, torch.device("cuda"))
+    fn = _compile.compiled_on_cuda(block_sum, torch.device("cuda"))
     with pytest.warns(UserWarning, match="torch.compile failed on block_sum .*runs eagerly"):
         torch.testing.assert_close(fn(x), x.sum(dim=1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(fn(x), x.sum(dim=1))  # the same callable, on the next block
-        assert reference.compiled_on_cuda(block_sum, torch.device("cuda")) is block_sum
+        assert _compile.compiled_on_cuda(block_sum, torch.device("cuda")) is block_sum
     assert calls == ["block_sum"]
-    assert reference.compiled_on_cuda(block_sum, torch.device("cpu")) is block_sum
+    assert _compile.compiled_on_cuda(block_sum, torch.device("cpu")) is block_sum
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
@@ -313,7 +313,7 @@ def test_the_logit_gradient_block_compiled_equals_the_eager_one(softcap):
     target_col = torch.randint(-300, v + 300, (t,), generator=gen)  # in the block and on either side of it
     args = (raw, lse, prob_scale, uniform, hit, target_col, softcap, torch.float32)
     eager = reference._block_logit_grad(*args)
-    torch.testing.assert_close(reference._compiled(reference._block_logit_grad)(*args), eager)
+    torch.testing.assert_close(_compile._compiled(reference._block_logit_grad)(*args), eager)
     z = raw if softcap is None else softcap * torch.tanh(raw / softcap)
     onehot = F.one_hot(target_col.clamp(0, v - 1), v) * ((target_col >= 0) & (target_col < v))[:, None]
     expected = torch.exp(z - lse[:, None]) * prob_scale[:, None] - uniform[:, None] - hit[:, None] * onehot
