@@ -1,0 +1,142 @@
+"""The walls the design rests on, held by tests instead of by comments.
+
+- The reference shares no code with any fused path: neither imports the other, directly or through another
+  module, and the only modules both reach are plumbing with no loss math (process groups, the contract, the
+  rule that splits a long fp32 reduction into blocks).
+- The core runs without Lightning and wandb: a plain script, a notebook or another framework's loop.
+- Modules stay readable in one sitting: product modules under about 400 lines, diagnosis rules under about 60.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ce_guard import _matmul
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ce_guard"
+
+FUSED_PATHS = ("ce_guard.fused", "ce_guard.fused_kernel", "ce_guard._triton_ce", "ce_guard.adapters", "ce_guard.testing")
+# What the reference and a fused path may both import: no loss math lives in these (see each module's docstring).
+NEUTRAL = {"ce_guard", "ce_guard._dist", "ce_guard.contract", "ce_guard._matmul"}
+CORE = ("ce_guard.contract", "ce_guard.reference", "ce_guard.budget", "ce_guard.parity", "ce_guard.signature",
+        "ce_guard.diagnosis", "ce_guard.check", "ce_guard.receipt", "ce_guard.bundle", "ce_guard.recording",
+        "ce_guard.agreement", "ce_guard.spike")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(name: str) -> set[str]:
+    """The ce_guard modules ``name`` imports anywhere in its file (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {m for m in found if m in MODULES}
+
+
+def _closure(name: str) -> set[str]:
+    """Every ce_guard module reachable from ``name`` through imports; the package ``__init__`` is not followed
+    (it imports the public API, not what a module needs)."""
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo.extend(m for m in _imports(current) if m != "ce_guard")
+    return seen
+
+
+def _is_fused(name: str) -> bool:
+    return any(name == path or name.startswith(path + ".") for path in FUSED_PATHS)
+
+
+def test_the_reference_reaches_no_fused_path():
+    reached = _closure("ce_guard.reference")
+    assert not {m for m in reached if _is_fused(m)}, sorted(reached)
+
+
+def test_no_fused_path_reaches_the_reference_or_the_comparison():
+    for name in (m for m in MODULES if _is_fused(m)):
+        reached = _closure(name)
+        assert "ce_guard.reference" not in reached, (name, sorted(reached))
+        assert not reached & {"ce_guard.parity", "ce_guard.check", "ce_guard.signature"}, (name, sorted(reached))
+
+
+def test_the_reference_and_the_fused_layer_share_only_neutral_plumbing():
+    shared = _closure("ce_guard.reference") & _closure("ce_guard.fused")
+    assert shared <= NEUTRAL, sorted(shared - NEUTRAL)
+
+
+@pytest.mark.parametrize("length", [1, 4095, 4096, 4097, 8192, 100352, 151936])
+def test_the_shared_blocking_rule_only_orders_a_sum(length):
+    """Why ``_matmul.reduction_blocks`` may be shared: it only decides in which order a product's reduction is
+    added up. Its blocks tile the reduction exactly, each index once, so a path using it sums every term, and
+    no fault of a path can hide in it."""
+    fake_cuda = type("Operand", (), {"is_cuda": True, "dtype": torch.float32, "shape": (3, length)})()
+    out = type("Out", (), {"dtype": torch.float32})()
+    covered = [i for block in _matmul.reduction_blocks(fake_cuda, out) for i in range(length)[block]]
+    assert covered == list(range(length))
+
+
+def test_the_core_imports_neither_lightning_nor_wandb():
+    """Imported in a fresh interpreter: nothing the core loads at import time pulls Lightning or wandb in."""
+    present = [m for m in CORE if m in MODULES]
+    code = (f"import sys; import {', '.join(present)}; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'wandb')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_no_core_module_imports_lightning_or_wandb_anywhere_in_its_file():
+    """Also the imports inside functions, which a fresh import would not run."""
+    for name in (m for m in MODULES if any(m == c or m.startswith(c + ".") for c in CORE)):
+        for node in ast.walk(ast.parse(MODULES[name].read_text())):
+            roots = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for root in roots:
+                assert root.split(".")[0] not in ("lightning", "pytorch_lightning", "wandb"), (name, root)
+
+
+def test_product_modules_stay_under_about_400_lines():
+    long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 420}
+    assert not long, long
+
+
+def test_diagnosis_rules_stay_under_about_60_lines():
+    diagnosis = [name for name in MODULES if name.startswith("ce_guard.diagnosis")]
+    assert diagnosis, "the diagnosis package is missing"
+    long = {}
+    for name in diagnosis:
+        for node in ast.walk(ast.parse(MODULES[name].read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long[f"{name}.{node.name}"] = node.end_lineno - node.lineno + 1
+    assert not long, long
+
+
+def test_each_callback_module_holds_one_callback():
+    from lightning.pytorch.callbacks import Callback
+
+    modules = [name for name in MODULES if name.startswith("ce_guard.callbacks.")]
+    assert modules, "the callbacks package is missing"
+    for name in modules:
+        module = __import__(name, fromlist=["_"])
+        own = [obj for obj in vars(module).values()
+               if isinstance(obj, type) and issubclass(obj, Callback) and obj.__module__ == name]
+        assert len(own) <= 1, (name, own)
