@@ -40,7 +40,7 @@ from bench_output_layer import time_ms
 from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam, parity, reference, signature
 from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
-from ce_guard.parity import native_error_budget
+from ce_guard.budget import native_error_budget
 from ce_guard.reference import DEFAULT_CHUNK_ELEMENTS, reference_linear_cross_entropy
 from ce_guard.signature import fit_signatures
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from calibrate_guard import ExampleInputs, init_world, run_check
 
-from ce_guard import CEContract, _matmul, parity
+from ce_guard import CEContract, _matmul, diagnosis
 from ce_guard.fused import FusedLinearCrossEntropy, fused_linear_cross_entropy
 from ce_guard.reference import reference_linear_cross_entropy
 
@@ -62,7 +62,7 @@ def margins(example: ExampleInputs, checks: int) -> dict:
             use(way)
             layer = FusedLinearCrossEntropy(hidden.shape[1], CEContract(vocab_size=weight.shape[0]), weight=weight)
             result, _ = run_check(layer, hidden, targets)
-            seen[way]["margins"].append(parity.margins(result.report)["grad_hidden"])
+            seen[way]["margins"].append(diagnosis.margins(result.report)["grad_hidden"])
             seen[way]["drift"] += int(result.diagnosis.drift)
     use("blocks")
     return {way: {"checks": checks, "drift": s["drift"], "grad_hidden_margin_median": statistics.median(s["margins"]),

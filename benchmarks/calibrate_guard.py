@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ce_guard import CEContract, CheckResult, SeamOutputs, SeamRecord, check_seam, parity
+from ce_guard import CEContract, CheckResult, SeamOutputs, SeamRecord, check_seam, diagnosis
 from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
 
@@ -190,8 +190,8 @@ MARGINS = ("loss", "dh", "dw", "softmax")  # error / budget per compared quantit
 
 
 def margins(result: CheckResult) -> dict[str, float]:
-    """The check's logged margins (``ce_guard.parity.margins``) under this table's short names; 0 where not measured."""
-    m = parity.margins(result.report)
+    """The check's logged margins (``ce_guard.diagnosis.margins``) under this table's short names; 0 where not measured."""
+    m = diagnosis.margins(result.report)
     return {"loss": m["loss"], "dh": m["grad_hidden"] or 0.0, "dw": m["grad_weight"] or 0.0,
             "softmax": m["softmax"] or 0.0}
 

@@ -1,18 +1,19 @@
 """ce_guard: guard the logits-to-loss seam of a fused output layer during training.
 
-The core (contract, reference, parity, diagnose, check, receipt) imports neither Lightning nor wandb;
+The core (contract, reference, budget, parity, diagnosis, check, receipt) imports neither Lightning nor wandb;
 the callbacks load Lightning only when first asked for.
 """
 
+from ce_guard.budget import ErrorBudget, native_error_budget
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
-from ce_guard.diagnose import Cause, Diagnosis, diagnose
-from ce_guard.parity import ErrorBudget, ParityReport, SeamOutputs, compare, native_error_budget
+from ce_guard.diagnosis import Cause, Diagnosis, Thresholds, diagnose
+from ce_guard.parity import ParityReport, SeamOutputs, compare
 from ce_guard.reference import ReferenceResult, reference_linear_cross_entropy
 
 __all__ = [
     "CEContract", "CEParityCallback", "Cause", "CheckResult", "Diagnosis", "ErrorBudget", "ParityReport",
-    "ReferenceResult", "SeamDriftError", "SeamHealthCallback", "SeamOutputs", "SeamRecord", "check_seam",
+    "ReferenceResult", "SeamDriftError", "SeamHealthCallback", "SeamOutputs", "SeamRecord", "Thresholds", "check_seam",
     "compare", "diagnose", "native_error_budget", "reference_linear_cross_entropy",
 ]
 __version__ = "0.1.0"

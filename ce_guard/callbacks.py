@@ -27,8 +27,8 @@ from ce_guard import _dist
 from ce_guard.agreement import Agreement, agree
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
-from ce_guard.diagnose import Cause, catalogue_entry
-from ce_guard.parity import SeamOutputs, margins
+from ce_guard.diagnosis import Cause, catalogue_entry, margins
+from ce_guard.parity import SeamOutputs
 from ce_guard.receipt import append_receipt, drop_receipts_after
 from ce_guard.reference import reduction_plan
 from ce_guard.wandb_panels import WandbPanels

@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 
 from ce_guard import _dist
+from ce_guard.budget import native_error_budget
 from ce_guard.contract import CEContract
-from ce_guard.diagnose import Diagnosis, diagnose
-from ce_guard.parity import ParityReport, SeamOutputs, compare, native_error_budget, softmax_margin
+from ce_guard.diagnosis import Diagnosis, Thresholds, diagnose, judged
+from ce_guard.parity import ParityReport, SeamOutputs, compare
 from ce_guard.reference import DEFAULT_CHUNK_ELEMENTS, ReferenceResult, reference_linear_cross_entropy
 from ce_guard.signature import fit_signatures
 
@@ -52,6 +53,7 @@ def check_seam(
     budget_tokens: int = 256,
     safety: float = 4.0,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    thresholds: Thresholds | None = None,
 ) -> CheckResult:
     """Hold ``record`` to ``contract``: run the reference, earn a budget from the native path, compare, diagnose.
 
@@ -64,7 +66,9 @@ def check_seam(
         budget_tokens: tokens the native path is run on to measure its rounding.
         safety: budget multiplier on the native path's error.
         chunk_elements: the reference's memory bound (logits held at once).
+        thresholds: the cut-offs of the verdict and the diagnosis; the calibrated defaults when None.
     """
+    thresholds = thresholds or Thresholds()
     rows = _sample_rows(record, contract, sample_tokens)
     if rows is None:
         reference = reference_linear_cross_entropy(record.hidden, record.weight, record.targets, contract,
@@ -84,9 +88,9 @@ def check_seam(
             hidden, targets = hidden.reshape(-1, hidden.shape[-1])[rows], targets.reshape(-1)[rows]
         fit = fit_signatures(hidden, record.weight, targets, fused.grad_hidden, reference.grad_hidden,
                              reference.token_weight, contract, loss_factor=report.loss_ratio - 1)
-        spread_within = (softmax_margin(fit) or 0.0) <= 1.0
-        report = dataclasses.replace(report, signature=fit, within_budget=report.within_budget and spread_within)
-    return CheckResult(report, diagnose(report, group_sizes=group_sizes), None if rows is None else rows.numel())
+        report = judged(dataclasses.replace(report, signature=fit), thresholds)
+    return CheckResult(report, diagnose(report, group_sizes=group_sizes, thresholds=thresholds),
+                       None if rows is None else rows.numel())
 
 
 def _half_precision(hidden: torch.Tensor) -> bool:

@@ -56,8 +56,8 @@ class CEContract:
         tp_group: the group the vocab is sliced over (and the sequence, for the SP layout).
 
     Example:
-        >>> CEContract(vocab_size=32000, label_smoothing=0.1)
-        CEContract(mean over this rank's non-ignored tokens, ...)
+        >>> print(CEContract(vocab_size=32000, label_smoothing=0.1))  # doctest: +ELLIPSIS
+        CEContract(mean over this rank's non-ignored tokens, ignore_index=-100, label smoothing 0.1 over global V=32000, ...)
     """
 
     vocab_size: int

@@ -1,9 +1,7 @@
-"""Compare what a fused path produced with the reference, against an error budget earned by the native path.
+"""Compare what a fused path produced with the reference: every number a verdict and a diagnosis read.
 
-A fixed tolerance either cries wolf on bf16 or waves through an fp32 bug. The budget here is what a
-plain ``F.linear`` in the input dtype followed by an fp32 cross-entropy gets wrong *on the same inputs*
-(measured on a token sample), times a safety factor: bf16 runs are judged by bf16 rounding, fp32 runs
-strictly.
+The budget the errors are held to is earned by the native path (``ce_guard.budget``); the verdict is
+decided from the margins in one place (``ce_guard.diagnosis.verdict``).
 """
 
 from __future__ import annotations
@@ -14,43 +12,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ce_guard import _dist
-from ce_guard.contract import CEContract
 from ce_guard._compile import compiled_on_cuda
+from ce_guard.budget import ErrorBudget
+from ce_guard.contract import CEContract
+from ce_guard.diagnosis.verdict import judged
 from ce_guard.reference import ReferenceResult, count_nonfinite
 from ce_guard.signature import SignatureFit
-
-# Relative-error floors per input dtype, (loss, gradients): reduction order alone moves results this much.
-# A mean loss averages rounding over tokens, so its floor sits ten times under the gradients'.
-_FLOORS = {torch.float64: (1e-11, 1e-10), torch.float32: (2e-6, 2e-5), torch.bfloat16: (2e-4, 2e-3),
-           torch.float16: (5e-5, 5e-4)}
-
-
-# A correct path rounds each token's softmax no more widely than the native path (logits in the input dtype,
-# softmax in fp32). Wider by SPREAD_SIGMAS standard errors, and by NARROW_SOFTMAX (fp16's unit roundoff) in rms per
-# token, is a narrower dtype's rounding of the softmax's statistics: unbiased per token, so it cancels in the mean
-# loss and hides in the gradients' norm budget (docs/faults.md, row 3).
-SPREAD_SIGMAS = 5.0
-NARROW_SOFTMAX = 2.0 ** -11
-
-# Unit roundoff of what fp32 matmuls round to under torch.set_float32_matmul_precision: TF32, bf16.
-_FP32_MATMUL_ROUNDOFF = {"highest": 0.0, "high": 2.0 ** -11, "medium": 2.0 ** -8}
-
-
-def _grad_scale(dtype: torch.dtype) -> float:
-    """The largest common scale rounding alone can put on a gradient computed from ``dtype`` inputs.
-
-    Rounding every element the same way by up to half an ulp scales the whole gradient by up to the unit
-    roundoff of the matmuls' precision (bf16: 2^-8 = 0.39%). It happens when one rounded factor dominates,
-    e.g. the target term -1/n of dL/dz: correct bf16 paths show 0.2-0.3% on CPU. Never below the dtype's
-    gradient floor.
-    """
-    roundoff = torch.finfo(dtype).eps / 2
-    if dtype == torch.float32:
-        roundoff = max(roundoff, _FP32_MATMUL_ROUNDOFF.get(torch.get_float32_matmul_precision(), 0.0))
-    return max(roundoff, _FLOORS.get(dtype, _FLOORS[torch.float32])[1])
 
 
 @dataclass(frozen=True)
@@ -65,103 +34,6 @@ class SeamOutputs:
     loss: torch.Tensor
     grad_hidden: torch.Tensor | None = None
     grad_weight: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class ErrorBudget:
-    """Largest errors a correct path may show, relative to the reference (``per_token_abs`` absolute).
-
-    ``grad_scale`` bounds the gradients' common scale alone (norm ratio - 1): rounding biases it by at most
-    one unit roundoff of the input dtype, less than the per-element budget allows.
-    """
-
-    loss_rel: float
-    grad_hidden_rel: float
-    grad_weight_rel: float
-    per_token_abs: float
-    grad_scale: float
-    source: str
-
-    @classmethod
-    def for_dtype(cls, dtype: torch.dtype, *, safety: float = 4.0) -> "ErrorBudget":
-        """A budget from the dtype's floor alone, for when the native path cannot be run."""
-        loss_floor, grad_floor = _FLOORS.get(dtype, _FLOORS[torch.float32])
-        return cls(loss_rel=safety * loss_floor, grad_hidden_rel=safety * grad_floor,
-                   grad_weight_rel=safety * grad_floor, per_token_abs=safety * grad_floor,
-                   grad_scale=_grad_scale(dtype),
-                   source=f"{safety:g} x the {dtype} floors ({loss_floor:g} loss, {grad_floor:g} gradients)")
-
-
-def native_error_budget(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    contract: CEContract,
-    *,
-    sample_tokens: int = 128,
-    safety: float = 4.0,
-) -> ErrorBudget:
-    """Measure the native path's error on a token sample and turn it into a budget.
-
-    The native path is PyTorch's own: ``F.linear`` in the input dtype, then ``F.cross_entropy`` in fp32,
-    autograd for the gradients (which come back in the input dtype). It is judged against the same math
-    in float64 on this rank's vocab slice; the rounding it shows is the rounding a fused path may show.
-    Each budget entry is ``safety * native_error + floor(dtype)``, with a lower floor for the loss.
-    """
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = targets.reshape(-1) - contract.vocab_start
-    inside = (targets.reshape(-1) != contract.ignore_index) & (y >= 0) & (y < contract.vocab_slice_size)
-    rows = inside.nonzero().squeeze(1)
-    loss_floor, grad_floor = _FLOORS.get(hidden.dtype, _FLOORS[torch.float32])
-    if rows.numel() == 0:
-        return ErrorBudget.for_dtype(hidden.dtype, safety=safety)
-    rows = rows[torch.linspace(0, rows.numel() - 1, min(sample_tokens, rows.numel())).long()]
-    h_s, y_s = h[rows].detach(), y[rows]
-
-    def run(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        h_in = h_s.to(dtype).detach().requires_grad_()
-        w_in = weight.detach().to(dtype).requires_grad_()
-        z = F.linear(h_in, w_in).float() if dtype != torch.float64 else F.linear(h_in, w_in)
-        if contract.softcap is not None:
-            z = contract.softcap * torch.tanh(z / contract.softcap)
-        per_token = F.cross_entropy(z, y_s, reduction="none", label_smoothing=contract.label_smoothing)
-        per_token = per_token + contract.z_loss * torch.logsumexp(z, dim=1).square()
-        per_token.mean().backward()
-        return per_token.detach().double(), h_in.grad.double(), w_in.grad.double()
-
-    native, exact = run(hidden.dtype), run(torch.float64)
-    loss_rel = _expected_mean_error(native[0] - exact[0], n_averaged=int((targets != contract.ignore_index).sum()))
-    loss_rel /= max(abs(float(exact[0].mean())), 1e-12)
-    grad_hidden_rel = _rel(native[1], exact[1])
-    # The sample leaves most rows of a large vocab's dW without a target (128 tokens, 262k rows), and there
-    # the native rounding nearly vanishes: its dW error falls with V while a full batch's does not (the
-    # bf16 margin rose from 0.36 to 0.79 between V = 32k and 262k, docs/benchmarks.md "Calibration").
-    # dL/dh is dense at any V and comes from the same rounded logit gradient, so it bounds dW's from below.
-    grad_weight_rel = max(_rel(native[2], exact[2]), grad_hidden_rel)
-    return ErrorBudget(
-        loss_rel=safety * loss_rel + loss_floor,
-        grad_hidden_rel=safety * grad_hidden_rel + grad_floor,
-        grad_weight_rel=safety * grad_weight_rel + grad_floor,
-        per_token_abs=safety * float((native[0] - exact[0]).abs().max()) + grad_floor,
-        grad_scale=_grad_scale(hidden.dtype),
-        source=f"{safety:g} x native {hidden.dtype} path on {rows.numel()} tokens + floors"
-               f" ({loss_floor:g} loss, {grad_floor:g} gradients)",
-    )
-
-
-def _expected_mean_error(token_error: torch.Tensor, *, n_averaged: int) -> float:
-    """The error a correct path's mean over ``n_averaged`` tokens is expected to show, from a sample of its
-    per-token errors: their spread over the averaged count, plus any bias the sample shows beyond its noise.
-
-    Rounding to nearest is unbiased, so a correct path's per-token errors mostly cancel in the mean. The
-    sample's own mean is not the estimate: on 256 tokens its noise (spread / 16) is what varies a budget
-    25x from check to check while the full batch's mean error is spread / sqrt(n). Only the part of it
-    beyond three standard errors is kept as a bias the fused path may share.
-    """
-    m = token_error.numel()
-    spread = float(token_error.std(unbiased=False))
-    bias = max(abs(float(token_error.mean())) - 3 * spread / math.sqrt(m), 0.0)
-    return math.sqrt(bias ** 2 + spread ** 2 / max(n_averaged, 1))
 
 
 @dataclass(frozen=True)
@@ -194,7 +66,7 @@ class ParityReport:
     grad_weight_scaled_residual: float | None  # as for dL/dh
     grad_weight_shift_share: float | None   # share of the dL/dW error in one vector common to all rows of the slice
     budget: ErrorBudget
-    within_budget: bool
+    within_budget: bool  # the verdict, set by ce_guard.diagnosis.verdict.judged from the margins
     nonfinite: dict[str, int]
     # counts that own the divide
     n_tokens: int
@@ -229,7 +101,8 @@ def compare(
     """Compare a fused result with the reference on the same inputs.
 
     Every rank of the TP group must call this together: the fused loss is gathered over the group to
-    measure how much it differs between ranks (it must not).
+    measure how much it differs between ranks (it must not). ``within_budget`` is the verdict on these numbers;
+    :func:`ce_guard.check_seam` adds the signature fit and decides again, with the softmax's margin.
 
     Args:
         fused: what the fused path produced.
@@ -257,14 +130,10 @@ def compare(
                  "reference_loss": count_nonfinite(reference.loss)}
 
     loss_rel = abs(loss_f - loss_r) / max(abs(loss_r), 1e-12)
-    within = (not any(nonfinite.values()) and loss_rel <= budget.loss_rel
-              and (per_token_diff is None or per_token_diff <= budget.per_token_abs)
-              and (gh["rel_err"] is None or gh["rel_err"] <= budget.grad_hidden_rel)
-              and (gw["rel_err"] is None or gw["rel_err"] <= budget.grad_weight_rel))
 
     boundary = _boundary_tokens(reference.targets, contract) & visible
     vis_f = visible.double()
-    return ParityReport(
+    report = ParityReport(
         loss_fused=loss_f, loss_ref=loss_r, loss_abs_err=abs(loss_f - loss_r), loss_rel_err=loss_rel,
         loss_ratio=loss_f / loss_r if loss_r != 0 else math.nan,
         loss_offset_per_token=(loss_f - loss_r) * offset_scale,
@@ -282,7 +151,7 @@ def compare(
         grad_weight_max_abs_diff=gw["max_abs"], grad_weight_rel_err=gw["rel_err"],
         grad_weight_scaled_residual=gw["scaled_residual"],
         grad_weight_shift_share=gw["shift_share"],
-        budget=budget, within_budget=within, nonfinite=nonfinite,
+        budget=budget, within_budget=False, nonfinite=nonfinite,  # decided below, from these numbers
         n_tokens=reference.n_tokens, n_visible=reference.n_visible,
         n_visible_shard=reference.n_visible_shard, n_visible_global=reference.n_visible_global,
         divisor=reference.divisor, token_group_size=reference.token_group_size, tp_size=reference.tp_size,
@@ -296,28 +165,7 @@ def compare(
             (reference.mean_logit - reference.mean_logit_local).double(), vis_f),
         contract=contract.to_dict(),
     )
-
-
-def margins(report: ParityReport) -> dict[str, float | None]:
-    """Error / budget per compared quantity: 1 is the line a correct path stays under; None where not measured."""
-    b = report.budget
-
-    def ratio(err: float | None, budget: float) -> float | None:
-        return None if err is None else (err / budget if budget > 0 else math.inf)
-
-    return {"loss": ratio(report.loss_rel_err, b.loss_rel),
-            "grad_hidden": ratio(report.grad_hidden_rel_err, b.grad_hidden_rel),
-            "grad_weight": ratio(report.grad_weight_rel_err, b.grad_weight_rel),
-            "softmax": softmax_margin(report.signature)}
-
-
-def softmax_margin(fit: SignatureFit | None) -> float | None:
-    """How far each token's softmax factor spreads beyond the native path's, against the line a correct path stays
-    under: the lesser of its standard errors over ``SPREAD_SIGMAS`` and its rms excess over ``NARROW_SOFTMAX`` (above
-    1 only when both are). None where no signature was fitted."""
-    if fit is None:
-        return None
-    return min(max(fit.spread_sigmas(), 0.0) / SPREAD_SIGMAS, fit.softmax_excess / NARROW_SOFTMAX)
+    return judged(report)
 
 
 def _scalar_loss(loss: torch.Tensor, visible: torch.Tensor) -> float:
@@ -476,7 +324,3 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 def _max_abs(t: torch.Tensor) -> float:
     return float(t.abs().max()) if t.numel() else 0.0
 
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    denom = float(b.norm())
-    return float((a - b).norm()) / denom if denom > 0 else 0.0

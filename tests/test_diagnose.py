@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from broken_paths import broken_fused
+from ce_guard.budget import ErrorBudget, native_error_budget
 from ce_guard.contract import CEContract
-from ce_guard.diagnose import Cause, diagnose
+from ce_guard.diagnosis import Cause, diagnose
 from ce_guard.fused import FusedLinearCrossEntropy
-from ce_guard.parity import ErrorBudget, SeamOutputs, compare, native_error_budget
+from ce_guard.parity import SeamOutputs, compare
 from ce_guard.reference import reference_linear_cross_entropy
 
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam, reference_linear_cross_entropy
-from ce_guard.diagnose import Cause
+from ce_guard.diagnosis import Cause
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.bool]
 

@@ -7,9 +7,10 @@ import torch
 import torch.distributed as dist
 
 from broken_paths import broken_fused
+from ce_guard.budget import native_error_budget
 from ce_guard.contract import CEContract
-from ce_guard.diagnose import diagnose
-from ce_guard.parity import SeamOutputs, compare, native_error_budget
+from ce_guard.diagnosis import diagnose
+from ce_guard.parity import SeamOutputs, compare
 from ce_guard.reference import reference_linear_cross_entropy
 from dist_helpers import run_distributed
 

@@ -8,10 +8,11 @@ from broken_paths import broken_fused
 from dist_helpers import run_distributed
 
 from ce_guard import CEContract, SeamRecord, check_seam
-from ce_guard.diagnose import Cause
+from ce_guard.budget import _expected_mean_error, native_error_budget
+from ce_guard.diagnosis import Cause, margins
 from ce_guard.fused import FusedLinearCrossEntropy
 from ce_guard.faults import SeamFault
-from ce_guard.parity import SeamOutputs, _expected_mean_error, margins, native_error_budget
+from ce_guard.parity import SeamOutputs
 from ce_guard.reference import reference_linear_cross_entropy
 from ce_guard.signature import fit_signatures
 

@@ -1,0 +1,93 @@
+"""Rules for a loss offset per token that log(TP), z-loss or local-V label smoothing explains, and for local-V
+smoothing read from the gradients when its loss offset vanishes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from ce_guard.diagnosis.causes import Diagnosis
+from ce_guard.diagnosis.signals import close, core_evidence
+from ce_guard.diagnosis.thresholds import Thresholds
+
+if TYPE_CHECKING:
+    from ce_guard.parity import ParityReport
+
+
+def denominator_twice(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
+    """Loss higher by log(size) of a group: logits gathered over TP, then the denominator summed over it again."""
+    offset = _offset(r)
+    if offset is None:
+        return None
+    for name, size in sizes.items():
+        if size > 1 and close(offset, math.log(size), t.offset_tolerance):
+            return Diagnosis.of("log_tp_offset/denominator_twice", True,
+                                f"loss higher by {offset:.5f} per token = log({size}) = log({name}): the denominator"
+                                " was summed over the group twice (logits gathered, then reduced again)",
+                                {**core_evidence(r), "loss_offset_per_token": offset})
+    return None
+
+
+def z_loss(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
+    """Loss off by -z * mean(lse^2) (z-loss dropped) or +z * mean(lse^2) (applied twice)."""
+    offset, z = _offset(r), r.contract.get("z_loss", 0.0) or 0.0
+    if offset is None or not z or not abs(offset) > 0 or not close(abs(offset), z * r.mean_lse_sq, t.offset_tolerance):
+        return None
+    how = "missing from" if offset < 0 else "applied twice in"
+    return Diagnosis.of(f"z_loss_boundary/{'missing' if offset < 0 else 'doubled'}", True,
+                        f"loss offset {offset:.6g} per token = {'-' if offset < 0 else '+'}z * mean(lse^2)"
+                        f" = {z:g} * {r.mean_lse_sq:.4g}: z-loss is {how} the fused path",
+                        {**core_evidence(r), "loss_offset_per_token": offset})
+
+
+def smoothing_offset(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
+    """Loss off by what smoothing over this rank's vocab slice predicts, or differing across the TP ranks."""
+    offset, eps = _offset(r), r.contract.get("label_smoothing", 0.0) or 0.0
+    if offset is None or not eps:
+        return None
+    if not (close(offset, r.smoothing_local_offset, t.offset_tolerance)
+            or r.fused_loss_tp_spread > t.rank_spread_share * abs(offset)):
+        return None
+    return Diagnosis.of("label_smoothing_local_v/loss_offset", True,
+                        f"loss offset {offset:.6g} per token (local-V smoothing predicts"
+                        f" {r.smoothing_local_offset:.6g}); fused loss differs across TP ranks by"
+                        f" {r.fused_loss_tp_spread:.3g}: label smoothing uses the local vocab slice",
+                        {**core_evidence(r), "loss_offset_per_token": offset,
+                         "smoothing_local_offset": r.smoothing_local_offset,
+                         "fused_loss_tp_spread": r.fused_loss_tp_spread})
+
+
+def gradient_shift(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
+    """Local-V smoothing read from the gradients, for when the loss barely moves (zero-mean logits).
+
+    The uniform term eps/V_local instead of eps/V shifts dL/dz by one constant over this rank's slice:
+    dL/dW gains the same vector on every row, dL/dh (equal token weights) the same on every token, while
+    the loss moves only by the local-V offset, which vanishes when the slices' mean logits agree.
+    """
+    eps = r.contract.get("label_smoothing", 0.0) or 0.0
+    if not eps or r.tp_size < 2:
+        return None
+    unexplained_offset = abs(r.loss_offset_per_token - r.smoothing_local_offset)
+    if unexplained_offset > r.budget.loss_rel * max(abs(r.loss_ref), 1e-12):
+        return None
+    grads = (("dL/dh", r.grad_hidden_rel_err, r.budget.grad_hidden_rel, r.grad_hidden_shift_share),
+             ("dL/dW", r.grad_weight_rel_err, r.budget.grad_weight_rel, r.grad_weight_shift_share))
+    off = [(name, share) for name, err, budget, share in grads if (err or 0.0) > budget]
+    if not off or any(share < t.shift_share for _, share in off):
+        return None
+    shares = ", ".join(f"{name} {share:.1%}" for name, share in off)
+    return Diagnosis.of("label_smoothing_local_v/gradient_shift", True,
+                        f"the gradient error is one constant shift of dL/dz over this vocab slice ({shares} of"
+                        f" it in a common row) at TP={r.tp_size}, label smoothing {eps:g}, loss offset"
+                        f" {r.loss_offset_per_token:.3g} per token (local-V smoothing predicts"
+                        f" {r.smoothing_local_offset:.3g}): label smoothing's uniform term uses the local vocab slice",
+                        {**core_evidence(r), "loss_offset_per_token": r.loss_offset_per_token,
+                         "smoothing_local_offset": r.smoothing_local_offset,
+                         **{f"shift_share_{name}": share for name, share in off}})
+
+
+def _offset(r: ParityReport) -> float | None:
+    """The loss offset per visible token when it is over the loss's budget; None when rounding explains it."""
+    offset = r.loss_offset_per_token
+    return None if abs(offset) <= r.budget.loss_rel * max(abs(r.loss_ref), 1e-12) else offset

@@ -1,0 +1,163 @@
+"""The diagnosis as one ordered table: each rule tests one signature of the fault catalogue (docs/faults.md).
+
+The first rule that matches names the cause. A rule's ``after`` lists the rules that must be tried before it: those
+that can match the same report and must win there, or whose not matching its matcher takes for granted (the
+table's order honours every ``after``; tests/test_rules.py holds it to that). Nothing matched is said plainly:
+``unexplained/no_signature``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ce_guard.diagnosis import gradients, offsets, outcomes, scales
+from ce_guard.diagnosis.causes import Cause, Diagnosis, catalogue_entry
+from ce_guard.diagnosis.signals import core_evidence, headline
+from ce_guard.diagnosis.thresholds import Thresholds
+from ce_guard.diagnosis.verdict import DEFAULT
+
+if TYPE_CHECKING:
+    from ce_guard.parity import ParityReport
+
+Matcher = Callable[["ParityReport", Mapping[str, int], Thresholds], "Diagnosis | None"]
+
+# The ParityReport fields the verdict reads (over_budget).
+VERDICT = ("nonfinite", "loss_rel_err", "per_token_max_abs_diff", "grad_hidden_rel_err", "grad_weight_rel_err",
+           "signature", "budget")
+SCALE = ("loss_ratio", "loss_ref", "grad_hidden_norm_ratio", "grad_hidden_cosine", "budget")
+FIT = ("signature", "loss_rel_err", "loss_ratio", "loss_ref", "budget")
+HIDDEN_ALONE = ("loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err", "grad_hidden_cosine",
+                "grad_hidden_scaled_residual", "grad_hidden_magnitude_coupling", "grad_hidden_norm_ratio", "budget")
+ROUNDING_SIZED = ("grad_hidden_norm_ratio", "grad_hidden_cosine", "loss_rel_err", "grad_hidden_rel_err",
+                  "grad_weight_rel_err", "loss_ratio", "budget")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rule:
+    """One signature: the variants it names, the report fields it decides on, and the rules tried before it."""
+
+    name: str
+    variants: tuple[str, ...]  # "<cause>/<signature>", one cause per rule
+    signals: tuple[str, ...]  # ParityReport fields the matcher decides on (every diagnosis also reports core evidence)
+    match: Matcher
+    after: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        causes = {variant.split("/")[0] for variant in self.variants}
+        if len(causes) != 1:
+            raise ValueError(f"Rule {self.name!r} names variants of {sorted(causes)}; expected one cause per rule."
+                             " Split it into one rule per cause.")
+
+    @property
+    def cause(self) -> Cause:
+        return Cause(self.variants[0].split("/")[0])
+
+    @property
+    def anchor(self) -> str | None:
+        """The catalogue entry of the rule's cause, e.g. ``docs/faults.md#3-accumulator_dtype``."""
+        return catalogue_entry(self.cause)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(name="non_finite", variants=("non_finite/values",), signals=("nonfinite",), match=outcomes.non_finite),
+    Rule(name="all_ignored", variants=("ignore_index_leak/all_ignored",),
+         signals=("n_visible_global", "loss_fused", "grad_hidden_norm_fused"), match=outcomes.all_ignored,
+         after=("non_finite",)),
+    Rule(name="empty", variants=("no_visible_tokens/empty",), signals=("n_visible_global", "n_tokens"),
+         match=outcomes.empty, after=("all_ignored",)),
+    Rule(name="clean", variants=("within_budget/clean",), signals=VERDICT, match=outcomes.clean, after=("empty",)),
+    Rule(name="narrow_softmax", variants=("accumulator_dtype/narrow_softmax",), signals=VERDICT,
+         match=outcomes.narrow_softmax, after=("empty",)),
+    Rule(name="ignored_rows", variants=("ignore_index_leak/ignored_rows",),
+         signals=("grad_hidden_ignored_norm", "grad_hidden_norm_ref", "budget"), match=outcomes.ignored_rows,
+         after=("clean",)),
+    Rule(name="token_count", variants=("normalization_owner/token_count",),
+         signals=(*SCALE, "n_visible", "n_visible_shard", "n_visible_global", "n_tokens", "token_group_size",
+                  "divisor", "contract"),
+         match=scales.token_count, after=("clean", "ignored_rows")),
+    Rule(name="padding_in_divisor", variants=("ignore_index_leak/padding_in_divisor",),
+         signals=(*SCALE, "n_tokens", "divisor", "contract"), match=scales.padding_in_divisor,
+         after=("token_count",)),
+    Rule(name="integer_k", variants=("normalization_scale/integer_k",), signals=SCALE, match=scales.integer_k,
+         after=("padding_in_divisor",)),
+    Rule(name="denominator_twice", variants=("log_tp_offset/denominator_twice",),
+         signals=("loss_offset_per_token", "loss_ref", "budget"), match=offsets.denominator_twice,
+         after=("integer_k",)),
+    Rule(name="z_loss", variants=("z_loss_boundary/missing", "z_loss_boundary/doubled"),
+         signals=("loss_offset_per_token", "loss_ref", "mean_lse_sq", "contract", "budget"), match=offsets.z_loss,
+         after=("denominator_twice",)),
+    Rule(name="smoothing_offset", variants=("label_smoothing_local_v/loss_offset",),
+         signals=("loss_offset_per_token", "loss_ref", "smoothing_local_offset", "fused_loss_tp_spread", "contract",
+                  "budget"),
+         match=offsets.smoothing_offset, after=("z_loss",)),
+    Rule(name="tp_grad_reduction", variants=("tp_grad_reduction/partial", "tp_grad_reduction/doubled"),
+         signals=("tp_size", "loss_rel_err", "grad_hidden_rel_err", "grad_hidden_tp_sum_rel_err",
+                  "grad_hidden_norm_ratio", "grad_hidden_cosine", "budget"),
+         match=gradients.tp_grad_reduction, after=("smoothing_offset",)),
+    Rule(name="slice_edges", variants=("target_masking/slice_edges",),
+         signals=("tp_size", "grad_weight_edge_row_share", "grad_hidden_boundary_share", "boundary_token_fraction",
+                  "contract"),
+         match=gradients.slice_edges, after=("tp_grad_reduction",)),
+    Rule(name="narrow_softmax_and_scale", variants=("accumulator_dtype/narrow_softmax_and_scale",), signals=FIT,
+         match=scales.narrow_softmax_and_scale, after=("slice_edges",)),
+    Rule(name="rounded_reciprocal", variants=("accumulator_dtype/rounded_reciprocal",),
+         signals=(*FIT, "divisor", "contract"), match=scales.rounded_reciprocal,
+         after=("narrow_softmax_and_scale",)),
+    Rule(name="fitted_factor", variants=("normalization_scale/fitted_factor",), signals=FIT,
+         match=scales.fitted_factor, after=("rounded_reciprocal",)),
+    Rule(name="different_factors", variants=("accumulator_dtype/different_factors",), signals=FIT,
+         match=scales.different_factors, after=("fitted_factor",)),
+    Rule(name="norm_factor", variants=("normalization_scale/norm_factor",),
+         signals=(*SCALE, "grad_hidden_scaled_residual", "grad_weight_norm_ratio", "grad_weight_scaled_residual"),
+         match=scales.norm_factor, after=("different_factors",)),
+    Rule(name="gradient_shift", variants=("label_smoothing_local_v/gradient_shift",),
+         signals=("contract", "tp_size", "loss_offset_per_token", "smoothing_local_offset", "loss_ref",
+                  "grad_hidden_rel_err", "grad_weight_rel_err", "grad_hidden_shift_share", "grad_weight_shift_share",
+                  "budget"),
+         match=offsets.gradient_shift, after=("norm_factor",)),
+    Rule(name="hidden_gradient_sum", variants=("accumulator_dtype/hidden_gradient_sum",), signals=HIDDEN_ALONE,
+         match=gradients.hidden_gradient_sum, after=("gradient_shift",)),
+    Rule(name="skipped_terms", variants=("gradient_approximation/skipped_terms",), signals=HIDDEN_ALONE,
+         match=gradients.skipped_terms, after=("gradient_shift",)),
+    Rule(name="loss_only", variants=("unexplained/loss_only",), signals=ROUNDING_SIZED, match=gradients.loss_only,
+         after=("narrow_softmax", "skipped_terms", "hidden_gradient_sum")),
+    Rule(name="precision", variants=("accumulator_dtype/precision",), signals=ROUNDING_SIZED,
+         match=gradients.precision, after=("loss_only",)),
+)
+
+
+def diagnose(report: ParityReport, *, group_sizes: Mapping[str, int] | None = None,
+             thresholds: Thresholds = DEFAULT) -> Diagnosis:
+    """Name the likely cause of the differences in ``report``: the first rule of :data:`RULES` that matches.
+
+    Args:
+        report: the output of :func:`ce_guard.parity.compare` (or of :func:`ce_guard.check_seam`, fitted).
+        group_sizes: sizes a scale factor k may be traced to, e.g. ``{"TP": 8, "SP": 8, "DP": 4,
+            "grad_accum": 2}``. TP, and DP as the token group's size, are read from the report when absent.
+        thresholds: the cut-offs of the verdict and the rules; pass the ones the check ran with.
+
+    Example:
+        >>> import torch
+        >>> from ce_guard import CEContract, SeamOutputs, compare, reference_linear_cross_entropy
+        >>> g = torch.Generator().manual_seed(0)
+        >>> hidden, weight = torch.randn(64, 16, generator=g), torch.randn(100, 16, generator=g)
+        >>> targets, contract = torch.randint(0, 100, (64,), generator=g), CEContract(vocab_size=100)
+        >>> ref = reference_linear_cross_entropy(hidden, weight, targets, contract)
+        >>> eight = SeamOutputs(loss=ref.loss * 8, grad_hidden=ref.grad_hidden * 8, grad_weight=ref.grad_weight * 8)
+        >>> found = diagnose(compare(eight, ref, contract), group_sizes={"SP": 8})
+        >>> found.variant
+        'normalization_scale/integer_k'
+        >>> print(found.summary)  # doctest: +ELLIPSIS
+        loss ratio 8.0000, dL/dh norm ratio 8.0000 (cosine 1.000000), k = 8 = SP size: loss and gradients are 8x ...
+    """
+    sizes = dict(group_sizes or {})
+    sizes.setdefault("TP", report.tp_size)
+    sizes.setdefault("DP", report.token_group_size)
+    for rule in RULES:
+        found = rule.match(report, sizes, thresholds)
+        if found is not None:
+            return found
+    return Diagnosis.of("unexplained/no_signature", True,
+                        "parity outside budget and no known signature matches: " + headline(report), core_evidence(report))
