@@ -201,7 +201,7 @@ def test_a_check_that_fails_under_warn_is_kept_logged_and_training_continues(tmp
     def broken_check(*args, **kwargs):
         raise RuntimeError("compiler exploded")
 
-    monkeypatch.setattr("ce_guard.callbacks.check_seam", broken_check)
+    monkeypatch.setattr("ce_guard.callbacks.parity.check_seam", broken_check)
     parity = CEParityCallback(every_n_steps=2)
     t, log = trainer(tmp_path, [parity], max_steps=4)
     with pytest.warns(UserWarning, match="the check at step 2 failed: RuntimeError: compiler exploded"):
@@ -269,7 +269,7 @@ def test_a_spike_without_a_parity_callback_is_reported_unattributed(tmp_path):
 
 def test_gradient_clipping_hands_its_norm_to_the_monitor(tmp_path, monkeypatch):
     """With clipping by norm the monitor takes no norm of its own: it watches the one clipping computed."""
-    from ce_guard import callbacks
+    from ce_guard.callbacks import health as health_module
 
     health = SeamHealthCallback(warmup=3)
     t, _ = trainer(tmp_path, [health], max_steps=8, gradient_clip_val=1.0)
@@ -284,7 +284,7 @@ def test_gradient_clipping_hands_its_norm_to_the_monitor(tmp_path, monkeypatch):
         raise AssertionError("the monitor took a norm of its own")
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    monkeypatch.setattr(callbacks, "_total_grad_norm", no_second_norm)
+    monkeypatch.setattr(health_module, "total_grad_norm", no_second_norm)
     with pytest.warns(UserWarning, match="grad_norm spike at step 6"):
         t.fit(SpikyLM(), token_loader())
     assert len(seen) == 8 and health.stats["grad_norm"].count == 8  # step 7's norm is judged at train end
