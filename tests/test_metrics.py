@@ -69,3 +69,13 @@ def test_check_metrics_reads_the_report_in_the_order_agree_reduces():
         r.loss_rel_err, r.grad_hidden_cosine, r.budget.loss_rel)
     assert {q: maxima[f"margin_{q}"] for q in ("loss", "grad_hidden", "grad_weight", "softmax")} == margins(r)
     assert maxima["margin_softmax"] is not None and maxima["max_per_token_abs_diff"] is None
+
+
+def test_the_trainer_free_modules_import_neither_lightning_nor_wandb():
+    import subprocess
+    import sys
+
+    code = ("import sys, ce_guard.recording, ce_guard.bundle, ce_guard.spike, ce_guard.metrics;"
+            " leaked = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'wandb')];"
+            " assert not leaked, leaked")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
