@@ -1,7 +1,8 @@
-"""Lightning callbacks over the Trainer-free core: the parity check of the seam, and spike attribution.
+"""Lightning callbacks over a Trainer-free core: the seam's parity check, and spike attribution.
 
-Each callback only adapts Trainer hooks: :mod:`ce_guard.recording` records the seam, :func:`ce_guard.check.check_seam`
-judges it, :mod:`ce_guard.agreement` makes every rank agree, :mod:`ce_guard.spike` keeps the spike statistics.
+Each callback only adapts Trainer hooks: :mod:`ce_guard.recording` records the seam,
+:func:`ce_guard.check.check_seam` judges it, :mod:`ce_guard.agreement` makes every rank agree, and
+:mod:`ce_guard.spike` keeps the spike statistics.
 """
 
 from ce_guard.callbacks.drift import SeamDriftError
