@@ -3,7 +3,9 @@
 A check ends in two all-reduces and one broadcast over the world: the metrics' sums in one vector (with how
 many ranks drift), their maxima in another (with the first drifting rank folded in), and the details of one
 verdict, broadcast from that rank. Gathering every rank's verdict as Python objects instead delivers
-world-size objects to every rank: 4,096 pickled dicts per check at TP = 8 x DP = 512.
+world-size objects to every rank: 4,096 pickled dicts per check at TP = 8 x DP = 512. For the same reason the
+metrics are not torchmetrics states: its default sync all-gathers each state from every rank, which grows
+with the world (:class:`ce_guard.loss_parity.LossParity` uses it for three sums per validation loop).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from ce_guard import _dist
 class Agreement:
     """One check as every rank sees it.
 
-    ``verdict`` is the first drifting rank's (``rank``, ``cause``, ``drift``, ``summary``), else rank zero's;
-    ``metrics`` holds the mean over ranks of each ``means`` entry and the largest of each ``maxima`` entry,
-    NaN where some rank's value is NaN, absent where no rank had one.
+    ``verdict`` is the first drifting rank's (``rank``, ``cause``, ``variant``, ``drift``, ``summary``), else
+    rank zero's; ``metrics`` holds the mean over ranks of each ``means`` entry and the largest of each
+    ``maxima`` entry, NaN where some rank's value is NaN, absent where no rank had one.
     """
 
     verdict: dict[str, Any]
@@ -39,7 +41,7 @@ def agree(verdict: Mapping[str, Any], means: Mapping[str, float | None], maxima:
     """Reduce this rank's check over the world. Every rank must call it, with the same metric names.
 
     Args:
-        verdict: this rank's ``rank``, ``cause``, ``drift`` (bool) and ``summary``.
+        verdict: this rank's ``rank``, ``cause``, ``variant``, ``drift`` (bool) and ``summary``.
         means: values averaged over ranks; None where this rank has none (it then counts as NaN).
         maxima: values whose worst rank is wanted (margins, max abs differences); None where this rank has none.
     """

@@ -15,8 +15,7 @@ import inspect
 import itertools
 import json
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +25,16 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.text import Text
 from torch import nn
 
+from ce_guard.bundle import BundleError, load_bundle
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
-from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
 from ce_guard.parity import SeamOutputs
+from ce_guard.parity_config import (CONTRACT_KEYS, FUSED_PATHS, ConfigError, FusedSpec, load_parity_config,
+                                   make_inputs)
 from ce_guard.receipt import SCHEMA_VERSION, ReceiptError, read_receipts
 
 EXIT_OK, EXIT_DRIFT, EXIT_USAGE = 0, 1, 2
-FUSED_PATHS = ("ce_guard", "liger", "cce", "torch")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
-BUNDLE_KEYS = ("step", "rank", "contract", "hidden", "weight", "targets", "fused_loss", "fused_grad_hidden",
-               "fused_grad_weight", "upstream", "diagnosis")
 
 
 PARITY_CONFIG_HELP = """\
@@ -55,137 +51,7 @@ exit codes: 0 within budget, 1 drift, 2 bad config or usage"""
 
 
 class UsageError(Exception):
-    """Bad input: reported as one line and exit code 2."""
-
-
-# ------------------------------------------------------------------------------------------ config
-@dataclass(frozen=True, kw_only=True)
-class FusedSpec:
-    path: str = "ce_guard"              # ce_guard's layer, or a peer's adapter (ce_guard.adapters)
-    fault: SeamFault | None = None      # ce_guard only: a deliberate seam fault (ce_guard.faults)
-    fault_scale: int = 2                # the k of the grad_scale fault
-    token_chunk: int | None = None      # ce_guard only: tokens per chunk; None picks one
-
-
-@dataclass(frozen=True, kw_only=True)
-class ParityConfig:
-    tokens: int                         # N, flattened batch x sequence
-    hidden: int                         # D
-    vocab: int                          # V
-    seed: int = 0                       # inputs, weight and padding positions
-    dtype: torch.dtype = torch.float32  # of hidden and weight: what the fused matmul consumes
-    ignore_fraction: float = 0.1        # share of targets set to ignore_index, as padding would be
-    contract: CEContract
-    fused: FusedSpec
-    group_sizes: dict[str, int]         # sizes a scale factor may be traced to (TP, SP, DP, grad_accum)
-    budget_tokens: int = 256
-    safety: float = 4.0
-
-
-_TOP_KEYS = ("shapes", "dtype", "ignore_fraction", "contract", "fused", "group_sizes", "check")
-_SHAPE_KEYS = ("tokens", "hidden", "vocab", "seed")
-_CHECK_KEYS = ("budget_tokens", "safety")
-# Process groups cannot come from a file; a one-process reproducer has none.
-_CONTRACT_KEYS = tuple(f for f in CEContract.__dataclass_fields__ if f not in ("token_group", "tp_group"))
-
-
-def load_parity_config(path: str | Path) -> ParityConfig:
-    """Read and validate a ``configs/parity/*.yaml`` file; every problem is a :class:`UsageError`."""
-    import yaml
-
-    raw = _load_yaml(path, yaml)
-    where = str(path)
-    _only(raw, _TOP_KEYS, where)
-    shapes = _section(raw, "shapes", where, required=True)
-    _only(shapes, _SHAPE_KEYS, f"{where}: shapes")
-    sizes = {k: _positive_int(shapes.get(k), f"{where}: shapes.{k}") for k in ("tokens", "hidden", "vocab")}
-    seed = shapes.get("seed", 0)
-    _expect(isinstance(seed, int) and not isinstance(seed, bool),
-            f"{where}: shapes.seed must be an int, got {seed!r}.")
-    dtype_name = raw.get("dtype", "float32")
-    _expect(dtype_name in DTYPES, f"{where}: dtype must be one of {list(DTYPES)}, got {dtype_name!r}.")
-    ignore_fraction = raw.get("ignore_fraction", 0.1)
-    _expect(isinstance(ignore_fraction, (int, float)) and 0 <= ignore_fraction < 1,
-            f"{where}: ignore_fraction must be a number in [0, 1), got {ignore_fraction!r}.")
-    check = _section(raw, "check", where)
-    _only(check, _CHECK_KEYS, f"{where}: check")
-    group_sizes = _section(raw, "group_sizes", where)
-    for name, size in group_sizes.items():
-        _positive_int(size, f"{where}: group_sizes.{name}")
-    safety = check.get("safety", 4.0)
-    _expect(isinstance(safety, (int, float)) and safety > 0,
-            f"{where}: check.safety must be a number > 0, got {safety!r}.")
-    return ParityConfig(
-        **sizes, seed=seed, dtype=DTYPES[dtype_name], ignore_fraction=float(ignore_fraction),
-        contract=_contract(_section(raw, "contract", where), sizes["vocab"], f"{where}: contract"),
-        fused=_fused_spec(_section(raw, "fused", where), f"{where}: fused"),
-        group_sizes=dict(group_sizes),
-        budget_tokens=_positive_int(check.get("budget_tokens", 256), f"{where}: check.budget_tokens"),
-        safety=float(safety),
-    )
-
-
-def _load_yaml(path: str | Path, yaml) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise UsageError(f"cannot read config {path}: {err.strerror or err}.") from err
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
-    _expect(isinstance(raw, dict),
-            f"{path}: expected a mapping of {list(_TOP_KEYS)}, got {type(raw).__name__}.")
-    return raw
-
-
-def _contract(fields: dict[str, Any], vocab: int, where: str) -> CEContract:
-    _only(fields, _CONTRACT_KEYS, where)
-    fields = dict(fields)
-    _expect(fields.setdefault("vocab_size", vocab) == vocab,
-            f"{where}: vocab_size={fields['vocab_size']} contradicts shapes.vocab={vocab}; drop one of them.")
-    if "accum_dtype" in fields:
-        _expect(fields["accum_dtype"] in DTYPES,
-                f"{where}: accum_dtype must be one of {list(DTYPES)}, got {fields['accum_dtype']!r}.")
-        fields["accum_dtype"] = DTYPES[fields["accum_dtype"]]
-    try:
-        return CEContract(**fields)
-    except ValueError as err:
-        raise UsageError(f"{where}: impossible contract: {err}") from err
-
-
-def _fused_spec(fields: dict[str, Any], where: str) -> FusedSpec:
-    _only(fields, tuple(FusedSpec.__dataclass_fields__), where)
-    path = fields.get("path", "ce_guard")
-    _expect(path in FUSED_PATHS, f"{where}: path must be one of {FUSED_PATHS}, got {path!r}.")
-    fault = fields.get("fault")
-    _expect(fault is None or fault in set(SeamFault),
-            f"{where}: fault must be null or one of {[f.value for f in SeamFault]}, got {fault!r}.")
-    _expect(path == "ce_guard" or (fault is None and fields.get("token_chunk") is None),
-            f"{where}: fault and token_chunk apply to the ce_guard path only, not {path!r}.")
-    token_chunk = fields.get("token_chunk")
-    return FusedSpec(
-        path=path, fault=None if fault is None else SeamFault(fault),
-        fault_scale=_positive_int(fields.get("fault_scale", 2), f"{where}.fault_scale"),
-        token_chunk=None if token_chunk is None else _positive_int(token_chunk, f"{where}.token_chunk"),
-    )
-
-
-def _section(raw: dict[str, Any], key: str, where: str, *, required: bool = False) -> dict[str, Any]:
-    value = raw.get(key)
-    _expect(value is not None or not required, f"{where}: missing required section `{key}`.")
-    value = {} if value is None else value
-    _expect(isinstance(value, dict), f"{where}: `{key}` must be a mapping, got {type(value).__name__}.")
-    return value
-
-
-def _only(mapping: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(mapping) - set(allowed))
-    _expect(not unknown, f"{where}: unknown keys {unknown}; expected some of {list(allowed)}.")
-
-
-def _positive_int(value: Any, where: str) -> int:
-    _expect(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            f"{where} must be a positive int, got {value!r}.")
-    return value
+    """Bad input: reported as one line and exit code 2 (as are a bad config, bundle or receipts file)."""
 
 
 def _expect(ok: bool, message: str) -> None:
@@ -218,7 +84,7 @@ def build_fused(path: str, contract: CEContract, weight: nn.Parameter,
     takes = inspect.signature(adapter).parameters
     cannot = sorted(set(asked) - set(takes))
     _expect(not cannot, f"fused path {path} cannot express contract fields {cannot}"
-                        f" (it takes {sorted(set(takes) & set(_CONTRACT_KEYS) - {'vocab_size'})}).")
+                        f" (it takes {sorted(set(takes) & set(CONTRACT_KEYS) - {'vocab_size'})}).")
     try:
         return adapter(hidden_size, contract.vocab_size, weight=weight, **asked)
     except (ImportError, ValueError) as err:
@@ -235,22 +101,6 @@ def run_fused(module: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     fused = SeamOutputs(loss=loss.detach().float(), grad_hidden=grad_hidden, grad_weight=grad_weight)
     return SeamRecord(hidden=hidden.detach(), weight=module.weight.detach(), targets=targets, fused=fused,
                       upstream=upstream)
-
-
-def make_inputs(config: ParityConfig,
-                device: torch.device) -> tuple[torch.Tensor, nn.Parameter, torch.Tensor]:
-    """Seeded hidden (N, D), weight (V, D) at the usual init scale, and targets with padding.
-
-    Drawn on the CPU generator whatever the device, so a config gives the same inputs everywhere.
-    """
-    gen = torch.Generator().manual_seed(config.seed)
-    hidden = torch.randn(config.tokens, config.hidden, generator=gen)                          # (N, D)
-    weight = torch.randn(config.vocab, config.hidden, generator=gen) * config.hidden ** -0.5   # (V, D)
-    targets = torch.randint(0, config.vocab, (config.tokens,), generator=gen)                 # (N,)
-    padding = torch.rand(config.tokens, generator=gen) < config.ignore_fraction
-    targets[padding] = config.contract.ignore_index
-    weight = nn.Parameter(weight.to(device, config.dtype))
-    return hidden.to(device, config.dtype), weight, targets.to(device)
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -283,28 +133,25 @@ def cmd_parity(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def cmd_replay(args: argparse.Namespace, out: Console, err: Console) -> int:
     device = _device(args.device)
-    bundle = load_bundle(args.bundle)
+    bundle = load_bundle(args.bundle, map_location=device)
+    _expect_replayable_alone(args.bundle, bundle.contract)
     try:
-        contract = CEContract.from_dict(bundle["contract"])
+        contract = CEContract.from_dict(bundle.contract)
     except ValueError as error:
         raise UsageError(f"{args.bundle}: contract: {error}") from error
-    b = {k: _to(bundle[k], device) for k in BUNDLE_KEYS}
-    recorded = b["diagnosis"]
+    recorded = bundle.diagnosis
     with _progress(err, total=2 if args.fused else 1) as step:
         step("replaying the recorded fused outputs against the reference")
-        fused = SeamOutputs(loss=b["fused_loss"], grad_hidden=b["fused_grad_hidden"],
-                            grad_weight=b["fused_grad_weight"])
-        record = SeamRecord(hidden=b["hidden"], weight=b["weight"], targets=b["targets"], fused=fused,
-                            upstream=b["upstream"])
-        replayed = check_seam(record, contract)
+        replayed = check_seam(bundle.record, contract)
         rerun = None
         if args.fused:
             step(f"{args.fused}: forward + backward on the bundle's inputs")
-            module = build_fused(args.fused, contract, nn.Parameter(b["weight"].clone()))
-            rerun_record = run_fused(module, b["hidden"], b["targets"], b["upstream"])
+            record = bundle.record
+            module = build_fused(args.fused, contract, nn.Parameter(record.weight.clone()))
+            rerun_record = run_fused(module, record.hidden, record.targets, record.upstream)
             rerun = check_seam(rerun_record, module.ce_contract)
 
-    _print_header(out, "ce-guard replay", f"{args.bundle} (step {bundle['step']}, rank {bundle['rank']})")
+    _print_header(out, "ce-guard replay", f"{args.bundle} (step {bundle.step}, rank {bundle.rank})")
     _print_row(out, "contract", str(contract))
     _print_row(out, "recorded", f"{recorded['cause']}: {recorded['summary']}")
     cause = replayed.diagnosis.cause.value
@@ -332,10 +179,7 @@ def cmd_report(args: argparse.Namespace, out: Console, err: Console) -> int:
     out_dir = Path(args.out) if args.out else path.parent
     with _progress(err, total=3) as step:
         step(f"reading {path}")
-        try:
-            records = list(read_receipts(path))
-        except ReceiptError as error:
-            raise UsageError(str(error)) from error
+        records = list(read_receipts(path))
         _expect(bool(records), f"{path} holds no receipts yet.")
         out_dir.mkdir(parents=True, exist_ok=True)
         step("plotting")
@@ -353,35 +197,15 @@ def cmd_report(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_DRIFT if drifts else EXIT_OK
 
 
-def load_bundle(path: str | Path) -> dict[str, Any]:
-    """A repro bundle written by ``CEParityCallback`` (a ``torch.save`` dict), checked for what replay needs.
-
-    Loaded with ``weights_only=True``: a bundle holds tensors and plain values, and a file from elsewhere
-    must not run code.
-    """
-    path = Path(path)
-    _expect(path.is_file(), f"bundle {path} does not exist.")
-    try:
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure to unpickle is a bad file, reported in one line
-        raise UsageError(f"cannot read bundle {path} as a ce_guard repro bundle"
-                         f" ({type(err).__name__}: {' '.join(str(err).split())[:200]}).") from err
-    _expect(isinstance(bundle, dict),
-            f"{path} is not a ce_guard repro bundle (found a {type(bundle).__name__}, not a dict).")
-    _expect(bundle.get("schema_version") == 1,
-            f"{path}: bundle schema version {bundle.get('schema_version')!r}; this ce_guard reads version 1.")
-    missing = [k for k in BUNDLE_KEYS if k not in bundle]
-    _expect(not missing, f"{path}: bundle lacks {missing}.")
-    _expect(isinstance(bundle["diagnosis"], dict) and "cause" in bundle["diagnosis"],
-            f"{path}: bundle's `diagnosis` has no recorded cause.")
-    contract = bundle["contract"]
+def _expect_replayable_alone(path: str, contract: dict[str, Any]) -> None:
+    """One process holds one rank's share: a bundle from a TP group, or a global-token mean over a token
+    group, needs the other ranks' shares to be replayed."""
     tp, dp = contract.get("tp_group_size", 1), contract.get("token_group_size", 1)
     global_mean = contract.get("normalize_by") == "global_tokens" and dp > 1
     _expect(tp == 1 and not global_mean,
             f"{path}: recorded with a TP group of {tp} and a token group of {dp}"
             f"{' for a global-token mean' if global_mean else ''}; one process cannot replay the other ranks'"
             " shares. Replay it in the run's own process layout.")
-    return bundle
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -433,10 +257,6 @@ def _progress(console: Console, total: int) -> Iterator[Callable[[str], None]]:
 def _device(name: str) -> torch.device:
     _expect(name != "cuda" or torch.cuda.is_available(), "--device cuda, but torch sees no CUDA device.")
     return torch.device(name)
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _dtype(dtype: torch.dtype) -> str:
@@ -499,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args, out, err)
-    except UsageError as error:
+    except (UsageError, ConfigError, BundleError, ReceiptError) as error:
         print(f"ce-guard: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_USAGE
 

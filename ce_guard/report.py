@@ -18,26 +18,22 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-# (metric, title, log scale, budget) per panel; a budget is drawn where the receipts carry one. The margins lead:
-# one panel says whether every compared quantity stayed under its budget (the line at 1).
-MARGINS = (("margin_loss", "loss"), ("margin_grad_hidden", "dL/dh"), ("margin_grad_weight", "dL/dW"),
-           ("margin_softmax", "softmax spread"))
-PANELS = (
-    ("margins", "error / budget (drift above 1)", True, None),
-    ("loss_rel_err", "loss relative error", True, "budget_loss_rel"),
-    ("grad_hidden_norm_ratio", "dL/dh norm ratio (fused / reference)", True, "budget_grad_hidden_rel"),
-    ("grad_cosine", "dL/dh cosine", False, None),
-    ("grad_weight_norm_ratio", "dL/dW norm ratio (fused / reference)", True, None),
-)
-TABLE_COLUMNS = ("step", "drift", "cause", "loss_rel_err", "grad_hidden_norm_ratio", "grad_cosine",
-                 "grad_weight_norm_ratio", "summary")
+from ce_guard.metrics import BY_NAME, METRICS, REPORT_PANELS, MetricSpec, Panel  # noqa: E402
+
+# Each panel with the registered metrics it draws, in the registry's order.
+PANELS = tuple((panel, tuple(m for m in METRICS if m.panel is panel)) for panel in REPORT_PANELS)
+# One table row per check: the verdict, and the metrics drawn on a panel of their own.
+_TABLE_METRICS = tuple(m for panel, drawn in PANELS if not panel.unit_budget for m in drawn)
+_VERDICT_COLUMNS = ("step", "drift", "cause")
+TABLE_COLUMNS = (*_VERDICT_COLUMNS, *(m.name for m in _TABLE_METRICS), "summary")
 
 
 def metric_series(records: Sequence[dict[str, Any]], name: str) -> tuple[list[int], list[float]]:
-    """Steps and values of ``ce_parity/<name>``; checks that did not measure it are left out."""
+    """Steps and values of the registered metric ``name``; checks that did not measure it are left out."""
+    key = BY_NAME[name].key
     steps, values = [], []
     for record in records:
-        value = record.get("metrics", {}).get(f"ce_parity/{name}")
+        value = record.get("metrics", {}).get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
             steps.append(record["step"])
             values.append(float(value))
@@ -49,11 +45,12 @@ def plot_receipts(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(10, 2.6 * len(PANELS)), sharex=True,
                              constrained_layout=True)
     drifts = [r for r in records if r.get("drift")]
-    for ax, (name, title, log, budget) in zip(axes, PANELS, strict=True):
-        measured = _draw_margins(ax, records) if name == "margins" else _draw_metric(ax, records, name, log, budget)
+    for ax, (panel, drawn) in zip(axes, PANELS, strict=True):
+        measured = (_draw_margins(ax, records, drawn) if panel.unit_budget
+                    else _draw_metric(ax, records, drawn[0].name, panel))
         for record in drifts:
             ax.axvline(record["step"], color="tab:red", alpha=0.5, linewidth=1)
-        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_title(panel.title, fontsize=10, loc="left")
         ax.grid(alpha=0.3)
         if not measured:
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="gray")
@@ -66,29 +63,30 @@ def plot_receipts(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def _draw_metric(ax, records, name: str, log: bool, budget: str | None) -> bool:
+def _draw_metric(ax, records, name: str, panel: Panel) -> bool:
     steps, values = metric_series(records, name)
-    if log and any(v <= 0 for v in values):
+    if panel.log and any(v <= 0 for v in values):
         # A zero error (bit-exact) has no log; show it at the bottom of the axis instead of dropping it.
         floor = min((v for v in values if v > 0), default=1e-12) / 10
         values = [max(v, floor) for v in values]
     ax.plot(steps, values, marker="o", markersize=3, linewidth=1, label=name)
-    if log and values:
+    if panel.log and values:
         ax.set_yscale("log")
     if name.endswith("norm_ratio"):
         ax.axhline(1.0, color="black", linewidth=0.6)  # a ratio of 1 is exact
-    _draw_budget(ax, records, name, budget)
+    _draw_budget(ax, records, name, panel.budget)
     return bool(steps)
 
 
-def _draw_margins(ax, records) -> bool:
+def _draw_margins(ax, records, drawn: Sequence[MetricSpec]) -> bool:
     """One line per compared quantity (a bit-exact 0 drawn at 1e-6) and the budget's line at 1."""
     measured = False
-    for name, label in MARGINS:
-        steps, values = metric_series(records, name)
+    for metric in drawn:
+        steps, values = metric_series(records, metric.name)
         if steps:
             measured = True
-            ax.plot(steps, [max(v, 1e-6) for v in values], marker="o", markersize=3, linewidth=1, label=label)
+            ax.plot(steps, [max(v, 1e-6) for v in values], marker="o", markersize=3, linewidth=1,
+                    label=metric.label)
     ax.axhline(1.0, color="tab:red", linewidth=0.8, linestyle="--", label="budget")
     ax.set_yscale("log")
     ax.legend(loc="upper right", fontsize=8)
@@ -126,10 +124,9 @@ def write_html(records: Sequence[dict[str, Any]], png: str | Path, path: str | P
     rows = []
     for record in records:
         metrics = record.get("metrics", {})
-        cells = []
-        for column in TABLE_COLUMNS:
-            value = record.get(column, metrics.get(f"ce_parity/{column}"))
-            cells.append(f"<td>{html.escape(_format(value))}</td>")
+        values = ([record.get(column) for column in _VERDICT_COLUMNS] + [metrics.get(m.key) for m in _TABLE_METRICS]
+                  + [record.get("summary")])
+        cells = [f"<td>{html.escape(_format(value))}</td>" for value in values]
         rows.append(f"<tr class=\"{'drift' if record.get('drift') else 'ok'}\">{''.join(cells)}</tr>")
     header = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_COLUMNS)
     drifts = sum(bool(r.get("drift")) for r in records)

@@ -16,35 +16,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ce_guard.metrics import METRICS, SECTIONS
+
 STEP_KEY = "trainer/global_step"  # WandbLogger.log_metrics adds it to every row it logs
 TABLE_KEY = "ce_parity/receipts"
 BUNDLE_TYPE = "ce_guard-bundle"
 _RECEIPT_COLUMNS = ("step", "drift", "cause", "summary", "rank")
-_METRIC_COLUMNS = ("loss_fused", "loss_ref", "loss_rel_err", "grad_hidden_norm_ratio", "grad_cosine",
-                   "grad_weight_norm_ratio", "budget_loss_rel")  # the ce_parity/ metrics of the same check
-COLUMNS = (*_RECEIPT_COLUMNS, *_METRIC_COLUMNS, "bundle")
-
-# Run summaries worth a glance. A norm ratio drifts either way (k or 1/k), so both ends are kept.
-SUMMARIES = {
-    "ce_parity/drift": "max,last",
-    "ce_parity/loss_rel_err": "max,last",
-    "ce_parity/grad_hidden_rel_err": "max,last",
-    "ce_parity/grad_weight_rel_err": "max,last",
-    "ce_parity/grad_hidden_norm_ratio": "min,max,last",
-    "ce_parity/grad_weight_norm_ratio": "min,max,last",
-    "ce_parity/grad_cosine": "min,last",
-    "ce_parity/max_per_token_abs_diff": "max",
-    "ce_parity/max_grad_hidden_abs_diff": "max",
-    "ce_parity/check_seconds": "mean,max",
-    "ce_parity/missed": "max",  # 1 if any check step got no verdict (CEParityCallback.missed says why)
-    "ce_parity/margin_loss": "max,last",
-    "ce_parity/margin_grad_hidden": "max,last",
-    "ce_parity/margin_grad_weight": "max,last",
-    "ce_parity/margin_softmax": "max,last",
-    "ce_health/loss_z": "max",
-    "ce_health/grad_norm_z": "max",
-    "ce_health/attributable_to_seam": "max",
-}
+_TABLE_METRICS = tuple(m for m in METRICS if m.table)  # the registered metrics of the same check
+COLUMNS = (*_RECEIPT_COLUMNS, *(m.name for m in _TABLE_METRICS), "bundle")
+SUMMARIES = {m.key: m.summary for m in METRICS if m.summary}  # run summaries worth a glance
 
 
 def find_wandb_logger(trainer: pl.Trainer) -> WandbLogger | None:
@@ -80,8 +60,8 @@ class WandbPanels:
     def _define_metrics(self) -> None:
         # Lightning defines "*" against STEP_KEY only for runs it creates itself; a reused wandb.run lacks it.
         self._run.define_metric(STEP_KEY)
-        for prefix in ("ce_parity/*", "ce_health/*"):
-            self._run.define_metric(prefix, step_metric=STEP_KEY)
+        for section in SECTIONS:
+            self._run.define_metric(f"{section}/*", step_metric=STEP_KEY)
         for name, summary in SUMMARIES.items():
             self._run.define_metric(name, step_metric=STEP_KEY, summary=summary)
 
@@ -102,7 +82,7 @@ class WandbPanels:
 
         metrics = receipt.get("metrics", {})
         self._rows.append([receipt.get(key) for key in _RECEIPT_COLUMNS]
-                          + [_finite_or_none(metrics.get(f"ce_parity/{name}")) for name in _METRIC_COLUMNS]
+                          + [_finite_or_none(metrics.get(m.key)) for m in _TABLE_METRICS]
                           + [receipt.get("bundle")])
         if self._table is None:
             # Tables are immutable once logged; INCREMENTAL (wandb >= 0.20) logs only the new rows each time.

@@ -19,10 +19,10 @@ def _checked_mesh(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
 
     from ce_guard import agreement
-    from ce_guard.callbacks import _check_metrics
     from ce_guard.check import SeamRecord, check_seam
     from ce_guard.contract import CEContract
     from ce_guard.fused import FusedLinearCrossEntropy
+    from ce_guard.metrics import check_metrics
     from ce_guard.parity import SeamOutputs
 
     mesh = init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
@@ -43,9 +43,9 @@ def _checked_mesh(rank, world):
                         fused=SeamOutputs(loss=loss.detach(), grad_hidden=hidden.grad, grad_weight=layer.weight.grad),
                         upstream=1.0)
     result = check_seam(record, contract)
-    mine = {"rank": rank, "cause": result.diagnosis.cause.value, "drift": result.diagnosis.drift,
-            "summary": result.diagnosis.summary}
-    means, maxima = _check_metrics(result)
+    mine = {"rank": rank, "cause": result.diagnosis.cause.value, "variant": result.diagnosis.variant,
+            "drift": result.diagnosis.drift, "summary": result.diagnosis.summary}
+    means, maxima = check_metrics(result.report)
 
     calls = []
     all_reduce, broadcast = dist.all_reduce, dist.broadcast_object_list
@@ -78,6 +78,7 @@ def test_eight_ranks_agree_on_the_first_drifting_rank_in_two_all_reduces_and_one
         assert [kind for kind, _ in res["calls"]] == ["all_reduce", "all_reduce", "broadcast"]
         assert [size for kind, size in res["calls"] if kind == "all_reduce"] == [8 * 11, 8 * 7]
     assert first.verdict["rank"] == 4 and first.verdict["drift"] and first.verdict["cause"] == "normalization_scale"
+    assert first.verdict["variant"].startswith("normalization_scale/")  # the variant travels with the verdict
     mean = sum(res["loss_rel_err"] for res in results) / len(results)
     assert first.metrics["loss_rel_err"] == pytest.approx(mean, rel=1e-12)
     assert first.metrics["margin_grad_hidden"] == max(res["margin_grad_hidden"] for res in results)

@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from ce_guard.callbacks import CEParityCallback, SeamDriftError, SeamHealthCallback, find_guarded_module
 from ce_guard.contract import CEContract
+from ce_guard.metrics import METRICS
 from ce_guard.receipt import read_receipts
 from lightning_helpers import TinyLM, token_loader, trainer
 
@@ -52,6 +54,7 @@ def test_fault_is_flagged_at_the_first_check_under_warn(tmp_path, fault, kwargs,
     assert t.global_step == 4  # warn keeps training
     first = receipts(tmp_path)[0]
     assert first["step"] == 0 and first["drift"] and first["cause"] == cause
+    assert first["variant"].startswith(f"{cause}/")
     bundle = torch.load(first["bundle"], weights_only=False)
     assert bundle["diagnosis"]["cause"] == cause and bundle["hidden"].shape[-1] == 16
     assert log.calls[0][1]["ce_parity/drift"] == 1.0
@@ -201,7 +204,7 @@ def test_a_check_that_fails_under_warn_is_kept_logged_and_training_continues(tmp
     def broken_check(*args, **kwargs):
         raise RuntimeError("compiler exploded")
 
-    monkeypatch.setattr("ce_guard.callbacks.check_seam", broken_check)
+    monkeypatch.setattr("ce_guard.callbacks.parity.check_seam", broken_check)
     parity = CEParityCallback(every_n_steps=2)
     t, log = trainer(tmp_path, [parity], max_steps=4)
     with pytest.warns(UserWarning, match="the check at step 2 failed: RuntimeError: compiler exploded"):
@@ -247,6 +250,7 @@ def test_a_spike_right_after_the_seam_breaks_is_attributed_by_a_fresh_check(tmp_
     assert {s["signal"]: s["attribution"] for s in health.spikes if s["step"] == 6} == {
         "loss": "seam", "grad_norm": "seam"}
     assert (7, {"ce_health/attributable_to_seam": 1.0}) in log.calls
+    assert {key for _, metrics in log.calls for key in metrics} <= {m.key for m in METRICS}
 
 
 def test_the_same_spike_over_a_clean_seam_says_look_elsewhere(tmp_path):
@@ -267,9 +271,37 @@ def test_a_spike_without_a_parity_callback_is_reported_unattributed(tmp_path):
     assert {s["attribution"] for s in health.spikes} == {"unknown"}
 
 
+class ScheduleAt(Callback):
+    """Schedules a check of one step from its own hook, after the parity callback's hook has passed that step."""
+
+    def __init__(self, parity: CEParityCallback, step: int) -> None:
+        self.parity, self.step = parity, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.parity.schedule_check(trainer, pl_module, batch_idx)
+
+
+def test_schedule_check_checks_this_step_without_calling_a_hook(tmp_path, monkeypatch):
+    parity, hook_calls = CEParityCallback(every_n_steps=100), []
+    original = CEParityCallback.on_train_batch_start
+
+    def counted(self, trainer, pl_module, batch, batch_idx):
+        hook_calls.append(batch_idx)
+        return original(self, trainer, pl_module, batch, batch_idx)
+
+    monkeypatch.setattr(CEParityCallback, "on_train_batch_start", counted)
+    t, log = trainer(tmp_path, [parity, ScheduleAt(parity, step=3)], max_steps=5)
+    t.fit(TinyLM(), token_loader())
+    assert log.parity_steps() == [0, 3] and [h["step"] for h in parity.history] == [0, 3]
+    assert hook_calls == [0, 1, 2, 3, 4]  # Lightning's calls alone, one per batch
+    assert [r["variant"] for r in receipts(tmp_path)] == ["within_budget/clean"] * 2
+    assert parity.history[1]["variant"] == "within_budget/clean"
+
+
 def test_gradient_clipping_hands_its_norm_to_the_monitor(tmp_path, monkeypatch):
     """With clipping by norm the monitor takes no norm of its own: it watches the one clipping computed."""
-    from ce_guard import callbacks
+    from ce_guard.callbacks import health as health_module
 
     health = SeamHealthCallback(warmup=3)
     t, _ = trainer(tmp_path, [health], max_steps=8, gradient_clip_val=1.0)
@@ -284,7 +316,7 @@ def test_gradient_clipping_hands_its_norm_to_the_monitor(tmp_path, monkeypatch):
         raise AssertionError("the monitor took a norm of its own")
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    monkeypatch.setattr(callbacks, "_total_grad_norm", no_second_norm)
+    monkeypatch.setattr(health_module, "total_grad_norm", no_second_norm)
     with pytest.warns(UserWarning, match="grad_norm spike at step 6"):
         t.fit(SpikyLM(), token_loader())
     assert len(seen) == 8 and health.stats["grad_norm"].count == 8  # step 7's norm is judged at train end

@@ -29,16 +29,16 @@ def _fit(root, dp, tp, *, fault=None, policy="warn", nan_on_rank=None, cannot_re
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        from ce_guard import callbacks
+        from ce_guard.recording import SeamRecording
 
-        original = callbacks._Recording.problem
+        original = SeamRecording.problem
         if cannot_record_on_rank == torch.distributed.get_rank():
             # This rank's recording reports a problem (as when no backward reaches the seam); the others record.
-            callbacks._Recording.problem = lambda self: "simulated: this rank could not record the seam"
+            SeamRecording.problem = lambda self: "simulated: this rank could not record the seam"
         try:
             trainer.fit(MeshTinyLM(fault=fault, nan_on_rank=nan_on_rank), uneven_padding_loader())
         finally:
-            callbacks._Recording.problem = original
+            SeamRecording.problem = original
     path = os.path.join(root, "ce_guard", "receipts.jsonl")
     return {
         "history": callback.history,
@@ -189,7 +189,7 @@ def _grad_norm_child(rank, world_size):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-    from ce_guard.callbacks import _total_grad_norm
+    from ce_guard.spike import total_grad_norm
 
     line, grid = init_device_mesh("cpu", (2,)), init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "tp"))
     g = torch.Generator().manual_seed(0)  # the same full tensors on both ranks
@@ -200,7 +200,7 @@ def _grad_norm_child(rank, world_size):
              distribute_tensor(c, grid, [Replicate(), Shard(1)]),
              DTensor.from_local(partial_parts[rank], line, [Partial()]), own]
     expected = torch.stack([a.norm(), b.norm(), c.norm(), partial_parts.sum(0).norm(), own.norm()]).norm()
-    return float(_total_grad_norm(grads)), float(expected)
+    return float(total_grad_norm(grads)), float(expected)
 
 
 def test_total_grad_norm_sums_shards_once_across_meshes_and_placements():

@@ -1,0 +1,372 @@
+"""CEParityCallback: shadow-run the reference beside the real fused output layer on check steps.
+
+On a check step the callback records the guarded module for one micro-batch (:mod:`ce_guard.recording`),
+checks it (:func:`ce_guard.check.check_seam`), has every rank agree (:func:`ce_guard.agreement.agree`), then
+logs, writes the receipt and, on drift, the repro bundle, and applies its policy. Other steps pay one integer
+modulo: no hooks, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from ce_guard import _dist
+from ce_guard.agreement import Agreement, agree
+from ce_guard.bundle import Bundle, save_bundle
+from ce_guard.callbacks.drift import POLICIES, Policy, SeamDriftError
+from ce_guard.check import CheckResult, SeamRecord, check_seam
+from ce_guard.contract import CEContract
+from ce_guard.diagnosis import Cause, catalogue_entry
+from ce_guard.metrics import check_metrics, metric_key
+from ce_guard.receipt import append_receipt, drop_receipts_after
+from ce_guard.recording import SeamRecording, find_guarded_module
+from ce_guard.reference import reduction_plan
+from ce_guard.wandb_panels import WandbPanels
+
+Listener = Callable[[pl.Trainer, int, dict[str, Any] | None, str], None]  # (trainer, step, verdict, reason)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """A check every rank agreed on: the seam as recorded, this rank's result, and the agreement."""
+
+    step: int
+    module: nn.Module
+    record: SeamRecord
+    result: CheckResult
+    agreement: Agreement
+
+
+class CEParityCallback(Callback):
+    """Every ``every_n_steps`` optimizer steps, hold the fused output layer to its declared ``CEContract``.
+
+    Under gradient accumulation each check records one micro-batch, a different position of the window each
+    time (the checks' count modulo the window), so a fault in one micro-batch of k is met within k checks.
+
+    Args:
+        every_n_steps: check when ``trainer.global_step`` is a multiple of this (step 0 included).
+        every_n_steps_while_drifting: under ``warn``, after a drift verdict check this often instead, until
+            ``clean_checks_to_relax`` clean checks in a row; None keeps ``every_n_steps`` throughout.
+        module_path: attribute path of the guarded module in the LightningModule (e.g. ``"model.output"``);
+            by default the unique submodule with a ``ce_contract`` attribute.
+        policy: on drift, ``warn`` (log and warn on rank zero), ``raise`` (:class:`SeamDriftError` on every
+            rank) or ``stop`` (end the fit cleanly). A drift writes a repro bundle; one that goes on with
+            the same cause keeps its first.
+        sample_tokens: compare dL/dh on this many tokens only (dL/dW skipped); the loss and the token count
+            still see every token.
+        replay_weight_grad: replay the fused module standalone on the recorded inputs to compare dL/dW
+            (skipped where the weight is a sharded DTensor: replaying would run FSDP's hooks).
+        budget_tokens: tokens the native error budget is measured on; ``safety`` multiplies it.
+        run_dir: where receipts and bundles go; defaults to the Trainer's ``default_root_dir``.
+        group_sizes: extra sizes a scale factor may be traced to; TP, SP, DP and grad_accum are filled in.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[CEParityCallback(every_n_steps=100)])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        *,
+        every_n_steps_while_drifting: int | None = 1,
+        clean_checks_to_relax: int = 3,
+        module_path: str | None = None,
+        policy: Policy = "warn",
+        sample_tokens: int | None = None,
+        replay_weight_grad: bool = True,
+        budget_tokens: int = 256,
+        safety: float = 4.0,
+        run_dir: str | None = None,
+        group_sizes: Mapping[str, int] | None = None,
+    ) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        if every_n_steps_while_drifting is not None and (
+                not isinstance(every_n_steps_while_drifting, int) or every_n_steps_while_drifting < 1):
+            raise ValueError("`every_n_steps_while_drifting` must be None or an int >= 1, got"
+                             f" {every_n_steps_while_drifting!r}.")
+        if not isinstance(clean_checks_to_relax, int) or clean_checks_to_relax < 1:
+            raise ValueError(f"`clean_checks_to_relax` must be an int >= 1, got {clean_checks_to_relax!r}.")
+        if policy not in POLICIES:
+            raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
+        if sample_tokens is not None and sample_tokens < 1:
+            raise ValueError(f"`sample_tokens` must be None or >= 1, got {sample_tokens!r}.")
+        self.every_n_steps = every_n_steps
+        self.every_n_steps_while_drifting = every_n_steps_while_drifting
+        self.clean_checks_to_relax = clean_checks_to_relax
+        self.module_path = module_path
+        self.policy = policy
+        self.sample_tokens = sample_tokens
+        self.replay_weight_grad = replay_weight_grad
+        self.budget_tokens = budget_tokens
+        self.safety = safety
+        self.run_dir = run_dir
+        self.extra_group_sizes = dict(group_sizes or {})
+        # Rank-invariant state (Lightning checkpoints callbacks from rank zero only).
+        self.last_checked_step = -1
+        self.history: list[dict[str, Any]] = []
+        self.missed: list[dict[str, Any]] = []  # check steps whose check did not run: {"step", "reason"}
+        self.clean_checks_owed: int | None = None  # clean checks still owed before the rate relaxes; None: relaxed
+        self._scheduled_step = -1
+        self._listeners: list[Listener] = []
+        self._module: nn.Module | None = None
+        self._resumed = False
+        self._recording: SeamRecording | None = None
+        self._recording_step = -1
+        self._streak_bundle: str | None = None  # this rank's bundle of the drift going on, if any
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._panels = WandbPanels(trainer)  # no-op without a WandbLogger
+        try:
+            self._module = find_guarded_module(pl_module, self.module_path)
+        except ValueError as err:
+            if self.policy != "warn":
+                raise
+            rank_zero_warn(f"{err} CEParityCallback is disabled for this fit.")
+            self._module = None
+            return
+        if self._resumed and trainer.is_global_zero:
+            dropped = drop_receipts_after(self._receipts_path(trainer), self.last_checked_step)
+            if dropped:
+                rank_zero_info(f"CEParityCallback: resumed after step {self.last_checked_step}; dropped {dropped}"
+                               " receipts of steps that run again.")
+        if not trainer.loggers:
+            rank_zero_warn("CEParityCallback: the Trainer has no logger, so parity metrics go to the receipts"
+                           f" file only ({self._receipts_path(trainer)}). Add a logger (e.g. WandbLogger) for panels.")
+        if pl_module.automatic_optimization is False:
+            rank_zero_info("CEParityCallback: manual optimisation: checking the first backward after each"
+                           " check step's first forward of the guarded module.")
+        contract: CEContract = self._module.ce_contract
+        rank_zero_info(f"CEParityCallback: guarding `{type(self._module).__name__}` every {self.every_n_steps} steps"
+                       f" under {contract}")
+
+    # ------------------------------------------------------------------------------------ check steps
+    def is_check_step(self, trainer: pl.Trainer) -> bool:
+        """The same answer on every rank, from counters and agreed verdicts alone: no collective decides it."""
+        step = trainer.global_step
+        if self._module is None or step == self.last_checked_step:
+            return False
+        every = self.every_n_steps if self.clean_checks_owed is None else self.every_n_steps_while_drifting
+        return step % every == 0 or step == self._scheduled_step
+
+    def schedule_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
+        """Make the current optimizer step a check step, recording from micro-batch ``batch_idx`` if it is the
+        one this check samples. Every rank must schedule alike: the check is collective."""
+        self._scheduled_step = trainer.global_step
+        self._start_recording(trainer, pl_module, batch_idx)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(trainer, step, verdict, reason)`` after each check: its history entry, or None and why
+        it did not run. Adding one twice (a second fit) keeps one."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start_recording(trainer, pl_module, batch_idx)
+
+    def _start_recording(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
+        if self._recording is None and self.is_check_step(trainer) and self._samples_micro_batch(trainer, batch_idx):
+            # Look the module up again: a layer swapped or re-wrapped since fit start must stay guarded.
+            self._module = find_guarded_module(pl_module, self.module_path)
+            self._recording, self._recording_step = SeamRecording(self._module), trainer.global_step
+
+    def _samples_micro_batch(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        """Whether this micro-batch is the one this check records: position ``checks so far % window``."""
+        k = trainer.accumulate_grad_batches
+        if k == 1:
+            return True
+        start, total = batch_idx - batch_idx % k, trainer.num_training_batches
+        window = k if not math.isfinite(total) else max(min(k, int(total) - start), 1)  # the epoch's last is short
+        return batch_idx % k == len(self.history) % window
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        recording, step = self._recording, self._recording_step
+        if recording is None or not recording.finished_forward:
+            return
+        self._recording = None
+        recording.remove()
+        self.last_checked_step = step
+        started = time.perf_counter()
+        outcome = self._run_check(trainer, recording, step)
+        if outcome is not None:
+            self._report(trainer, outcome, time.perf_counter() - started)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._recording is not None:
+            self._recording.remove()
+            self._recording = None
+
+    def _run_check(self, trainer: pl.Trainer, recording: SeamRecording, step: int) -> _Outcome | None:
+        contract: CEContract = recording.module.ce_contract
+        problem = recording.problem()
+        # Agree before any collective: if one rank cannot check, none does (no rank waits for another).
+        if _any_rank(trainer, problem is not None):
+            self._miss(trainer, step, f"skipped: {problem or 'another rank could not record the seam'}")
+            return None
+        sizes = {**_group_sizes(trainer, contract), **self.extra_group_sizes}
+        try:
+            record = recording.to_record(self.replay_weight_grad)
+            result = check_seam(record, contract, group_sizes=sizes, sample_tokens=self.sample_tokens,
+                                budget_tokens=self.budget_tokens, safety=self.safety)
+            error = None
+        except Exception as err:  # noqa: BLE001 - under `warn` a failed check must never end training
+            if self.policy != "warn":
+                raise
+            result, error = None, f"{type(err).__name__}: {err}"
+        if _any_rank(trainer, error is not None):
+            self._miss(trainer, step, f"failed: {error or 'on another rank'}")
+            return None
+        d = result.diagnosis
+        verdict = {"rank": trainer.global_rank, "cause": d.cause.value, "variant": d.variant, "drift": d.drift,
+                   "summary": d.summary}
+        agreed = agree(verdict, *check_metrics(result.report), device=record.hidden.device)
+        return _Outcome(step, recording.module, record, result, agreed)
+
+    # ------------------------------------------------------------------------------------ reporting
+    def _report(self, trainer: pl.Trainer, outcome: _Outcome, seconds: float) -> None:
+        """Log, remember, tell listeners, keep the evidence, then apply the policy: on every rank alike."""
+        metrics = self._log_metrics(trainer, outcome, seconds)
+        previous = self.last_verdict
+        entry = self._remember(trainer, outcome)
+        # A drift that goes on with the same cause (checked every step while it does) keeps its first bundle.
+        repeat = (entry["drift"] and previous is not None and previous["drift"]
+                  and previous["cause"] == entry["cause"])
+        bundle = self._keep_bundle(trainer, outcome, entry["drift"], repeat)
+        if trainer.is_global_zero:
+            self._write_receipt(trainer, outcome, entry, metrics, bundle)
+        if entry["drift"]:
+            self._apply_policy(trainer, entry, bundle, repeat)
+
+    def _log_metrics(self, trainer: pl.Trainer, outcome: _Outcome, seconds: float) -> dict[str, float]:
+        agreed = outcome.agreement
+        metrics = {metric_key(name): value for name, value in agreed.metrics.items()}
+        metrics.update({metric_key("drift"): float(agreed.drifting_ranks > 0), metric_key("check_seconds"): seconds})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=outcome.step)
+        return metrics
+
+    def _remember(self, trainer: pl.Trainer, outcome: _Outcome) -> dict[str, Any]:
+        """Append the agreed verdict to ``history``, set the check rate from it, and tell the listeners."""
+        first, step = outcome.agreement.verdict, outcome.step
+        entry = {"step": step, "drift": outcome.agreement.drifting_ranks > 0, "cause": first["cause"],
+                 "variant": first["variant"], "summary": first["summary"], "rank": first["rank"]}
+        self.history.append(entry)
+        self._set_rate(entry["drift"], step)
+        self._notify(trainer, step, entry, "")
+        return entry
+
+    def _keep_bundle(self, trainer: pl.Trainer, outcome: _Outcome, drifting: bool, repeat: bool) -> str | None:
+        """This rank's repro bundle of the drift going on: the first one of a repeat, else a new one on drift."""
+        if not (repeat and self._streak_bundle is not None):
+            self._streak_bundle = self._write_bundle(trainer, outcome) if drifting else None
+        return self._streak_bundle
+
+    def _write_bundle(self, trainer: pl.Trainer, outcome: _Outcome) -> str:
+        rank, result = trainer.global_rank, outcome.result
+        path = Path(self._run_dir(trainer)) / "ce_guard" / "bundles" / f"step{outcome.step:08d}_rank{rank}.pt"
+        bundle = Bundle(step=outcome.step, rank=rank, contract=outcome.module.ce_contract.to_dict(),
+                        record=outcome.record, report=result.report.to_dict(), diagnosis=result.diagnosis.to_dict())
+        return str(save_bundle(path, bundle))
+
+    def _write_receipt(self, trainer: pl.Trainer, outcome: _Outcome, entry: dict[str, Any],
+                       metrics: dict[str, float], bundle: str | None) -> None:
+        agreed, result = outcome.agreement, outcome.result
+        receipt = {
+            **entry, "epoch": trainer.current_epoch, "metrics": metrics, "ranks": agreed.ranks,
+            "drifting_ranks": agreed.drifting_ranks,
+            "report": result.report.to_dict(), "sampled_tokens": result.sampled_tokens,
+            "seam": reduction_plan(outcome.module.ce_contract), "bundle": bundle,
+        }
+        append_receipt(self._receipts_path(trainer), receipt)
+        self._panels.log_check(receipt)
+
+    def _apply_policy(self, trainer: pl.Trainer, entry: dict[str, Any], bundle: str | None, repeat: bool) -> None:
+        step, rank, cause, summary = entry["step"], entry["rank"], entry["cause"], entry["summary"]
+        if self.policy == "raise":
+            raise SeamDriftError(step, rank, cause, summary)
+        if repeat:
+            rank_zero_info(f"CE seam still drifting at step {step}: {cause} (bundle: {bundle}).")
+            return
+        catalogue = catalogue_entry(Cause(cause))
+        rank_zero_warn(f"CE seam drift at step {step} (rank {rank}): {cause}: {summary}."
+                       f"{f' See {catalogue}.' if catalogue else ''} Repro bundle: {bundle}")
+        if self.policy == "stop":
+            trainer.should_stop = True
+
+    def _set_rate(self, drifting: bool, step: int) -> None:
+        """Under ``warn``, check every ``every_n_steps_while_drifting`` steps from a drift verdict until
+        ``clean_checks_to_relax`` clean checks in a row."""
+        if self.policy != "warn" or self.every_n_steps_while_drifting is None:
+            return
+        if drifting:
+            if self.clean_checks_owed is None:
+                rank_zero_info(f"CEParityCallback: drift at step {step}: checking every"
+                               f" {self.every_n_steps_while_drifting} steps until {self.clean_checks_to_relax} clean"
+                               " checks in a row.")
+            self.clean_checks_owed = self.clean_checks_to_relax
+        elif self.clean_checks_owed is not None:
+            self.clean_checks_owed -= 1
+            if self.clean_checks_owed == 0:
+                self.clean_checks_owed = None
+                rank_zero_info(f"CEParityCallback: {self.clean_checks_to_relax} clean checks in a row by step {step}:"
+                               f" back to every {self.every_n_steps} steps.")
+
+    def _miss(self, trainer: pl.Trainer, step: int, reason: str) -> None:
+        """A check step without a verdict: warned, kept in ``missed``, logged as ``ce_parity/missed`` (a gap
+        in the panels has a reason), and told to listeners."""
+        rank_zero_warn(f"CEParityCallback: the check at step {step} {reason}")
+        self.missed.append({"step": step, "reason": reason})
+        for logger in trainer.loggers:
+            logger.log_metrics({metric_key("missed"): 1.0}, step=step)
+        self._notify(trainer, step, None, reason)
+
+    def _notify(self, trainer: pl.Trainer, step: int, entry: dict[str, Any] | None, reason: str) -> None:
+        for listener in self._listeners:
+            listener(trainer, step, entry, reason)
+
+    def _run_dir(self, trainer: pl.Trainer) -> str:
+        return self.run_dir or trainer.default_root_dir
+
+    def _receipts_path(self, trainer: pl.Trainer) -> Path:
+        return Path(self._run_dir(trainer)) / "ce_guard" / "receipts.jsonl"
+
+    # ------------------------------------------------------------------------------------ state
+    @property
+    def last_verdict(self) -> dict[str, Any] | None:
+        return self.history[-1] if self.history else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_checked_step": self.last_checked_step, "history": [dict(h) for h in self.history],
+                "missed": [dict(m) for m in self.missed], "clean_checks_owed": self.clean_checks_owed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_checked_step = int(state_dict["last_checked_step"])
+        self.history = [dict(h) for h in state_dict["history"]]
+        self.missed = [dict(m) for m in state_dict.get("missed", [])]
+        self.clean_checks_owed = state_dict.get("clean_checks_owed")
+        self._resumed = True
+
+
+def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
+    """One collective: True on every rank if ``flag`` is True on any rank."""
+    return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+
+def _group_sizes(trainer: pl.Trainer, contract: CEContract) -> dict[str, int]:
+    tp = _dist.group_size(contract.tp_group)
+    sizes = {"TP": tp, "DP": _dist.group_size(contract.token_group) if contract.token_group is not None else (
+        max(trainer.world_size // tp, 1)), "grad_accum": trainer.accumulate_grad_batches}
+    if contract.sequence_parallel:
+        sizes["SP"] = tp
+    return sizes
