@@ -28,10 +28,9 @@ from torch import nn
 
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
-from ce_guard.faults import SeamFault
-from ce_guard.fused import FusedLinearCrossEntropy
 from ce_guard.parity import SeamOutputs
 from ce_guard.receipt import SCHEMA_VERSION, ReceiptError, read_receipts
+from ce_guard.testing import LAYER_FAULTS, fused_layer
 
 EXIT_OK, EXIT_DRIFT, EXIT_USAGE = 0, 1, 2
 FUSED_PATHS = ("ce_guard", "liger", "cce", "torch")
@@ -62,7 +61,7 @@ class UsageError(Exception):
 @dataclass(frozen=True, kw_only=True)
 class FusedSpec:
     path: str = "ce_guard"              # ce_guard's layer, or a peer's adapter (ce_guard.adapters)
-    fault: SeamFault | None = None      # ce_guard only: a deliberate seam fault (ce_guard.faults)
+    fault: str | None = None            # ce_guard only: a deliberate seam fault (ce_guard.testing.LAYER_FAULTS)
     fault_scale: int = 2                # the k of the grad_scale fault
     token_chunk: int | None = None      # ce_guard only: tokens per chunk; None picks one
 
@@ -157,13 +156,13 @@ def _fused_spec(fields: dict[str, Any], where: str) -> FusedSpec:
     path = fields.get("path", "ce_guard")
     _expect(path in FUSED_PATHS, f"{where}: path must be one of {FUSED_PATHS}, got {path!r}.")
     fault = fields.get("fault")
-    _expect(fault is None or fault in set(SeamFault),
-            f"{where}: fault must be null or one of {[f.value for f in SeamFault]}, got {fault!r}.")
+    _expect(fault is None or fault in LAYER_FAULTS,
+            f"{where}: fault must be null or one of {list(LAYER_FAULTS)}, got {fault!r}.")
     _expect(path == "ce_guard" or (fault is None and fields.get("token_chunk") is None),
             f"{where}: fault and token_chunk apply to the ce_guard path only, not {path!r}.")
     token_chunk = fields.get("token_chunk")
     return FusedSpec(
-        path=path, fault=None if fault is None else SeamFault(fault),
+        path=path, fault=fault,
         fault_scale=_positive_int(fields.get("fault_scale", 2), f"{where}.fault_scale"),
         token_chunk=None if token_chunk is None else _positive_int(token_chunk, f"{where}.token_chunk"),
     )
@@ -205,8 +204,8 @@ def build_fused(path: str, contract: CEContract, weight: nn.Parameter,
     hidden_size = weight.shape[1]
     if path == "ce_guard":
         try:
-            return FusedLinearCrossEntropy(hidden_size, contract, weight=weight, token_chunk=spec.token_chunk,
-                                           fault=spec.fault, fault_scale=spec.fault_scale)
+            return fused_layer(hidden_size, contract, weight=weight, token_chunk=spec.token_chunk,
+                               fault=spec.fault, fault_scale=spec.fault_scale)
         except ValueError as err:
             raise UsageError(f"fused path ce_guard: {err}") from err
     from ce_guard import adapters
@@ -267,7 +266,7 @@ def cmd_parity(args: argparse.Namespace, out: Console, err: Console) -> int:
         step("reference, native budget, diagnosis")
         result = check_seam(record, module.ce_contract, group_sizes=config.group_sizes,
                             budget_tokens=config.budget_tokens, safety=config.safety)
-    what = config.fused.path + (f" with fault {config.fused.fault.value}" if config.fused.fault else "")
+    what = config.fused.path + (f" with fault {config.fused.fault}" if config.fused.fault else "")
     _print_header(out, "ce-guard parity", str(args.config))
     _print_row(out, "fused path", f"{what}; {config.tokens} tokens x D={config.hidden} -> V={config.vocab},"
                                   f" {_dtype(config.dtype)} on {device}")
