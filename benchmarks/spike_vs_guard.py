@@ -25,10 +25,13 @@ from ce_guard.demos.hybrid import HybridConfig
 from ce_guard.demos.inject import InjectSeamFault
 from ce_guard.demos.kernels import KERNELS
 from ce_guard.demos.lit import HybridLitModule
-from ce_guard.testing import INJECTIONS
 
-# The faults one rank's output layer can commit -> the contract options they need to have something to break.
-FAULTS = {row.switch: dict(row.contract) for row in INJECTIONS if row.layer and "TP=1" in row.meshes}
+FAULTS = {  # fault -> extra contract options it needs to have something to break
+    "grad_scale": {},
+    "bf16_accumulators": {},
+    "ignore_in_denominator": {},
+    "missing_z_loss": {"z_loss": 1e-4},
+}
 
 
 class RecordingSpikeDetection(SpikeDetection):
