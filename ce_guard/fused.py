@@ -322,7 +322,8 @@ class FusedLinearCrossEntropy(nn.Module):
     """
 
     def __init__(self, hidden_size: int, contract: CEContract, *, weight: nn.Parameter | None = None,
-                 token_chunk: int | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 token_chunk: int | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         owner = type(self).__name__
         if not isinstance(contract, CEContract):

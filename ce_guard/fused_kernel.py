@@ -55,7 +55,7 @@ def kernel_token_chunk(n_tokens: int, vocab_slice: int, itemsize: int) -> int:
 
 def kernel_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
                  m: ChunkMath, want_grads: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``fused_chunk.torch_chunk``'s results from one matmul and Triton kernels; the logit gradient overwrites the logits.
+    """``fused_chunk.torch_chunk``'s results from one matmul and Triton kernels, the logit gradient over the logits.
 
     On one rank's whole vocabulary a single kernel does it all. On a vocab slice the softmax statistics
     must be reduced over TP between the two passes, so a statistics kernel runs, then the all-reduces

@@ -315,7 +315,8 @@ class IntermittentLM(TinyLM):
         from ce_guard.testing import faulty_chunk_math
 
         contract = self.output.ce_contract
-        self.output._math = faulty_chunk_math(contract, "grad_scale", 2) if batch_idx % 4 == 2 else ChunkMath.of(contract)
+        faulty = batch_idx % 4 == 2
+        self.output._math = faulty_chunk_math(contract, "grad_scale", 2) if faulty else ChunkMath.of(contract)
         return super().training_step(batch, batch_idx)
 
 

@@ -150,7 +150,7 @@ def test_the_table_has_one_row_per_switch_and_each_implementation_knows_its_rows
 
 
 def test_every_row_links_its_catalogue_heading():
-    headings = set(re.findall(r"^## (\d+)\. (\w+)$", (ROOT / "docs" / "faults.md").read_text(), flags=re.M))
+    headings = set(re.findall(r"^## (\d+)\. (\w+)$", (ROOT / "docs" / "faults.md").read_text(), flags=re.MULTILINE))
     for row in INJECTIONS:
         number, cause = row.anchor.removeprefix("docs/faults.md#").split("-", 1)
         assert (number, cause) in headings and cause == row.cause.value, row.anchor
