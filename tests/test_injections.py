@@ -10,6 +10,8 @@ example's fault configs are held to the table too.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,11 @@ def test_fault_configs_switch_a_table_row_and_document_its_cause(path):
 def _overlay_contract(config: dict) -> dict:
     """The contract options an overlay sets: the example's model section or a parity config's contract."""
     return {**(config.get("model") or {}), **(config.get("contract") or {})}
+
+
+def test_the_production_layer_names_no_fault_and_its_core_never_imports_the_testing_package():
+    for module in ("fused", "fused_chunk", "fused_kernel"):
+        source = (ROOT / "ce_guard" / f"{module}.py").read_text()
+        assert not [row.switch for row in INJECTIONS if row.switch in source], module
+    core = "import ce_guard, ce_guard.fused, ce_guard.callbacks, sys; print('ce_guard.testing' in sys.modules)"
+    assert subprocess.check_output([sys.executable, "-c", core], cwd=ROOT, text=True).strip() == "False"
