@@ -38,11 +38,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bench_example_speed import kernel_report, sync_report
 from bench_output_layer import time_ms
 from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam, parity, reference, signature
-from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
 from ce_guard.budget import native_error_budget
 from ce_guard.reference import DEFAULT_CHUNK_ELEMENTS, reference_linear_cross_entropy
 from ce_guard.signature import fit_signatures
+from ce_guard.testing import FaultyFusedLinearCrossEntropy
 
 
 def record_of(layer: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> SeamRecord:
@@ -75,8 +75,8 @@ def main() -> None:
     targets[::17] = -100
     contract = CEContract(vocab_size=v)
     clean = record_of(FusedLinearCrossEntropy(d, contract, weight=weight), hidden, targets)
-    scaled = record_of(FusedLinearCrossEntropy(d, contract, weight=weight, fault=SeamFault.GRAD_SCALE,
-                                               fault_scale=1.002), hidden, targets)
+    scaled = record_of(FaultyFusedLinearCrossEntropy(d, contract, weight=weight, fault="grad_scale",
+                                                     fault_scale=1.002), hidden, targets)
     reference = reference_linear_cross_entropy(hidden, weight.detach(), targets, contract)
 
     def fit():

@@ -43,8 +43,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ce_guard import CEContract, CheckResult, SeamOutputs, SeamRecord, check_seam, diagnosis
-from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
+from ce_guard.testing import FaultyFusedLinearCrossEntropy, injection
 
 IGNORE = -100
 
@@ -397,14 +397,19 @@ class Case:
 
 @dataclass(frozen=True)
 class Ladder:
-    """One fault at growing magnitude; ``expected`` is the cause the diagnosis should name."""
+    """One fault at growing magnitude, injected by ``switch`` (a row of ``ce_guard.testing.INJECTIONS``)."""
 
     fault: str
     setting: str  # "TP=1", "TP=2" or "DP=2"
     unit: str
     magnitudes: list
-    expected: str
+    switch: str
     build: Callable[[object, torch.dtype, int], Case]  # (magnitude, dtype, seed) -> Case
+
+    @property
+    def expected(self) -> str:
+        """The cause the diagnosis should name."""
+        return injection(self.switch).cause.value
 
 
 def one_rank_ladders(n: int, d: int, v: int, world: World, example: ExampleInputs | None = None) -> list[Ladder]:
@@ -417,36 +422,36 @@ def one_rank_ladders(n: int, d: int, v: int, world: World, example: ExampleInput
         return example.draw(dtype) if example else make_inputs(n, d, vocab, dtype, world, seed, pad=pad)
 
     def layer(weight, contract=None, **kwargs):
-        return FusedLinearCrossEntropy(d, contract or CEContract(vocab_size=v), weight=weight, **kwargs)
+        return FaultyFusedLinearCrossEntropy(d, contract or CEContract(vocab_size=v), weight=weight, **kwargs)
 
     def scaled(m, dtype, seed):  # the layer's grad_scale fault: the factor enters before any rounding
         hidden, weight, targets = draw(dtype, seed)
-        return Case(layer(weight, fault=SeamFault.GRAD_SCALE, fault_scale=m), hidden, targets)
+        return Case(layer(weight, fault="grad_scale", fault_scale=m), hidden, targets)
 
     def bf16_accumulators(chunks, dtype, seed):
         hidden, weight, targets = draw(dtype, seed)
-        faulty = layer(weight, fault=SeamFault.BF16_ACCUMULATORS, token_chunk=math.ceil(n / chunks))
+        faulty = layer(weight, fault="bf16_accumulators", token_chunk=math.ceil(n / chunks))
         return Case(faulty, hidden, targets)
 
     def missing_z_loss(z, dtype, seed):
         hidden, weight, targets = draw(dtype, seed)
-        faulty = layer(weight, CEContract(vocab_size=v, z_loss=z), fault=SeamFault.MISSING_Z_LOSS)
+        faulty = layer(weight, CEContract(vocab_size=v, z_loss=z), fault="missing_z_loss")
         return Case(faulty, hidden, targets)
 
     def padding_in_denominator(pad, dtype, seed):
         hidden, weight, targets = draw(dtype, seed, pad=pad)
-        return Case(layer(weight, fault=SeamFault.IGNORE_IN_DENOMINATOR), hidden, targets)
+        return Case(layer(weight, fault="ignore_in_denominator"), hidden, targets)
 
     ladders = [
         Ladder("loss and gradients scaled by s (the grad_scale fault)", "TP=1", "s",
-               [1.0001, 1.001, 1.002, 1.003, 1.01, 1.03, 1.05, 1.1, 1.3, 2], "normalization_scale", scaled),
+               [1.0001, 1.001, 1.002, 1.003, 1.01, 1.03, 1.05, 1.1, 1.3, 2], "grad_scale", scaled),
         Ladder("bf16 accumulators under an fp32 contract", "TP=1", "token chunks", [1, 4, 16, 64, 256],
-               "accumulator_dtype", bf16_accumulators),
-        Ladder("z-loss dropped", "TP=1", "z", [1e-7, 1e-6, 1e-5, 1e-4, 1e-3], "z_loss_boundary", missing_z_loss),
+               "bf16_accumulators", bf16_accumulators),
+        Ladder("z-loss dropped", "TP=1", "z", [1e-7, 1e-6, 1e-5, 1e-4, 1e-3], "missing_z_loss", missing_z_loss),
     ]
     if example is None:
         ladders.append(Ladder("padding counted in the mean's divisor", "TP=1", "pad fraction",
-                              [0.001, 0.003, 0.01, 0.03, 0.1], "ignore_index_leak", padding_in_denominator))
+                              [0.001, 0.003, 0.01, 0.03, 0.1], "ignore_in_denominator", padding_in_denominator))
     return ladders
 
 
@@ -463,10 +468,10 @@ def two_rank_ladders(n: int, d: int, v: int, world: World) -> list[Ladder]:
         replicate(world, hidden, targets)
         contract = CEContract(vocab_size=v, layout="[S,B,V/TP]", vocab_start=start, vocab_end=end,
                               tp_group=world.group, **(contract_options or {}))
-        return Case(FusedLinearCrossEntropy(d, contract, weight=weight, fault=fault, **kwargs), hidden, targets)
+        return Case(FaultyFusedLinearCrossEntropy(d, contract, weight=weight, fault=fault, **kwargs), hidden, targets)
 
     def smoothing(unigram):
-        return lambda eps, dtype, seed: tp_case(eps, dtype, seed, fault=SeamFault.SMOOTHING_LOCAL_VOCAB,
+        return lambda eps, dtype, seed: tp_case(eps, dtype, seed, fault="smoothing_local_vocab",
                                                 contract_options={"label_smoothing": eps}, unigram=unigram)
 
     def local_normalization(extra_pad, dtype, seed):
@@ -475,26 +480,26 @@ def two_rank_ladders(n: int, d: int, v: int, world: World) -> list[Ladder]:
         hidden, weight, targets = make_inputs(n, d, (v, 0, v), dtype, world, seed + world.rank, pad=pad,
                                               weight_seed=seed)
         contract = CEContract(vocab_size=v, normalize_by="global_tokens", token_group=world.group)
-        return Case(FusedLinearCrossEntropy(d, contract, weight=weight, fault=SeamFault.LOCAL_NORMALIZATION),
+        return Case(FaultyFusedLinearCrossEntropy(d, contract, weight=weight, fault="local_normalization"),
                     hidden, targets)
 
     on = ["on"]
     return [
         Ladder("label smoothing over the local V, Zipf unigram logits", "TP=2", "eps",
-               [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3], "label_smoothing_local_v", smoothing(True)),
+               [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3], "smoothing_local_vocab", smoothing(True)),
         Ladder("label smoothing over the local V, zero-mean logits", "TP=2", "eps",
-               [1e-3, 1e-2, 0.1, 0.3], "label_smoothing_local_v", smoothing(False)),
+               [1e-3, 1e-2, 0.1, 0.3], "smoothing_local_vocab", smoothing(False)),
         Ladder("target == slice end admitted (off by one)", "TP=2", "boundary-target tokens", [1, 2, 4, 16, 64],
-               "target_masking", lambda k, dt, s: tp_case(k, dt, s, fault=SeamFault.PARTITION_OFF_BY_ONE,
-                                                          boundary_tokens=k)),
-        Ladder("foreign targets clamped into the slice (unmasked)", "TP=2", "", on, "target_masking",
-               lambda m, dt, s: tp_case(m, dt, s, fault=SeamFault.UNMASKED_PARTITION_TARGETS)),
-        Ladder("denominator summed over TP twice (gathered logits)", "TP=2", "", on, "log_tp_offset",
-               lambda m, dt, s: tp_case(m, dt, s, fault=SeamFault.GATHERED_LOGITS_LOG_TP)),
-        Ladder("loss and gradients times k = 2 at TP = 2", "TP=2", "", on, "normalization_scale",
-               lambda m, dt, s: tp_case(m, dt, s, fault=SeamFault.GRAD_SCALE, fault_scale=2)),
+               "partition_off_by_one", lambda k, dt, s: tp_case(k, dt, s, fault="partition_off_by_one",
+                                                                boundary_tokens=k)),
+        Ladder("foreign targets clamped into the slice (unmasked)", "TP=2", "", on, "unmasked_partition_targets",
+               lambda m, dt, s: tp_case(m, dt, s, fault="unmasked_partition_targets")),
+        Ladder("denominator summed over TP twice (gathered logits)", "TP=2", "", on, "gathered_logits_log_tp",
+               lambda m, dt, s: tp_case(m, dt, s, fault="gathered_logits_log_tp")),
+        Ladder("loss and gradients times k = 2 at TP = 2", "TP=2", "", on, "grad_scale",
+               lambda m, dt, s: tp_case(m, dt, s, fault="grad_scale", fault_scale=2)),
         Ladder("local normalisation, rank 1 pads more", "DP=2", "extra pad fraction", [0.001, 0.003, 0.01, 0.03, 0.1],
-               "normalization_owner", local_normalization),
+               "local_normalization", local_normalization),
     ]
 
 

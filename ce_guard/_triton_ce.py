@@ -7,7 +7,7 @@ The chunk kernels run one program per token row, hold their statistics in fp32 a
     loss = (1-eps)(lse - z_y) + eps(lse - mean_v z_v) + z_loss lse^2, 0 on ignored tokens
     dLoss/dz_v = w (p_v (1 + 2 z_loss lse) - (1-eps)[v = y] - eps/V), w = row_scale (0 if ignored)
 
-Imported only when a chunk runs on CUDA (``ce_guard.fused._triton_kernels``): ce_guard imports without Triton.
+Imported only when a chunk runs on CUDA (``ce_guard.fused_kernel.triton_kernels``): ce_guard imports without Triton.
 """
 
 import triton

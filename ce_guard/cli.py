@@ -28,11 +28,11 @@ from torch import nn
 from ce_guard.bundle import BundleError, load_bundle
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
-from ce_guard.fused import FusedLinearCrossEntropy
 from ce_guard.parity import SeamOutputs
 from ce_guard.parity_config import (CONTRACT_KEYS, FUSED_PATHS, ConfigError, FusedSpec, load_parity_config,
                                    make_inputs)
 from ce_guard.receipt import SCHEMA_VERSION, ReceiptError, read_receipts
+from ce_guard.testing import fused_layer
 
 EXIT_OK, EXIT_DRIFT, EXIT_USAGE = 0, 1, 2
 
@@ -71,8 +71,8 @@ def build_fused(path: str, contract: CEContract, weight: nn.Parameter,
     hidden_size = weight.shape[1]
     if path == "ce_guard":
         try:
-            return FusedLinearCrossEntropy(hidden_size, contract, weight=weight, token_chunk=spec.token_chunk,
-                                           fault=spec.fault, fault_scale=spec.fault_scale)
+            return fused_layer(hidden_size, contract, weight=weight, token_chunk=spec.token_chunk,
+                               fault=spec.fault, fault_scale=spec.fault_scale)
         except ValueError as err:
             raise UsageError(f"fused path ce_guard: {err}") from err
     from ce_guard import adapters
@@ -117,7 +117,7 @@ def cmd_parity(args: argparse.Namespace, out: Console, err: Console) -> int:
         step("reference, native budget, diagnosis")
         result = check_seam(record, module.ce_contract, group_sizes=config.group_sizes,
                             budget_tokens=config.budget_tokens, safety=config.safety)
-    what = config.fused.path + (f" with fault {config.fused.fault.value}" if config.fused.fault else "")
+    what = config.fused.path + (f" with fault {config.fused.fault}" if config.fused.fault else "")
     _print_header(out, "ce-guard parity", str(args.config))
     _print_row(out, "fused path", f"{what}; {config.tokens} tokens x D={config.hidden} -> V={config.vocab},"
                                   f" {_dtype(config.dtype)} on {device}")

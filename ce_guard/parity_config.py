@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ce_guard.contract import CEContract
-from ce_guard.faults import SeamFault
+from ce_guard.testing import LAYER_FAULTS
 
 FUSED_PATHS = ("ce_guard", "liger", "cce", "torch")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class FusedSpec:
     path: str = "ce_guard"              # ce_guard's layer, or a peer's adapter (ce_guard.adapters)
-    fault: SeamFault | None = None      # ce_guard only: a deliberate seam fault (ce_guard.faults)
+    fault: str | None = None            # ce_guard only: a deliberate seam fault (ce_guard.testing.LAYER_FAULTS)
     fault_scale: int = 2                # the k of the grad_scale fault
     token_chunk: int | None = None      # ce_guard only: tokens per chunk; None picks one
 
@@ -123,13 +123,13 @@ def _fused_spec(fields: dict[str, Any], where: str) -> FusedSpec:
     path = fields.get("path", "ce_guard")
     _expect(path in FUSED_PATHS, f"{where}: path must be one of {FUSED_PATHS}, got {path!r}.")
     fault = fields.get("fault")
-    _expect(fault is None or fault in set(SeamFault),
-            f"{where}: fault must be null or one of {[f.value for f in SeamFault]}, got {fault!r}.")
+    _expect(fault is None or fault in LAYER_FAULTS,
+            f"{where}: fault must be null or one of {list(LAYER_FAULTS)}, got {fault!r}.")
     _expect(path == "ce_guard" or (fault is None and fields.get("token_chunk") is None),
             f"{where}: fault and token_chunk apply to the ce_guard path only, not {path!r}.")
     token_chunk = fields.get("token_chunk")
     return FusedSpec(
-        path=path, fault=None if fault is None else SeamFault(fault),
+        path=path, fault=fault,
         fault_scale=_positive_int(fields.get("fault_scale", 2), f"{where}.fault_scale"),
         token_chunk=None if token_chunk is None else _positive_int(token_chunk, f"{where}.token_chunk"),
     )

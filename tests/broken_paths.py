@@ -1,7 +1,8 @@
 """A plain vocab-parallel CE (Megatron's recipe, autograd for gradients) with the seam faults as switches.
 
 Tests use it as "some user's fused path": independent of ce_guard's reference and fused layer, so a
-diagnosis test exercises the guard, not a shared formula.
+diagnosis test exercises the guard, not a shared formula. Its switches are the ``broken_path`` rows of
+``ce_guard.testing.injections.INJECTIONS``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import torch.distributed.nn.functional as dist_fn
 from ce_guard import _dist
 from ce_guard.contract import CEContract
 from ce_guard.parity import SeamOutputs
+from ce_guard.testing.injections import switches
 
-FAULTS = ("local_normalization", "shard_normalization", "grad_scale", "bf16_accumulators", "unmasked_targets", "off_by_one",
-          "smoothing_local_vocab", "log_tp_offset", "ignore_in_denominator", "ignored_as_class_zero",
-          "missing_z_loss", "coarse_backward", "nan", "bf16_grad_hidden_sum", "partial_grad_hidden",
-          "doubled_grad_hidden")
+FAULTS = switches(broken_path=True)
 
 
 class _ReplicatedSum(torch.autograd.Function):
@@ -66,8 +65,9 @@ class _CoarseGrad(torch.autograd.Function):
 
 def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | None = None, *, scale: int = 2,
                  chunks: int = 8, grad_output: torch.Tensor | None = None) -> SeamOutputs:
-    """Run the vocab-parallel CE with ``fault`` and return loss and autograd gradients."""
-    assert fault is None or fault in FAULTS, fault
+    """Run the vocab-parallel CE with ``fault`` (one of ``FAULTS``) and return loss and autograd gradients."""
+    if fault is not None and fault not in FAULTS:
+        raise ValueError(f"broken_fused: `fault` must be None or one of {FAULTS}, got {fault!r}.")
     tp = contract.tp_group
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
@@ -96,16 +96,16 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
         sum_exp = _tp_sum(running.float(), tp)
     else:
         sum_exp = _tp_sum(torch.exp(z - gmax[:, None]).sum(dim=1).float(), tp)
-    if fault == "log_tp_offset":
+    if fault == "gathered_logits_log_tp":
         sum_exp = _tp_sum(sum_exp, tp)                                            # summed over TP twice
     lse = gmax.float() + torch.log(sum_exp)
 
     visible = yy != contract.ignore_index
     local_t = yy - contract.vocab_start
-    if fault == "unmasked_targets":
+    if fault == "unmasked_partition_targets":
         owned = visible
         local_t = local_t.clamp(0, z.shape[1] - 1)
-    elif fault == "off_by_one":
+    elif fault == "partition_off_by_one":
         owned = visible & (local_t >= 0) & (local_t <= z.shape[1])
         local_t = local_t.clamp(0, z.shape[1] - 1)
     elif fault == "ignored_as_class_zero":

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ce_guard.contract import CEContract
-from ce_guard.fused import FusedLinearCrossEntropy
+from ce_guard.testing import fused_layer
 
 
 class RecordingLogger(Logger):
@@ -56,9 +56,8 @@ class TinyLM(pl.LightningModule):
         self.embed = nn.Embedding(vocab, hidden)
         self.mix = nn.Linear(hidden, hidden)
         contract = contract or CEContract(vocab_size=vocab)
-        self.output = FusedLinearCrossEntropy(hidden, contract, fault=fault, fault_scale=fault_scale,
-                                              token_chunk=token_chunk,
-                                              weight=self.embed.weight if tie else None)
+        self.output = fused_layer(hidden, contract, fault=fault, fault_scale=fault_scale, token_chunk=token_chunk,
+                                  weight=self.embed.weight if tie else None)
         self.automatic_optimization = not manual
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -117,8 +116,8 @@ class MeshTinyLM(TinyLM):
             token_group=dp.get_group() if self.global_tokens else None)
         torch.manual_seed(0)
         full = torch.randn(self.vocab, self.embed.embedding_dim) * 0.1
-        self.output = FusedLinearCrossEntropy(self.embed.embedding_dim, contract, fault=self.fault, token_chunk=16,
-                                              weight=nn.Parameter(full[start:start + rows].clone()))
+        self.output = fused_layer(self.embed.embedding_dim, contract, fault=self.fault, token_chunk=16,
+                                  weight=nn.Parameter(full[start:start + rows].clone()))
         if dp.size() > 1:
             fully_shard(self, mesh=dp)
 

@@ -21,9 +21,9 @@ def _checked_mesh(rank, world):
     from ce_guard import agreement
     from ce_guard.check import SeamRecord, check_seam
     from ce_guard.contract import CEContract
-    from ce_guard.fused import FusedLinearCrossEntropy
     from ce_guard.metrics import check_metrics
     from ce_guard.parity import SeamOutputs
+    from ce_guard.testing import fused_layer
 
     mesh = init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
     dp_rank, tp_rank = mesh["dp"].get_local_rank(), mesh["tp"].get_local_rank()
@@ -35,8 +35,8 @@ def _checked_mesh(rank, world):
     hidden = torch.randn(n, d, generator=gen).requires_grad_()
     targets = torch.randint(0, vocab, (n,), generator=gen)
     weight = torch.randn(vocab, d, generator=torch.Generator().manual_seed(0))[tp_rank * rows:(tp_rank + 1) * rows]
-    layer = FusedLinearCrossEntropy(d, contract, weight=torch.nn.Parameter(weight.clone()),
-                                    fault="grad_scale" if dp_rank == 2 else None)
+    layer = fused_layer(d, contract, weight=torch.nn.Parameter(weight.clone()),
+                        fault="grad_scale" if dp_rank == 2 else None)
     loss = layer(hidden, targets)
     loss.backward()
     record = SeamRecord(hidden=hidden.detach(), weight=layer.weight.detach(), targets=targets,

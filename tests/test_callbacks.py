@@ -343,11 +343,12 @@ class IntermittentLM(TinyLM):
     """The seam scales its gradient 2x on micro-batch 2 of every 4 accumulated, and is correct on the rest."""
 
     def training_step(self, batch, batch_idx):
-        from ce_guard.faults import SeamFault
-        from ce_guard.fused import _resolve_math
+        from ce_guard.fused_chunk import ChunkMath
+        from ce_guard.testing import faulty_chunk_math
 
-        fault = SeamFault.GRAD_SCALE if batch_idx % 4 == 2 else None
-        self.output._math = _resolve_math(self.output.ce_contract, fault, 2)
+        contract = self.output.ce_contract
+        faulty = batch_idx % 4 == 2
+        self.output._math = faulty_chunk_math(contract, "grad_scale", 2) if faulty else ChunkMath.of(contract)
         return super().training_step(batch, batch_idx)
 
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ce_guard.contract import CEContract
-from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy, fused_linear_cross_entropy
+from ce_guard.testing import FaultyFusedLinearCrossEntropy, fused_layer
 
 IGNORE = -100
 N, D, V = 47, 31, 123  # odd on purpose: no chunk size divides N, no power of two anywhere
@@ -60,8 +60,8 @@ def oracle(hidden, weight, targets, *, reduction, label_smoothing=0.0, z_loss=0.
 
 
 def run_fused(hidden, weight, targets, contract, *, token_chunk=None, fault=None, fault_scale=2, upstream=None):
-    head = FusedLinearCrossEntropy(hidden.shape[-1], contract, weight=nn.Parameter(weight.clone()),
-                                   token_chunk=token_chunk, fault=fault, fault_scale=fault_scale)
+    head = fused_layer(hidden.shape[-1], contract, weight=nn.Parameter(weight.clone()), token_chunk=token_chunk,
+                       fault=fault, fault_scale=fault_scale)
     h = hidden.clone().requires_grad_()
     loss = head(h, targets)
     upstream = torch.ones_like(loss) if upstream is None else upstream.to(loss.dtype)
@@ -175,7 +175,7 @@ def test_functional_form_equals_module_and_eval_skips_gradients(monkeypatch):
     functional = fused_linear_cross_entropy(hidden, head.weight, targets, contract=contract, token_chunk=9)
     torch.testing.assert_close(functional, head(hidden, targets), rtol=0, atol=0)
     # Under no_grad the forward must not compute the gradients it computes in training.
-    monkeypatch.setattr("ce_guard.fused._logit_grad", lambda *a, **k: pytest.fail("gradient computed in eval"))
+    monkeypatch.setattr("ce_guard.fused_chunk.logit_grad", lambda *a, **k: pytest.fail("gradient computed in eval"))
     with torch.no_grad():
         torch.testing.assert_close(head(hidden, targets), functional.detach(), rtol=0, atol=0)
 
@@ -204,21 +204,23 @@ def test_bf16_accum_dtype_is_selectable_and_equals_the_fault():
     hidden, weight, targets = make_inputs(ignore_every=5)
     declared = run_fused(hidden, weight, targets, CEContract(vocab_size=V, accum_dtype=torch.bfloat16), token_chunk=4)
     faulty = run_fused(hidden, weight, targets, CEContract(vocab_size=V), token_chunk=4,
-                       fault=SeamFault.BF16_ACCUMULATORS)
+                       fault="bf16_accumulators")
     assert declared[0].dtype == torch.float32  # the loss total stays fp32; the contract's accumulators do not
     for a, b in zip(declared, faulty):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(weight=nn.Parameter(torch.zeros(V + 1, D))), r"weight.*\(123, 31\), found \(124, 31\)"),
-    (dict(weight=torch.zeros(V, D)), r"nn.Parameter"),
-    (dict(token_chunk=0), r"token_chunk"),
-    (dict(fault="not_a_fault"), r"fault"),
+@pytest.mark.parametrize(("layer", "kwargs", "match"), [
+    (FusedLinearCrossEntropy, dict(weight=nn.Parameter(torch.zeros(V + 1, D))),
+     r"weight.*\(123, 31\), found \(124, 31\)"),
+    (FusedLinearCrossEntropy, dict(weight=torch.zeros(V, D)), r"nn.Parameter"),
+    (FusedLinearCrossEntropy, dict(token_chunk=0), r"token_chunk"),
+    (FaultyFusedLinearCrossEntropy, dict(fault="not_a_fault"), r"fault"),
+    (FaultyFusedLinearCrossEntropy, dict(fault="grad_scale", fault_scale=0), r"fault_scale"),
 ])
-def test_constructor_rejects_bad_arguments(kwargs, match):
+def test_constructor_rejects_bad_arguments(layer, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        FusedLinearCrossEntropy(D, CEContract(vocab_size=V), **kwargs)
+        layer(D, CEContract(vocab_size=V), **kwargs)
 
 
 def test_vocab_slice_without_tp_group_is_rejected():
@@ -253,7 +255,7 @@ def test_grad_scale_multiplies_loss_and_grads_by_k(reduction):
     upstream = torch.linspace(-1, 1, N, dtype=torch.float64) if reduction == "none" else None
     (loss, dh, dw), _ = f64_run(dict(z_loss=1e-3), reduction=reduction, upstream=upstream)
     (bad_loss, bad_dh, bad_dw), _ = f64_run(dict(z_loss=1e-3), reduction=reduction, upstream=upstream,
-                                            fault=SeamFault.GRAD_SCALE, fault_scale=3)
+                                            fault="grad_scale", fault_scale=3)
     torch.testing.assert_close(bad_loss, 3 * loss, rtol=1e-13, atol=0)
     torch.testing.assert_close(bad_dh, 3 * dh, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(bad_dw, 3 * dw, rtol=1e-13, atol=1e-15)
@@ -262,7 +264,7 @@ def test_grad_scale_multiplies_loss_and_grads_by_k(reduction):
 def test_missing_z_loss_offset_is_z_times_mean_lse_squared():
     z = 1e-2
     (loss, dh, _), (hidden, weight, targets) = f64_run(dict(z_loss=z))
-    (bad_loss, bad_dh, _), _ = f64_run(dict(z_loss=z), fault=SeamFault.MISSING_Z_LOSS)
+    (bad_loss, bad_dh, _), _ = f64_run(dict(z_loss=z), fault="missing_z_loss")
     valid = targets != IGNORE
     lse = torch.logsumexp(hidden @ weight.T, dim=-1)[valid]
     assert (loss - bad_loss).item() == pytest.approx(z * lse.square().mean().item(), rel=1e-12)
@@ -271,7 +273,7 @@ def test_missing_z_loss_offset_is_z_times_mean_lse_squared():
 
 def test_ignore_in_denominator_scales_by_visible_fraction():
     (loss, dh, _), (_, _, targets) = f64_run({}, ignore_every=4)
-    (bad_loss, bad_dh, _), _ = f64_run({}, ignore_every=4, fault=SeamFault.IGNORE_IN_DENOMINATOR)
+    (bad_loss, bad_dh, _), _ = f64_run({}, ignore_every=4, fault="ignore_in_denominator")
     visible_fraction = (targets != IGNORE).sum().item() / N  # 35/47: not an integer ratio
     assert (bad_loss / loss).item() == pytest.approx(visible_fraction, rel=1e-12)
     torch.testing.assert_close(bad_dh, dh * visible_fraction, rtol=1e-12, atol=1e-15)
@@ -283,14 +285,13 @@ def test_bf16_accumulators_blow_the_dw_budget():
     contract = CEContract(vocab_size=1000)
     ref_loss, ref_dh, ref_dw = oracle(hidden, weight, targets, reduction="mean")
     honest = run_fused(hidden, weight, targets, contract, token_chunk=8)
-    faulty = run_fused(hidden, weight, targets, contract, token_chunk=8, fault=SeamFault.BF16_ACCUMULATORS)
+    faulty = run_fused(hidden, weight, targets, contract, token_chunk=8, fault="bf16_accumulators")
     assert rel_err(faulty[2], ref_dw) > 3 * rel_err(honest[2], ref_dw)
     assert rel_err(faulty[2], ref_dw) > rel_err(faulty[0], ref_loss)
 
 
-@pytest.mark.parametrize("fault", [SeamFault.UNMASKED_PARTITION_TARGETS, SeamFault.PARTITION_OFF_BY_ONE,
-                                   SeamFault.SMOOTHING_LOCAL_VOCAB, SeamFault.GATHERED_LOGITS_LOG_TP,
-                                   SeamFault.LOCAL_NORMALIZATION])
+@pytest.mark.parametrize("fault", ["unmasked_partition_targets", "partition_off_by_one", "smoothing_local_vocab",
+                                   "gathered_logits_log_tp", "local_normalization"])
 def test_partition_and_group_faults_are_invisible_on_one_rank(fault):
     """docs/faults.md rows 1, 4, 6, 7: TP=1 (and a token group of one) is clean; test_fused_tp shows them at 2."""
     (loss, dh, dw), _ = f64_run(dict(label_smoothing=0.1))

@@ -15,11 +15,12 @@ import torch
 from test_fused import OPTIONS, N, V, assert_close_to, contract_for, make_inputs, oracle, run_fused
 from torch import nn
 
-from ce_guard import fused
+from ce_guard import fused, fused_kernel
 from ce_guard._matmul import FP32_REDUCTION_BLOCK, reduction_blocks
 from ce_guard.contract import CEContract
-from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
+from ce_guard.fused_chunk import ChunkMath, torch_chunk
+from ce_guard.testing import LAYER_FAULTS, faulty_chunk_math
 
 KERNEL_OPTIONS = [option for option in OPTIONS if "softcap" not in OPTIONS[option]]  # softcap stays on torch
 
@@ -43,8 +44,8 @@ def run_kernel(fn, *args, **kwargs):
         raise
 
 
-def honest_math(contract: CEContract):
-    return fused._resolve_math(contract, None, 2)
+def honest_math(contract: CEContract) -> ChunkMath:
+    return ChunkMath.of(contract)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -54,8 +55,8 @@ def test_kernel_chunk_equals_torch_chunk(kernel_device, option, dtype):
     hidden, weight, targets = hidden.to(kernel_device), weight.to(kernel_device), targets.to(kernel_device)
     m = honest_math(contract_for(option, "mean")[0])
     row_scale = torch.tensor(1 / 37, dtype=torch.float32, device=kernel_device)
-    loss, grad = run_kernel(fused._kernel_chunk, hidden, weight, targets, row_scale, m, True)
-    ref_loss, ref_grad = fused._torch_chunk(hidden, weight, targets, row_scale, m, True)
+    loss, grad = run_kernel(fused_kernel.kernel_chunk, hidden, weight, targets, row_scale, m, True)
+    ref_loss, ref_grad = torch_chunk(hidden, weight, targets, row_scale, m, True)
     assert grad.dtype == dtype and grad.shape == (N, V)
     torch.testing.assert_close(loss, ref_loss.float(), rtol=1e-5, atol=1e-5)
     # The torch path rounds its fp32 gradient to the input dtype later; the kernel rounds it on store.
@@ -68,9 +69,9 @@ def test_kernel_without_gradients_leaves_the_logits(kernel_device):
     hidden, weight, targets = hidden.to(kernel_device), weight.to(kernel_device), targets.to(kernel_device)
     m = honest_math(CEContract(vocab_size=V, label_smoothing=0.1))
     row_scale = torch.tensor(1.0, device=kernel_device)
-    loss, grad = run_kernel(fused._kernel_chunk, hidden, weight, targets, row_scale, m, False)
+    loss, grad = run_kernel(fused_kernel.kernel_chunk, hidden, weight, targets, row_scale, m, False)
     assert grad is None
-    torch.testing.assert_close(loss, fused._torch_chunk(hidden, weight, targets, row_scale, m, False)[0])
+    torch.testing.assert_close(loss, torch_chunk(hidden, weight, targets, row_scale, m, False)[0])
 
 
 @pytest.mark.parametrize("token_chunk", [5, 47, None])
@@ -79,7 +80,7 @@ def test_kernel_without_gradients_leaves_the_logits(kernel_device):
 def test_layer_on_the_kernel_path_matches_float64_pytorch(kernel_device, monkeypatch, reduction, option,
                                                           token_chunk):
     # Force the kernel path on the CPU interpreter too: the rule minus its CUDA check.
-    monkeypatch.setattr(fused, "_kernel_applies", lambda hidden, m: fused._kernel_covers(m, hidden.dtype))
+    monkeypatch.setattr(fused_kernel, "kernel_applies", lambda hidden, m: fused_kernel.kernel_covers(m, hidden.dtype))
     hidden, weight, targets = make_inputs(ignore_every=OPTIONS[option].get("ignore_every", 0))
     contract, kwargs = contract_for(option, reduction)
     moved = [t.to(kernel_device) for t in (hidden, weight, targets)]
@@ -92,7 +93,7 @@ def test_layer_on_the_kernel_path_matches_float64_pytorch(kernel_device, monkeyp
 
 @pytest.mark.parametrize("ignore_every", [1, 2])
 def test_kernel_path_skips_ignored_tokens_exactly(kernel_device, monkeypatch, ignore_every):
-    monkeypatch.setattr(fused, "_kernel_applies", lambda hidden, m: fused._kernel_covers(m, hidden.dtype))
+    monkeypatch.setattr(fused_kernel, "kernel_applies", lambda hidden, m: fused_kernel.kernel_covers(m, hidden.dtype))
     hidden, weight, targets = make_inputs(ignore_every=ignore_every)
     hidden[::2] = float("nan")  # ignored rows add nothing, not even a NaN
     contract = CEContract(vocab_size=V, z_loss=1e-3)
@@ -120,7 +121,7 @@ def test_token_chunks_gather_visible_ids_only_when_asked():
 
 
 def test_kernel_covers_honest_mean_and_sum_only():
-    covers = fused._kernel_covers
+    covers = fused_kernel.kernel_covers
     assert covers(honest_math(CEContract(vocab_size=V)), torch.bfloat16)
     assert covers(honest_math(CEContract(vocab_size=V, reduction="sum", label_smoothing=0.1, z_loss=1e-3)),
                   torch.float32)
@@ -131,13 +132,13 @@ def test_kernel_covers_honest_mean_and_sum_only():
     assert not covers(honest_math(CEContract(vocab_size=V, accum_dtype=torch.bfloat16)), torch.float32)
     assert not covers(honest_math(CEContract(vocab_size=V)), torch.float64)
     assert covers(honest_math(CEContract(vocab_size=V, layout="[S,B,V/TP]", vocab_end=62)), torch.bfloat16)
-    for fault in SeamFault:  # every fault keeps the torch math its signature was documented on
-        assert not covers(fused._resolve_math(CEContract(vocab_size=V), fault, 2), torch.bfloat16)
+    for fault in LAYER_FAULTS:  # every fault keeps the torch math its signature was documented on
+        assert not covers(faulty_chunk_math(CEContract(vocab_size=V), fault, 2), torch.bfloat16)
 
 
 def test_kernel_is_never_chosen_for_cpu_tensors():
     m = honest_math(CEContract(vocab_size=V))
-    assert not fused._kernel_applies(torch.zeros(2, 3, dtype=torch.bfloat16), m)
+    assert not fused_kernel.kernel_applies(torch.zeros(2, 3, dtype=torch.bfloat16), m)
 
 
 def _operand(device_is_cuda: bool, dtype: torch.dtype, columns: int) -> SimpleNamespace:
@@ -167,7 +168,7 @@ def test_fp32_products_on_cuda_sum_their_reduction_in_blocks(columns):
     (3, 10 ** 10, 2, 1),        # at least one token
 ])
 def test_kernel_token_chunk(n_tokens, vocab, itemsize, expected):
-    assert fused._kernel_token_chunk(n_tokens, vocab, itemsize) == expected
+    assert fused_kernel.kernel_token_chunk(n_tokens, vocab, itemsize) == expected
 
 
 def test_unit_upstream_hands_over_the_saved_grads_and_other_upstreams_scale_them():
@@ -186,10 +187,10 @@ def test_unit_upstream_hands_over_the_saved_grads_and_other_upstreams_scale_them
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_scale_cast_rounds_the_fp32_product_once_like_torch(kernel_device, dtype):
-    source = torch.randn(3 * fused.SCALE_CAST_BLOCK + 5, generator=torch.Generator().manual_seed(0)) * 1e-3
+    source = torch.randn(3 * fused_kernel.SCALE_CAST_BLOCK + 5, generator=torch.Generator().manual_seed(0)) * 1e-3
     scale = torch.tensor(0.37)
     out = torch.empty_like(source, dtype=dtype, device=kernel_device)
-    run_kernel(fused._scale_cast, source.to(kernel_device), scale.to(kernel_device), out)
+    run_kernel(fused_kernel.scale_cast, source.to(kernel_device), scale.to(kernel_device), out)
     expected = torch.mul(source, scale, out=torch.empty_like(source, dtype=dtype))
     if dtype == torch.bfloat16 and kernel_device == "cpu":
         # Triton's CPU interpreter truncates to bf16 where the GPU rounds to nearest even (tests/test_gpu.py

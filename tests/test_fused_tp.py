@@ -17,10 +17,9 @@ import torch.distributed as dist
 from dist_helpers import run_distributed
 from torch import nn
 
-from ce_guard import fused
+from ce_guard import fused_kernel
 from ce_guard.contract import CEContract
-from ce_guard.faults import SeamFault
-from ce_guard.fused import FusedLinearCrossEntropy
+from ce_guard.testing import fused_layer
 
 pytestmark = pytest.mark.distributed
 
@@ -42,8 +41,8 @@ def _inputs(n, *, seed, dtype=torch.float64):
 
 
 def _run(hidden, weight, targets, contract, *, fault=None, upstream=None, token_chunk=7):
-    head = FusedLinearCrossEntropy(hidden.shape[-1], contract, weight=nn.Parameter(weight.clone()),
-                                   token_chunk=token_chunk, fault=fault)
+    head = fused_layer(hidden.shape[-1], contract, weight=nn.Parameter(weight.clone()), token_chunk=token_chunk,
+                       fault=fault)
     h = hidden.clone().requires_grad_()
     loss = head(h, targets)
     upstream = torch.ones_like(loss) if upstream is None else upstream
@@ -107,7 +106,7 @@ def _global_token_cases(rank, group):
     for grad_sync in ("average", "sum"):
         out[f"global_{grad_sync}"] = _run(hidden, weight, targets, CEContract(**base, grad_sync=grad_sync))
     out["global_local_fault"] = _run(hidden, weight, targets, CEContract(**base),
-                                     fault=SeamFault.LOCAL_NORMALIZATION)
+                                     fault="local_normalization")
     return out
 
 
@@ -120,9 +119,9 @@ def _tp_fault_cases(rank, group):
         contract = CEContract(vocab_size=V, reduction="none", label_smoothing=smoothing, layout="[S,B,V/TP]",
                               vocab_start=start, vocab_end=end, tp_group=group, accum_dtype=torch.float64)
         out[f"honest_{smoothing}"] = _run(hidden, weight[start:end], targets, contract)
-        for fault in (SeamFault.UNMASKED_PARTITION_TARGETS, SeamFault.PARTITION_OFF_BY_ONE,
-                      SeamFault.SMOOTHING_LOCAL_VOCAB, SeamFault.GATHERED_LOGITS_LOG_TP):
-            out[f"{fault.value}_{smoothing}"] = _run(hidden, weight[start:end], targets, contract, fault=fault)
+        for fault in ("unmasked_partition_targets", "partition_off_by_one", "smoothing_local_vocab",
+                      "gathered_logits_log_tp"):
+            out[f"{fault}_{smoothing}"] = _run(hidden, weight[start:end], targets, contract, fault=fault)
     return out
 
 
@@ -139,14 +138,14 @@ def _kernel_cases(rank, group):
     for reduction, token_chunk in (("mean", 8), ("sum", None)):
         options = dict(vocab_size=V, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
         whole = _run(hidden, weight, targets, CEContract(**options), token_chunk=token_chunk)
-        forced = fused._kernel_applies
-        fused._kernel_applies = lambda h, m: fused._kernel_covers(m, h.dtype)
+        forced = fused_kernel.kernel_applies
+        fused_kernel.kernel_applies = lambda h, m: fused_kernel.kernel_covers(m, h.dtype)
         try:
             tp = _run(hidden, weight[start:end], targets, token_chunk=token_chunk,
                       contract=CEContract(**options, layout="[S,B,V/TP]", vocab_start=start, vocab_end=end,
                                           tp_group=group))
         finally:
-            fused._kernel_applies = forced
+            fused_kernel.kernel_applies = forced
         out[f"kernel_tp_{reduction}"] = (tp, (whole[0], whole[1], whole[2][start:end]))
     return out
 

@@ -67,7 +67,8 @@ def tp_cases(rank, world):
                  float((one.grad_weight[rows] - two.grad_weight).abs().max())]
 
     contract = _tp_contract(rank, world, label_smoothing=0.1)
-    for fault in (None, "unmasked_targets", "off_by_one", "smoothing_local_vocab", "log_tp_offset"):
+    for fault in (None, "unmasked_partition_targets", "partition_off_by_one", "smoothing_local_vocab",
+                  "gathered_logits_log_tp"):
         out[f"diag_{fault}"] = _diagnose(hidden, weight[rows], targets, contract, fault, TP=world)
     # Every slice's rows share one mean: local and global mean logits agree, local-V smoothing moves no loss.
     slice_means = weight.reshape(world, V // world, D).mean(dim=1).repeat_interleave(V // world, dim=0)
@@ -171,7 +172,7 @@ def test_clean_tp_path_is_within_budget(tp_results):
     assert all(r["diag_None"][0] == "within_budget" for r in tp_results), [r["diag_None"] for r in tp_results]
 
 
-@pytest.mark.parametrize("fault", ["unmasked_targets", "off_by_one"])
+@pytest.mark.parametrize("fault", ["unmasked_partition_targets", "partition_off_by_one"])
 def test_partition_masking_faults_are_target_masking(tp_results, fault):
     causes = [r[f"diag_{fault}"] for r in tp_results]
     assert all(c == "target_masking" for c, _ in causes), causes
@@ -191,7 +192,7 @@ def test_local_vocab_smoothing_without_a_loss_offset_is_named_from_the_gradients
 
 
 def test_gathered_logits_offset_is_log_tp(tp_results):
-    cause, summary = tp_results[0]["diag_log_tp_offset"]
+    cause, summary = tp_results[0]["diag_gathered_logits_log_tp"]
     assert cause == "log_tp_offset" and "= log(2)" in summary and f"{math.log(2):.5f}" in summary
 
 

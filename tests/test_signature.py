@@ -10,11 +10,10 @@ from dist_helpers import run_distributed
 from ce_guard import CEContract, SeamRecord, check_seam
 from ce_guard.budget import _expected_mean_error, native_error_budget
 from ce_guard.diagnosis import Cause, margins
-from ce_guard.fused import FusedLinearCrossEntropy
-from ce_guard.faults import SeamFault
 from ce_guard.parity import SeamOutputs
 from ce_guard.reference import reference_linear_cross_entropy
 from ce_guard.signature import fit_signatures
+from ce_guard.testing import FaultyFusedLinearCrossEntropy
 
 N, D, V = 2048, 128, 32768  # the shape at which a 1.002x bf16 scale used to be named at 4 of 12 checks
 
@@ -142,8 +141,8 @@ def test_bf16_accumulators_under_bf16_inputs_are_named_from_the_fit(chunks):
     for seed in range(1, 7):
         hidden, weight, targets = _inputs(seed, torch.bfloat16)
         contract = CEContract(vocab_size=V)
-        layer = FusedLinearCrossEntropy(D, contract, weight=torch.nn.Parameter(weight.clone()),
-                                        fault=SeamFault.BF16_ACCUMULATORS, token_chunk=math.ceil(N / chunks))
+        layer = FaultyFusedLinearCrossEntropy(D, contract, weight=torch.nn.Parameter(weight.clone()),
+                                              fault="bf16_accumulators", token_chunk=math.ceil(N / chunks))
         result = _check(hidden, weight, targets, contract, _layer_outputs(layer, hidden, targets))
         assert result.report.grad_hidden_rel_err <= result.report.budget.grad_hidden_rel
         causes.append(result.diagnosis.cause)
@@ -186,8 +185,8 @@ def test_bf16_accumulators_within_every_budget_are_flagged_by_the_softmax_spread
     it cancels in the mean. At this seed loss and gradients are within budget; the per-token spread is not."""
     hidden, weight, targets = _inputs(4, torch.bfloat16, pad=0.0)
     contract = CEContract(vocab_size=V)
-    layer = FusedLinearCrossEntropy(D, contract, weight=torch.nn.Parameter(weight.clone()),
-                                    fault=SeamFault.BF16_ACCUMULATORS, token_chunk=math.ceil(N / chunks))
+    layer = FaultyFusedLinearCrossEntropy(D, contract, weight=torch.nn.Parameter(weight.clone()),
+                                          fault="bf16_accumulators", token_chunk=math.ceil(N / chunks))
     result = _check(hidden, weight, targets, contract, _layer_outputs(layer, hidden, targets))
     m = margins(result.report)
     assert max(m["loss"], m["grad_hidden"], m["grad_weight"]) <= 1 < m["softmax"]

@@ -5,21 +5,27 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import Callback
 
 from ce_guard.callbacks import find_guarded_module
-from ce_guard.faults import SeamFault
-from ce_guard.fused import FusedLinearCrossEntropy
+from ce_guard.testing import LAYER_FAULTS, FaultyFusedLinearCrossEntropy
 
 
 class InjectSeamFault(Callback):
     """From optimizer step ``step`` on, the guarded output layer computes ``fault`` on the same weight.
 
-    The layer is replaced by a :class:`~ce_guard.fused.FusedLinearCrossEntropy` that shares its weight (so
-    the optimizer state carries on) and keeps declaring the honest contract.
+    The layer is replaced by a :class:`~ce_guard.testing.FaultyFusedLinearCrossEntropy` that shares its
+    weight (so the optimizer state carries on) and keeps declaring the honest contract.
+
+    Args:
+        step: the first optimizer step that computes the fault.
+        fault: one of ``ce_guard.testing.LAYER_FAULTS``.
+        fault_scale: the k of ``grad_scale``.
     """
 
     def __init__(self, step: int, fault: str, fault_scale: int = 2) -> None:
         if step < 0:
             raise ValueError(f"`step` must be >= 0, got {step}.")
-        self.step, self.fault, self.fault_scale = step, SeamFault(fault), fault_scale
+        if fault not in LAYER_FAULTS:
+            raise ValueError(f"`fault` must be one of {list(LAYER_FAULTS)}, got {fault!r}.")
+        self.step, self.fault, self.fault_scale = step, fault, fault_scale
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step != self.step:
@@ -27,6 +33,7 @@ class InjectSeamFault(Callback):
         old = find_guarded_module(pl_module)
         name = next(n for n, m in pl_module.named_modules() if m is old)
         parent, _, attr = name.rpartition(".")
-        new = FusedLinearCrossEntropy(old.hidden_size, old.ce_contract, weight=old.weight,
-                                      token_chunk=old.token_chunk, fault=self.fault, fault_scale=self.fault_scale)
+        new = FaultyFusedLinearCrossEntropy(old.hidden_size, old.ce_contract, weight=old.weight,
+                                            token_chunk=old.token_chunk, fault=self.fault,
+                                            fault_scale=self.fault_scale)
         setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, new)

@@ -5,7 +5,7 @@ ce_guard's vocab-parallel :class:`~ce_guard.fused.FusedLinearCrossEntropy` over 
 (or Megatron-core's, :class:`~ce_guard.adapters.MegatronOutputLayer`), normalised by the global token count
 of the ``data_parallel`` dim, and the plan of ``parallelize.py`` is applied (TP, then FSDP2). On one device
 ce_guard's layer holds the whole vocabulary. Either way the layer declares an honest ``CEContract``;
-``fault`` makes ce_guard's compute a broken one, for demonstrations.
+``fault`` swaps in ``ce_guard.testing``'s faulty layer, which computes a broken one, for demonstrations.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from ce_guard.contract import CEContract
 from ce_guard.demos.data import IGNORE_INDEX
 from ce_guard.demos.hybrid import HybridConfig, HybridLM
 from ce_guard.demos.parallelize import apply_compile, apply_cuda_graphs, apply_fsdp, apply_tp
-from ce_guard.faults import SeamFault
 from ce_guard.fused import FusedLinearCrossEntropy
+from ce_guard.testing import LAYER_FAULTS, fused_layer
 
 OUTPUT_LAYERS = ("ce_guard", "megatron")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -53,8 +53,9 @@ class HybridLitModule(pl.LightningModule):
             its layout is ``[S,B,V/TP]`` either way.
         output_layer: ``"ce_guard"`` (its fused layer) or ``"megatron"`` (Megatron-core's ColumnParallelLinear
             and vocab-parallel cross-entropy, under ``ModelParallelStrategy`` only; the ``megatron`` extra).
-        fault: for demonstrations: a :class:`~ce_guard.faults.SeamFault` value (e.g. ``"grad_scale"``); ce_guard's
-            output layer computes that broken contract while declaring the honest one.
+        fault: for demonstrations: a switch of ``ce_guard.testing.LAYER_FAULTS`` (e.g. ``"grad_scale"``); the
+            output layer is then ``ce_guard.testing.FaultyFusedLinearCrossEntropy``, which computes that broken
+            contract while declaring the honest one.
         fault_scale: the integer k of ``grad_scale``.
         compile: ``torch.compile`` each block (before FSDP; see ``parallelize.apply_compile``); not under TP.
         compile_mode: ``torch.compile``'s mode for the blocks: ``"reduce-overhead"`` replays each compiled
@@ -100,8 +101,8 @@ class HybridLitModule(pl.LightningModule):
             raise ValueError(f"Expected `warmup_steps` to be an int >= 0, got {warmup_steps!r}.")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"Expected `min_lr_ratio` in [0, 1], got {min_lr_ratio}.")
-        if fault is not None and fault not in set(SeamFault):
-            raise ValueError(f"Expected `fault` to be None or one of {[f.value for f in SeamFault]}, got {fault!r}.")
+        if fault is not None and fault not in LAYER_FAULTS:
+            raise ValueError(f"Expected `fault` to be None or one of {list(LAYER_FAULTS)}, got {fault!r}.")
         if output_layer not in OUTPUT_LAYERS:
             raise ValueError(f"Expected `output_layer` to be one of {OUTPUT_LAYERS}, got {output_layer!r}.")
         if compile_mode not in COMPILE_MODES:
@@ -114,7 +115,6 @@ class HybridLitModule(pl.LightningModule):
                              " runs Megatron's own code; the injected faults live in ce_guard's layer.")
         self.save_hyperparameters()
         self.config = config
-        self.fault = None if fault is None else SeamFault(fault)
         self.model: HybridLM | None = None  # built in configure_model, once the device mesh is known
         self._graphed = False
 
@@ -163,9 +163,9 @@ class HybridLitModule(pl.LightningModule):
 
     def _output(self, contract: CEContract, rows: slice) -> FusedLinearCrossEntropy:
         """The guarded output layer, holding ``rows`` of one full output weight drawn on every rank alike."""
-        return FusedLinearCrossEntropy(self.config.d_model, contract, weight=self._output_weight(rows),
-                                       token_chunk=self.hparams.token_chunk, fault=self.fault,
-                                       fault_scale=self.hparams.fault_scale)
+        return fused_layer(self.config.d_model, contract, weight=self._output_weight(rows),
+                           token_chunk=self.hparams.token_chunk, fault=self.hparams.fault,
+                           fault_scale=self.hparams.fault_scale)
 
     def _megatron_output(self, tp: DeviceMesh, dp: DeviceMesh, rows: slice) -> nn.Module:
         """Megatron-core's output layer on the mesh's TP dim; the same weight rows as ce_guard's would hold."""

@@ -1,0 +1,153 @@
+"""The one table of seam faults that demos and tests inject, and what the guard must name for each.
+
+A row's ``switch`` is the ``fault=`` value of :class:`~ce_guard.testing.FaultyFusedLinearCrossEntropy`
+(ce_guard's fused layer breaking one promise) and of ``tests/broken_paths.py`` (a plain vocab-parallel
+cross-entropy that shares no code with ce_guard): one switch per distinct way of breaking the seam. Its
+``cause`` is the public name of the fault (:class:`~ce_guard.diagnosis.Cause`, a heading of docs/faults.md);
+``variants`` maps each input dtype the fault is named in to the ``Diagnosis.variant`` the first check gives.
+``tests/test_injections.py`` drives every row on its meshes; ``configs/faults`` and ``configs/parity``
+are checked against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ce_guard.diagnosis import Cause, catalogue_entry
+
+__all__ = ["DTYPES", "INJECTIONS", "MESHES", "Injection", "injection", "switches"]
+
+Mesh = Literal["TP=1", "TP=2", "DP=2", "SP"]
+MESHES = ("TP=1", "TP=2", "DP=2", "SP")  # one rank; 2 vocab slices; 2 token ranks; 2 sequence shards (TP=2)
+DTYPES = ("float32", "bfloat16")  # of the hidden states and weight
+
+
+@dataclass(frozen=True, kw_only=True)
+class Injection:
+    """One switch: how it breaks the seam, where it is implemented, and what the guard names.
+
+    Args:
+        switch: the ``fault=`` value.
+        what: the mistake, in one line.
+        cause: the fault's public name.
+        variants: input dtype -> ``Diagnosis.variant`` at the first check (tests/test_injections.py's inputs),
+            for each dtype the tests or the calibration (``benchmarks/calibrate_guard.py power``) show it named in.
+        layer_variants: where the faulty layer's signature differs from the broken path's, its own variants.
+        meshes: where it shows: a partition fault needs vocab slices, a normalisation owner several ranks.
+        layer: :class:`~ce_guard.testing.FaultyFusedLinearCrossEntropy` implements it.
+        broken_path: ``tests/broken_paths.py`` implements it.
+        contract: what the contract must declare for the fault to have something to break.
+        fault_scale: the factor k of ``grad_scale`` (the layer's ``fault_scale``, the broken path's ``scale``).
+        chunks: the broken path's blocks of a bf16 running sum, where the default 8 is too few to show.
+    """
+
+    switch: str
+    what: str
+    cause: Cause
+    variants: Mapping[str, str]
+    layer_variants: Mapping[str, str] = field(default_factory=dict)
+    meshes: tuple[Mesh, ...]
+    layer: bool = False
+    broken_path: bool = False
+    contract: Mapping[str, float] = field(default_factory=dict)
+    fault_scale: float | None = None
+    chunks: int | None = None
+
+    def __post_init__(self) -> None:
+        where = f"Injection {self.switch!r}"
+        if not (self.layer or self.broken_path):
+            raise ValueError(f"{where}: expected `layer` or `broken_path` to implement it, found neither.")
+        if not self.variants or set(self.variants) - set(DTYPES) or set(self.layer_variants) - set(self.variants):
+            raise ValueError(f"{where}: `variants` keys must be some of {DTYPES} and hold `layer_variants`' keys,"
+                             f" found {sorted(self.variants)} and {sorted(self.layer_variants)}.")
+        wrong = [v for v in (*self.variants.values(), *self.layer_variants.values())
+                 if v.split("/")[0] != self.cause.value]
+        if wrong:
+            raise ValueError(f"{where}: variants {wrong} must start with the cause {self.cause.value!r}.")
+        if not self.meshes or set(self.meshes) - set(MESHES):
+            raise ValueError(f"{where}: `meshes` must be some of {MESHES}, found {self.meshes}.")
+
+    @property
+    def anchor(self) -> str:
+        """The catalogue entry, e.g. ``docs/faults.md#5-ignore_index_leak``."""
+        return catalogue_entry(self.cause)
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        return tuple(self.variants)
+
+    def variant(self, implementation: str, dtype: str) -> str:
+        """The variant the first check names for ``implementation`` (``"layer"`` or ``"broken_path"``) in ``dtype``."""
+        if implementation == "layer" and dtype in self.layer_variants:
+            return self.layer_variants[dtype]
+        return self.variants[dtype]
+
+
+def _both(variant: str) -> dict[str, str]:
+    return {"float32": variant, "bfloat16": variant}
+
+
+INJECTIONS: tuple[Injection, ...] = (
+    Injection(switch="local_normalization", what="each rank divides by its own visible tokens, the contract says"
+              " the global count", cause=Cause.NORMALIZATION_OWNER, variants=_both("normalization_owner/token_count"),
+              meshes=("DP=2",), layer=True, broken_path=True),
+    Injection(switch="shard_normalization", what="an SP rank divides by its own sequence shard's visible tokens",
+              cause=Cause.NORMALIZATION_OWNER, variants={"float32": "normalization_owner/token_count"},
+              meshes=("SP",), broken_path=True),
+    Injection(switch="grad_scale", what="loss and gradients times k (a grad-accumulation divide missing)",
+              cause=Cause.NORMALIZATION_SCALE, variants=_both("normalization_scale/integer_k"),
+              meshes=("TP=1", "TP=2"), layer=True, broken_path=True, fault_scale=2),
+    Injection(switch="bf16_accumulators", what="max, denominator and dW held in bf16 under an fp32 contract",
+              cause=Cause.ACCUMULATOR_DTYPE,
+              variants={"float32": "accumulator_dtype/precision", "bfloat16": "accumulator_dtype/narrow_softmax"},
+              layer_variants={"bfloat16": "accumulator_dtype/different_factors"}, meshes=("TP=1",), layer=True,
+              broken_path=True),
+    Injection(switch="bf16_grad_hidden_sum", what="dL/dh summed over vocab blocks in bf16 (Cut CE 25.1.1's dL/de)",
+              cause=Cause.ACCUMULATOR_DTYPE, variants=_both("accumulator_dtype/hidden_gradient_sum"),
+              meshes=("TP=1",), broken_path=True, chunks=128),
+    Injection(switch="unmasked_partition_targets", what="other slices' targets clamped into this slice, not masked",
+              cause=Cause.TARGET_MASKING, variants=_both("target_masking/slice_edges"), meshes=("TP=2",),
+              layer=True, broken_path=True),
+    Injection(switch="partition_off_by_one", what="each slice also admits target == vocab_end",
+              cause=Cause.TARGET_MASKING, variants=_both("target_masking/slice_edges"), meshes=("TP=2",),
+              layer=True, broken_path=True),
+    Injection(switch="ignore_in_denominator", what="ignored tokens counted in the mean's divisor",
+              cause=Cause.IGNORE_INDEX_LEAK, variants=_both("ignore_index_leak/padding_in_divisor"),
+              meshes=("TP=1",), layer=True, broken_path=True),
+    Injection(switch="ignored_as_class_zero", what="ignored targets gathered as class 0 and kept in the loss",
+              cause=Cause.IGNORE_INDEX_LEAK, variants={"float32": "ignore_index_leak/ignored_rows"},
+              meshes=("TP=1",), broken_path=True),
+    Injection(switch="smoothing_local_vocab", what="label smoothing's uniform term over V/TP, not V",
+              cause=Cause.LABEL_SMOOTHING_LOCAL_V, variants=_both("label_smoothing_local_v/loss_offset"),
+              meshes=("TP=2",), layer=True, broken_path=True, contract={"label_smoothing": 0.1}),
+    Injection(switch="gathered_logits_log_tp", what="the reduced denominator summed over TP again: loss + log(TP)",
+              cause=Cause.LOG_TP_OFFSET, variants=_both("log_tp_offset/denominator_twice"), meshes=("TP=2",),
+              layer=True, broken_path=True),
+    Injection(switch="missing_z_loss", what="the contract's z-loss dropped", cause=Cause.Z_LOSS_BOUNDARY,
+              variants=_both("z_loss_boundary/missing"), meshes=("TP=1",), layer=True, broken_path=True,
+              contract={"z_loss": 1e-3}),
+    Injection(switch="coarse_backward", what="backward drops small dL/dz entries (Cut CE's filter, exaggerated)",
+              cause=Cause.GRADIENT_APPROXIMATION, variants=_both("gradient_approximation/skipped_terms"),
+              meshes=("TP=1",), broken_path=True),
+    Injection(switch="nan", what="a NaN in the loss", cause=Cause.NON_FINITE, variants={"float32": "non_finite/values"},
+              meshes=("TP=1",), broken_path=True),
+    Injection(switch="partial_grad_hidden", what="dL/dh left unreduced over TP", cause=Cause.TP_GRAD_REDUCTION,
+              variants=_both("tp_grad_reduction/partial"), meshes=("TP=2",), broken_path=True),
+    Injection(switch="doubled_grad_hidden", what="dL/dh all-reduced over TP twice", cause=Cause.TP_GRAD_REDUCTION,
+              variants=_both("tp_grad_reduction/doubled"), meshes=("TP=2",), broken_path=True),
+)
+
+
+def injection(switch: str) -> Injection:
+    """The row of ``switch``; a ValueError naming the switches there are otherwise."""
+    for row in INJECTIONS:
+        if row.switch == switch:
+            return row
+    raise ValueError(f"unknown fault switch {switch!r}; expected one of {[row.switch for row in INJECTIONS]}.")
+
+
+def switches(*, layer: bool = False, broken_path: bool = False) -> tuple[str, ...]:
+    """The switches the faulty layer (``layer=True``) or the broken path (``broken_path=True``) implements."""
+    return tuple(row.switch for row in INJECTIONS if (layer and row.layer) or (broken_path and row.broken_path))
