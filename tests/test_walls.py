@@ -21,7 +21,9 @@ from ce_guard import _matmul
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ce_guard"
 
-FUSED_PATHS = ("ce_guard.fused", "ce_guard.fused_kernel", "ce_guard._triton_ce", "ce_guard.adapters", "ce_guard.testing")
+# ce_guard's layer (its chunk math, its CUDA kernels), the peers' adapters, and the layer that injects faults.
+FUSED_PATHS = ("ce_guard.fused", "ce_guard.fused_chunk", "ce_guard.fused_kernel", "ce_guard._triton_ce",
+               "ce_guard.adapters", "ce_guard.testing.faulty_layer")
 # What the reference and a fused path may both import: no loss math lives in these (see each module's docstring).
 NEUTRAL = {"ce_guard", "ce_guard._dist", "ce_guard.contract", "ce_guard._matmul"}
 CORE = ("ce_guard.contract", "ce_guard.reference", "ce_guard.budget", "ce_guard.parity", "ce_guard.signature",
@@ -71,8 +73,9 @@ def test_the_reference_reaches_no_fused_path():
     assert not {m for m in reached if _is_fused(m)}, sorted(reached)
 
 
-def test_no_fused_path_reaches_the_reference_or_the_comparison():
-    for name in (m for m in MODULES if _is_fused(m)):
+def test_no_production_fused_path_reaches_the_reference_or_the_comparison():
+    """(The faulty layer of ``ce_guard.testing`` reads the fault table, which names the diagnosis' causes.)"""
+    for name in (m for m in MODULES if _is_fused(m) and not m.startswith("ce_guard.testing")):
         reached = _closure(name)
         assert "ce_guard.reference" not in reached, (name, sorted(reached))
         assert not reached & {"ce_guard.parity", "ce_guard.check", "ce_guard.signature"}, (name, sorted(reached))
