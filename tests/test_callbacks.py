@@ -218,7 +218,27 @@ def test_a_check_that_fails_under_warn_is_kept_logged_and_training_continues(tmp
     assert resumed.missed == parity.missed
 
 
+def test_the_callbacks_thresholds_reach_every_check(tmp_path, monkeypatch):
+    from ce_guard import Thresholds
+    from ce_guard.callbacks import parity as parity_module
+
+    seen, real = [], parity_module.check_seam
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["thresholds"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(parity_module, "check_seam", spy)
+    strict = Thresholds(scale_cosine=0.9999)
+    t, _ = trainer(tmp_path, [CEParityCallback(every_n_steps=2, thresholds=strict)], max_steps=3)
+    t.fit(TinyLM(), token_loader())
+    assert seen == [strict, strict]
+    assert CEParityCallback().thresholds == Thresholds()
+
+
 def test_bad_arguments():
+    with pytest.raises(ValueError, match="`thresholds` must be None or a ce_guard.Thresholds"):
+        CEParityCallback(thresholds={"scale_cosine": 0.9})
     with pytest.raises(ValueError, match="`every_n_steps` must be an int >= 1"):
         CEParityCallback(every_n_steps=0)
     with pytest.raises(ValueError, match="`policy` must be one of"):

@@ -26,7 +26,7 @@ from ce_guard.bundle import Bundle, save_bundle
 from ce_guard.callbacks.drift import POLICIES, Policy, SeamDriftError
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
-from ce_guard.diagnosis import Cause, catalogue_entry
+from ce_guard.diagnosis import Cause, Thresholds, catalogue_entry
 from ce_guard.metrics import check_metrics, metric_key
 from ce_guard.receipt import append_receipt, drop_receipts_after
 from ce_guard.recording import SeamRecording, find_guarded_module
@@ -69,6 +69,8 @@ class CEParityCallback(Callback):
         budget_tokens: tokens the native error budget is measured on; ``safety`` multiplies it.
         run_dir: where receipts and bundles go; defaults to the Trainer's ``default_root_dir``.
         group_sizes: extra sizes a scale factor may be traced to; TP, SP, DP and grad_accum are filled in.
+        thresholds: the cut-offs of the verdict and the diagnosis (:class:`ce_guard.Thresholds`); the
+            calibrated defaults when None.
 
     Example:
         >>> trainer = Trainer(callbacks=[CEParityCallback(every_n_steps=100)])  # doctest: +SKIP
@@ -88,6 +90,7 @@ class CEParityCallback(Callback):
         safety: float = 4.0,
         run_dir: str | None = None,
         group_sizes: Mapping[str, int] | None = None,
+        thresholds: Thresholds | None = None,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
@@ -101,6 +104,8 @@ class CEParityCallback(Callback):
             raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
         if sample_tokens is not None and sample_tokens < 1:
             raise ValueError(f"`sample_tokens` must be None or >= 1, got {sample_tokens!r}.")
+        if thresholds is not None and not isinstance(thresholds, Thresholds):
+            raise ValueError(f"`thresholds` must be None or a ce_guard.Thresholds, got {type(thresholds).__name__}.")
         self.every_n_steps = every_n_steps
         self.every_n_steps_while_drifting = every_n_steps_while_drifting
         self.clean_checks_to_relax = clean_checks_to_relax
@@ -112,6 +117,7 @@ class CEParityCallback(Callback):
         self.safety = safety
         self.run_dir = run_dir
         self.extra_group_sizes = dict(group_sizes or {})
+        self.thresholds = thresholds or Thresholds()
         # Rank-invariant state (Lightning checkpoints callbacks from rank zero only).
         self.last_checked_step = -1
         self.history: list[dict[str, Any]] = []
@@ -218,7 +224,7 @@ class CEParityCallback(Callback):
         try:
             record = recording.to_record(self.replay_weight_grad)
             result = check_seam(record, contract, group_sizes=sizes, sample_tokens=self.sample_tokens,
-                                budget_tokens=self.budget_tokens, safety=self.safety)
+                                budget_tokens=self.budget_tokens, safety=self.safety, thresholds=self.thresholds)
             error = None
         except Exception as err:  # noqa: BLE001 - under `warn` a failed check must never end training
             if self.policy != "warn":
