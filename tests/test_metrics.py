@@ -11,7 +11,8 @@ from ce_guard import report, wandb_panels
 from ce_guard.check import SeamRecord, check_seam
 from ce_guard.contract import CEContract
 from ce_guard.metrics import BY_NAME, METRICS, REPORT_PANELS, SECTIONS, check_metrics, metric_key
-from ce_guard.parity import SeamOutputs, margins
+from ce_guard.diagnosis import margins
+from ce_guard.parity import SeamOutputs
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ce_guard"
 KEYS = {m.key for m in METRICS}
