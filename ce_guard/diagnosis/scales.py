@@ -52,7 +52,7 @@ def narrow_softmax_and_scale(r: ParityReport, sizes: Mapping[str, int], t: Thres
     A narrow accumulator carries a factor too (the mean's 1/count rounded), and tells itself apart by what a scale
     lacks: a per-token softmax spread wider than a pure scale's (or the native path's) rounding.
     """
-    fit, kappa = _fitted_scale(r, t)
+    fit, _ = _fitted_scale(r, t)
     if fit is None or not (fit.spread_sigmas() >= t.name_spread_sigmas and fit.softmax_excess >= t.narrow_softmax):
         return None
     return Diagnosis.of("accumulator_dtype/narrow_softmax_and_scale", True,
