@@ -90,7 +90,8 @@ def test_no_diagnosis_function_is_longer_than_sixty_lines():
                 assert len(inspect.getsourcelines(function)[0]) <= 60, f"{module.__name__}.{name}"
 
 
-DOCUMENTED = [importlib.import_module(f"ce_guard.diagnosis.{m.name}") for m in pkgutil.iter_modules(diagnosis.__path__)]
+DOCUMENTED = [importlib.import_module(f"ce_guard.diagnosis.{module.name}")
+              for module in pkgutil.iter_modules(diagnosis.__path__)]
 
 
 @pytest.mark.parametrize("module", [diagnosis, *DOCUMENTED, contract], ids=lambda m: m.__name__)

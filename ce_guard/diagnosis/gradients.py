@@ -59,8 +59,8 @@ def slice_edges(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Dia
                         f" {r.boundary_token_fraction:.1%} of tokens) at TP={r.tp_size}, slice"
                         f" [{contract.get('vocab_start')}, {contract.get('vocab_end')}): targets outside this"
                         " partition are clipped or masked off by one before the gather",
-                        {**core_evidence(r), "grad_weight_edge_row_share": edge, "grad_hidden_boundary_share": boundary,
-                         "boundary_token_fraction": r.boundary_token_fraction})
+                        {**core_evidence(r), "grad_weight_edge_row_share": edge,
+                         "grad_hidden_boundary_share": boundary, "boundary_token_fraction": r.boundary_token_fraction})
 
 
 def hidden_gradient_sum(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
@@ -74,10 +74,10 @@ def hidden_gradient_sum(r: ParityReport, sizes: Mapping[str, int], t: Thresholds
     if margins is None or coupling < t.rounding_coupling or margins["dL/dW"] > margins["dL/dh"]:
         return None
     return Diagnosis.of("accumulator_dtype/hidden_gradient_sum", True,
-                        f"{_hidden_head(r, margins, coupling)} (each element rounded relative to its own size; skipped"
-                        " terms give ~1): the hidden gradient carries a narrower dtype's rounding than the inputs': its"
-                        " sum over vocab blocks, or the logit gradient itself, is kept in bf16 or the input dtype",
-                        _hidden_evidence(r, margins, coupling))
+                        f"{_hidden_head(r, margins, coupling)} (each element rounded relative to its own size;"
+                        " skipped terms give ~1): the hidden gradient carries a narrower dtype's rounding than the"
+                        " inputs': its sum over vocab blocks, or the logit gradient itself, is kept in bf16 or the"
+                        " input dtype", _hidden_evidence(r, margins, coupling))
 
 
 def skipped_terms(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
@@ -87,9 +87,9 @@ def skipped_terms(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> D
     if margins is None or coupling >= t.rounding_coupling:
         return None
     return Diagnosis.of("gradient_approximation/skipped_terms", True,
-                        f"{_hidden_head(r, margins, coupling)} (the error ignores each element's size; a narrow running"
-                        " sum gives 2-4): the backward skips small terms (e.g. a gradient filter on small-probability"
-                        " blocks)", _hidden_evidence(r, margins, coupling))
+                        f"{_hidden_head(r, margins, coupling)} (the error ignores each element's size; a narrow"
+                        " running sum gives 2-4): the backward skips small terms (e.g. a gradient filter on"
+                        " small-probability blocks)", _hidden_evidence(r, margins, coupling))
 
 
 def loss_only(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
@@ -117,7 +117,8 @@ def precision(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagn
     return Diagnosis.of("accumulator_dtype/precision", True,
                         f"scale ratio {ratio:.4f}, cosine"
                         f" {r.grad_hidden_cosine if r.grad_hidden_cosine is not None else 1:.6f}, errors above budget"
-                        f" (loss {margins['loss']:.1f}x, dL/dh {margins['dL/dh']:.1f}x, dL/dW {margins['dL/dW']:.1f}x),"
+                        f" (loss {margins['loss']:.1f}x, dL/dh {margins['dL/dh']:.1f}x,"
+                        f" dL/dW {margins['dL/dW']:.1f}x),"
                         f" worst on {worst}: accumulators (running max, denominator or weight gradient) are kept in a"
                         " narrower dtype than the contract declares", evidence)
 
@@ -125,7 +126,7 @@ def precision(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagn
 def _hidden_gradient_alone(r: ParityReport, t: Thresholds) -> dict[str, float] | None:
     """The margins when the loss is within budget and dL/dh over it, still the reference's direction and more than a
     pure scale off; None otherwise."""
-    margins = excess(r, t)
+    margins = excess(r)
     if (r.grad_hidden_rel_err is None or margins["dL/dh"] <= 1.0 or margins["loss"] > 1.0
             or (r.grad_hidden_cosine or 0.0) < t.gradient_cosine
             or (r.grad_hidden_scaled_residual or 0.0) <= r.budget.grad_hidden_rel):
@@ -148,7 +149,8 @@ def _hidden_evidence(r: ParityReport, margins: dict[str, float], coupling: float
 def _rounding_sized(r: ParityReport, t: Thresholds) -> tuple[dict[str, float], dict] | None:
     """dL/dh's norm and direction kept to rounding: (the margins, the evidence); None otherwise."""
     ratio = r.grad_hidden_norm_ratio or 1.0
-    if abs(ratio - 1.0) > t.precision_ratio or (r.grad_hidden_cosine is not None and r.grad_hidden_cosine < t.gradient_cosine):
+    cosine = r.grad_hidden_cosine
+    if abs(ratio - 1.0) > t.precision_ratio or (cosine is not None and cosine < t.gradient_cosine):
         return None
-    margins = excess(r, t)
+    margins = excess(r)
     return margins, {**core_evidence(r), **{f"excess_{k}": v for k, v in margins.items()}}

@@ -1,9 +1,11 @@
 """The diagnosis as one ordered table: each rule tests one signature of the fault catalogue (docs/faults.md).
 
-The first rule that matches names the cause. A rule's ``after`` lists the rules that must be tried before it: those
-that can match the same report and must win there, or whose not matching its matcher takes for granted (the
-table's order honours every ``after``; tests/test_rules.py holds it to that). Nothing matched is said plainly:
-``unexplained/no_signature``.
+The first rule that matches names the cause. A rule's ``after`` names the rules that must be tried before it: those
+whose not matching its matcher takes for granted (``empty`` assumes the batch leaked nothing, ``loss_only`` that the
+check is over budget), and those seen matching the same report and winning it on the golden corpus
+(tests/assets/diagnoses.jsonl). tests/test_rules.py holds the order to every ``after``;
+tests/test_diagnosis_golden.py holds every winner of the corpus to the ``after`` of the rules it beat. Nothing
+matched is said plainly: ``unexplained/no_signature``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ if TYPE_CHECKING:
 
 Matcher = Callable[["ParityReport", Mapping[str, int], Thresholds], "Diagnosis | None"]
 
-# The ParityReport fields the verdict reads (over_budget).
+# Signals several rules read: the verdict's (over_budget), a shared scale's, the token counts a divisor may be, the
+# fit's, a loss offset's, a hidden gradient off alone, and a gradient kept to rounding.
 VERDICT = ("nonfinite", "loss_rel_err", "per_token_max_abs_diff", "grad_hidden_rel_err", "grad_weight_rel_err",
            "signature", "budget")
 SCALE = ("loss_ratio", "loss_ref", "grad_hidden_norm_ratio", "grad_hidden_cosine", "budget")
+DIVISORS = (*SCALE, "n_visible", "n_visible_shard", "n_visible_global", "n_tokens", "token_group_size", "divisor",
+            "contract")
 FIT = ("signature", "loss_rel_err", "loss_ratio", "loss_ref", "budget")
+OFFSET = ("loss_offset_per_token", "loss_ref", "budget")
 HIDDEN_ALONE = ("loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err", "grad_hidden_cosine",
                 "grad_hidden_scaled_residual", "grad_hidden_magnitude_coupling", "grad_hidden_norm_ratio", "budget")
 ROUNDING_SIZED = ("grad_hidden_norm_ratio", "grad_hidden_cosine", "loss_rel_err", "grad_hidden_rel_err",
@@ -40,7 +46,7 @@ class Rule:
 
     name: str
     variants: tuple[str, ...]  # "<cause>/<signature>", one cause per rule
-    signals: tuple[str, ...]  # ParityReport fields the matcher decides on (every diagnosis also reports core evidence)
+    signals: tuple[str, ...]  # ParityReport fields the matcher reads, besides the core evidence every rule reports
     match: Matcher
     after: tuple[str, ...] = ()
 
@@ -69,62 +75,56 @@ RULES: tuple[Rule, ...] = (
          match=outcomes.empty, after=("all_ignored",)),
     Rule(name="clean", variants=("within_budget/clean",), signals=VERDICT, match=outcomes.clean, after=("empty",)),
     Rule(name="narrow_softmax", variants=("accumulator_dtype/narrow_softmax",), signals=VERDICT,
-         match=outcomes.narrow_softmax, after=("empty",)),
+         match=outcomes.narrow_softmax),
     Rule(name="ignored_rows", variants=("ignore_index_leak/ignored_rows",),
          signals=("grad_hidden_ignored_norm", "grad_hidden_norm_ref", "budget"), match=outcomes.ignored_rows,
-         after=("clean",)),
-    Rule(name="token_count", variants=("normalization_owner/token_count",),
-         signals=(*SCALE, "n_visible", "n_visible_shard", "n_visible_global", "n_tokens", "token_group_size",
-                  "divisor", "contract"),
-         match=scales.token_count, after=("clean", "ignored_rows")),
-    Rule(name="padding_in_divisor", variants=("ignore_index_leak/padding_in_divisor",),
-         signals=(*SCALE, "n_tokens", "divisor", "contract"), match=scales.padding_in_divisor,
-         after=("token_count",)),
+         after=("non_finite",)),
+    Rule(name="token_count", variants=("normalization_owner/token_count",), signals=DIVISORS,
+         match=scales.token_count),
+    Rule(name="padding_in_divisor", variants=("ignore_index_leak/padding_in_divisor",), signals=DIVISORS,
+         match=scales.padding_in_divisor, after=("token_count",)),
     Rule(name="integer_k", variants=("normalization_scale/integer_k",), signals=SCALE, match=scales.integer_k,
          after=("padding_in_divisor",)),
-    Rule(name="denominator_twice", variants=("log_tp_offset/denominator_twice",),
-         signals=("loss_offset_per_token", "loss_ref", "budget"), match=offsets.denominator_twice,
-         after=("integer_k",)),
+    Rule(name="denominator_twice", variants=("log_tp_offset/denominator_twice",), signals=OFFSET,
+         match=offsets.denominator_twice),
     Rule(name="z_loss", variants=("z_loss_boundary/missing", "z_loss_boundary/doubled"),
-         signals=("loss_offset_per_token", "loss_ref", "mean_lse_sq", "contract", "budget"), match=offsets.z_loss,
-         after=("denominator_twice",)),
+         signals=(*OFFSET, "mean_lse_sq", "contract"), match=offsets.z_loss),
     Rule(name="smoothing_offset", variants=("label_smoothing_local_v/loss_offset",),
-         signals=("loss_offset_per_token", "loss_ref", "smoothing_local_offset", "fused_loss_tp_spread", "contract",
-                  "budget"),
-         match=offsets.smoothing_offset, after=("z_loss",)),
+         signals=(*OFFSET, "smoothing_local_offset", "fused_loss_tp_spread", "contract"),
+         match=offsets.smoothing_offset),
     Rule(name="tp_grad_reduction", variants=("tp_grad_reduction/partial", "tp_grad_reduction/doubled"),
          signals=("tp_size", "loss_rel_err", "grad_hidden_rel_err", "grad_hidden_tp_sum_rel_err",
                   "grad_hidden_norm_ratio", "grad_hidden_cosine", "budget"),
-         match=gradients.tp_grad_reduction, after=("smoothing_offset",)),
+         match=gradients.tp_grad_reduction),
     Rule(name="slice_edges", variants=("target_masking/slice_edges",),
          signals=("tp_size", "grad_weight_edge_row_share", "grad_hidden_boundary_share", "boundary_token_fraction",
                   "contract"),
-         match=gradients.slice_edges, after=("tp_grad_reduction",)),
+         match=gradients.slice_edges),
     Rule(name="narrow_softmax_and_scale", variants=("accumulator_dtype/narrow_softmax_and_scale",), signals=FIT,
-         match=scales.narrow_softmax_and_scale, after=("slice_edges",)),
+         match=scales.narrow_softmax_and_scale),
     Rule(name="rounded_reciprocal", variants=("accumulator_dtype/rounded_reciprocal",),
          signals=(*FIT, "divisor", "contract"), match=scales.rounded_reciprocal,
          after=("narrow_softmax_and_scale",)),
     Rule(name="fitted_factor", variants=("normalization_scale/fitted_factor",), signals=FIT,
-         match=scales.fitted_factor, after=("rounded_reciprocal",)),
+         match=scales.fitted_factor, after=("integer_k", "rounded_reciprocal")),
     Rule(name="different_factors", variants=("accumulator_dtype/different_factors",), signals=FIT,
          match=scales.different_factors, after=("fitted_factor",)),
     Rule(name="norm_factor", variants=("normalization_scale/norm_factor",),
          signals=(*SCALE, "grad_hidden_scaled_residual", "grad_weight_norm_ratio", "grad_weight_scaled_residual"),
-         match=scales.norm_factor, after=("different_factors",)),
+         match=scales.norm_factor, after=("fitted_factor",)),
     Rule(name="gradient_shift", variants=("label_smoothing_local_v/gradient_shift",),
          signals=("contract", "tp_size", "loss_offset_per_token", "smoothing_local_offset", "loss_ref",
                   "grad_hidden_rel_err", "grad_weight_rel_err", "grad_hidden_shift_share", "grad_weight_shift_share",
                   "budget"),
-         match=offsets.gradient_shift, after=("norm_factor",)),
+         match=offsets.gradient_shift, after=("smoothing_offset",)),
     Rule(name="hidden_gradient_sum", variants=("accumulator_dtype/hidden_gradient_sum",), signals=HIDDEN_ALONE,
-         match=gradients.hidden_gradient_sum, after=("gradient_shift",)),
+         match=gradients.hidden_gradient_sum),
     Rule(name="skipped_terms", variants=("gradient_approximation/skipped_terms",), signals=HIDDEN_ALONE,
          match=gradients.skipped_terms, after=("gradient_shift",)),
     Rule(name="loss_only", variants=("unexplained/loss_only",), signals=ROUNDING_SIZED, match=gradients.loss_only,
-         after=("narrow_softmax", "skipped_terms", "hidden_gradient_sum")),
+         after=("non_finite", "clean", "narrow_softmax", "z_loss", "different_factors", "norm_factor")),
     Rule(name="precision", variants=("accumulator_dtype/precision",), signals=ROUNDING_SIZED,
-         match=gradients.precision, after=("loss_only",)),
+         match=gradients.precision, after=("slice_edges", "gradient_shift", "loss_only")),
 )
 
 
@@ -160,4 +160,5 @@ def diagnose(report: ParityReport, *, group_sizes: Mapping[str, int] | None = No
         if found is not None:
             return found
     return Diagnosis.of("unexplained/no_signature", True,
-                        "parity outside budget and no known signature matches: " + headline(report), core_evidence(report))
+                        "parity outside budget and no known signature matches: " + headline(report),
+                        core_evidence(report))

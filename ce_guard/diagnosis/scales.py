@@ -29,7 +29,7 @@ def padding_in_divisor(r: ParityReport, sizes: Mapping[str, int], t: Thresholds)
 
 
 def integer_k(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
-    """A scale by an integer k: a divide by a parallel group's size, or by the accumulation steps, missing or doubled."""
+    """A scale by an integer k: a divide by a group's size, or by the accumulation steps, missing or doubled."""
     ratio = _scale_factor(r, t)
     if ratio is None:
         return None
@@ -52,7 +52,7 @@ def narrow_softmax_and_scale(r: ParityReport, sizes: Mapping[str, int], t: Thres
     A narrow accumulator carries a factor too (the mean's 1/count rounded), and tells itself apart by what a scale
     lacks: a per-token softmax spread wider than a pure scale's (or the native path's) rounding.
     """
-    fit, kappa = _fitted_scale(r, t)
+    fit, _ = _fitted_scale(r, t)
     if fit is None or not (fit.spread_sigmas() >= t.name_spread_sigmas and fit.softmax_excess >= t.narrow_softmax):
         return None
     return Diagnosis.of("accumulator_dtype/narrow_softmax_and_scale", True,
@@ -113,7 +113,8 @@ def different_factors(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) 
     grads = (f"dL/dh carries {1 + fit.scale:.5f}x ({fit.sigmas('scale'):.0f} sigma)" if fit.sigmas("scale") >= t.significant
              else f"dL/dh carries no factor ({fit.scale:+.1e} +- {fit.scale_se:.1e})")
     return Diagnosis.of("accumulator_dtype/different_factors", True,
-                        f"loss {r.loss_ratio:.5f}x ({r.loss_rel_err / r.budget.loss_rel:.1f}x its budget) while {grads},"
+                        f"loss {r.loss_ratio:.5f}x ({r.loss_rel_err / r.budget.loss_rel:.1f}x its budget) while"
+                        f" {grads},"
                         f" fitted on {fit.tokens} tokens: loss and gradients are off by different factors, each within"
                         f" two bf16 roundoffs ({t.narrow_rounding:.2%}): a running max, sum-exp, loss total or the"
                         " mean's 1/count is kept in a narrower dtype than the contract declares",
@@ -217,7 +218,8 @@ def _alternative_divisors(r: ParityReport) -> list[tuple[str, float, bool]]:
 def _contract_divisor_words(r: ParityReport) -> str:
     normalize = r.contract.get("normalize_by")
     if normalize == "global_tokens":
-        return "global non-ignored tokens" + (" over the group size" if r.contract.get("grad_sync") == "average" else "")
+        averaged = r.contract.get("grad_sync") == "average"
+        return "global non-ignored tokens" + (" over the group size" if averaged else "")
     return "this rank's non-ignored tokens"
 
 

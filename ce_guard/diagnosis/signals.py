@@ -7,8 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from ce_guard.diagnosis.thresholds import Thresholds
-from ce_guard.diagnosis.verdict import margins
+from ce_guard.diagnosis.verdict import error_margins
 
 if TYPE_CHECKING:
     from ce_guard.parity import ParityReport
@@ -50,9 +49,9 @@ def fit_evidence(fit: SignatureFit) -> dict[str, float | int]:
                                                   "fit_pure_shift": fit.pure_shift})}
 
 
-def excess(r: ParityReport, t: Thresholds) -> dict[str, float]:
+def excess(r: ParityReport) -> dict[str, float]:
     """Error / budget of loss, dL/dh and dL/dW (the logged margins); 0 for a gradient not compared."""
-    m = margins(r, t)
+    m = error_margins(r)
     return {"loss": m["loss"], "dL/dh": m["grad_hidden"] or 0.0, "dL/dW": m["grad_weight"] or 0.0}
 
 

@@ -25,17 +25,26 @@ QUANTITIES = ("non_finite", "loss", "per_token", "grad_hidden", "grad_weight", "
 
 def margins(report: ParityReport, thresholds: Thresholds = DEFAULT) -> dict[str, float | None]:
     """Error / budget per compared quantity: 1 is the line a correct path stays under; None where not measured."""
+    return {**error_margins(report), "softmax": softmax_margin(report.signature, thresholds)}
+
+
+def error_margins(report: ParityReport) -> dict[str, float | None]:
+    """The margins of the loss and the gradients: their relative errors over their budgets."""
     b = report.budget
     return {"loss": _ratio(report.loss_rel_err, b.loss_rel),
             "grad_hidden": _ratio(report.grad_hidden_rel_err, b.grad_hidden_rel),
-            "grad_weight": _ratio(report.grad_weight_rel_err, b.grad_weight_rel),
-            "softmax": softmax_margin(report.signature, thresholds)}
+            "grad_weight": _ratio(report.grad_weight_rel_err, b.grad_weight_rel)}
 
 
 def softmax_margin(fit: SignatureFit | None, thresholds: Thresholds = DEFAULT) -> float | None:
     """How far each token's softmax factor spreads beyond the native path's, against the line a correct path stays
     under: the lesser of its standard errors over ``flag_spread_sigmas`` and its rms excess over ``narrow_softmax``
-    (above 1 only when both are). None where no signature was fitted."""
+    (above 1 only when both are). None where no signature was fitted.
+
+    A correct path rounds each token's softmax no more widely than the native path (logits in the input dtype,
+    softmax in fp32). Wider is a narrower dtype's rounding of the softmax's statistics: unbiased per token, so it
+    cancels in the mean loss and hides in the gradients' norm budget (docs/faults.md, row 3).
+    """
     if fit is None:
         return None
     return min(max(fit.spread_sigmas(), 0.0) / thresholds.flag_spread_sigmas,
