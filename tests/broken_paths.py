@@ -63,6 +63,19 @@ class _CoarseGrad(torch.autograd.Function):
         return torch.where(g.abs() < ctx.threshold, torch.zeros_like(g), g), None
 
 
+class _BackwardScale(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``factor`` (a mean the forward did not take)."""
+
+    @staticmethod
+    def forward(ctx, z, factor):
+        ctx.factor = factor
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
 def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | None = None, *, scale: int = 2,
                  chunks: int = 8, grad_output: torch.Tensor | None = None) -> SeamOutputs:
     """Run the vocab-parallel CE with ``fault`` (one of ``FAULTS``) and return loss and autograd gradients."""
@@ -84,6 +97,8 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
         z = (hh @ w.T).float()                                                    # (N, V/TP)
     if fault == "coarse_backward":
         z = _CoarseGrad.apply(z, 2e-2 / max(z.shape[0], 1))
+    if fault == "backward_scale":
+        z = _BackwardScale.apply(z, 1.0 / max(z.shape[0], 1))
     if contract.softcap is not None:
         z = contract.softcap * torch.tanh(z / contract.softcap)
     z = z.to(acc)

@@ -20,6 +20,7 @@ class Cause(str, Enum):
     GRADIENT_APPROXIMATION = "gradient_approximation"
     ACCUMULATOR_DTYPE = "accumulator_dtype"
     TP_GRAD_REDUCTION = "tp_grad_reduction"
+    BACKWARD_SCALE = "backward_scale"
     UNEXPLAINED = "unexplained"
 
 
@@ -28,7 +29,7 @@ FAULT_ROW = {
     Cause.NORMALIZATION_OWNER: 1, Cause.NORMALIZATION_SCALE: 2, Cause.ACCUMULATOR_DTYPE: 3,
     Cause.TARGET_MASKING: 4, Cause.IGNORE_INDEX_LEAK: 5, Cause.LABEL_SMOOTHING_LOCAL_V: 6,
     Cause.LOG_TP_OFFSET: 7, Cause.Z_LOSS_BOUNDARY: 8, Cause.GRADIENT_APPROXIMATION: 9, Cause.NON_FINITE: 10,
-    Cause.TP_GRAD_REDUCTION: 11,
+    Cause.TP_GRAD_REDUCTION: 11, Cause.BACKWARD_SCALE: 12,
 }
 
 

@@ -42,6 +42,28 @@ def tp_grad_reduction(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) 
     return None
 
 
+def backward_scale(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
+    """Loss exact, the gradients one factor off: the backward scales dL/dz where the forward does not.
+
+    Nothing but that factor is left (the residual after it is within budget), so it is no rounding; the loss is
+    right, so it is no divisor of the loss. A factor of 1/tokens is a per-token mean taken again in backward.
+    """
+    ratio, cosine, residual = r.grad_hidden_norm_ratio, r.grad_hidden_cosine, r.grad_hidden_scaled_residual
+    if (ratio is None or cosine is None or residual is None or r.loss_rel_err > r.budget.loss_rel
+            or (r.grad_hidden_rel_err or 0.0) <= r.budget.grad_hidden_rel or cosine < t.scale_cosine
+            or residual > r.budget.grad_hidden_rel):
+        return None
+    counts = {"all tokens": r.n_tokens, "the non-ignored tokens": r.n_visible}
+    named = [f" = 1/{count} ({name})" for name, count in counts.items()
+             if count > 1 and abs(ratio * count - 1.0) <= t.scale_tolerance]
+    weight = (f", dL/dW norm ratio {r.grad_weight_norm_ratio:.4g}" if r.grad_weight_norm_ratio is not None else "")
+    return Diagnosis.of("backward_scale/pure_factor", True,
+                        f"loss exact but dL/dh is {ratio:.4g}x the reference's{named[0] if named else ''} (cosine"
+                        f" {cosine:.6f}, residual after the factor {residual:.2g}){weight}: the backward scales the"
+                        " logit gradient by a factor the forward's loss does not carry (a per-token mean taken"
+                        " again, or an upstream gradient read wrong)", {**core_evidence(r), "scale": ratio})
+
+
 def slice_edges(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
     """Errors piled on the vocab slice's edges: targets outside the partition clipped, or masked off by one."""
     if r.tp_size < 2:

@@ -137,6 +137,9 @@ INJECTIONS: tuple[Injection, ...] = (
               variants=_both("tp_grad_reduction/partial"), meshes=("TP=2",), broken_path=True),
     Injection(switch="doubled_grad_hidden", what="dL/dh all-reduced over TP twice", cause=Cause.TP_GRAD_REDUCTION,
               variants=_both("tp_grad_reduction/doubled"), meshes=("TP=2",), broken_path=True),
+    Injection(switch="backward_scale", what="the logit gradient divided by the tokens in backward only (Transformer"
+              " Engine 2.2-2.4's reduce_loss=False)", cause=Cause.BACKWARD_SCALE,
+              variants=_both("backward_scale/pure_factor"), meshes=("TP=1",), broken_path=True),
 )
 
 
