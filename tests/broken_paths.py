@@ -50,30 +50,17 @@ def _tp_max(t: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-class _CoarseGrad(torch.autograd.Function):
-    """Identity forward; backward drops gradient entries under a threshold (Cut CE's filter, exaggerated)."""
+class _BackwardOnly(torch.autograd.Function):
+    """Identity forward; backward applies ``edit`` to the gradient: a fault the loss cannot show."""
 
     @staticmethod
-    def forward(ctx, z, threshold):
-        ctx.threshold = threshold
+    def forward(ctx, z, edit):
+        ctx.edit = edit
         return z.view_as(z)
 
     @staticmethod
     def backward(ctx, g):
-        return torch.where(g.abs() < ctx.threshold, torch.zeros_like(g), g), None
-
-
-class _BackwardScale(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by ``factor`` (a mean the forward did not take)."""
-
-    @staticmethod
-    def forward(ctx, z, factor):
-        ctx.factor = factor
-        return z.view_as(z)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.factor, None
+        return ctx.edit(g), None
 
 
 def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | None = None, *, scale: int = 2,
@@ -96,9 +83,10 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
     else:
         z = (hh @ w.T).float()                                                    # (N, V/TP)
     if fault == "coarse_backward":
-        z = _CoarseGrad.apply(z, 2e-2 / max(z.shape[0], 1))
+        threshold = 2e-2 / max(z.shape[0], 1)  # drops entries under it (Cut CE's filter, exaggerated)
+        z = _BackwardOnly.apply(z, lambda g: torch.where(g.abs() < threshold, torch.zeros_like(g), g))
     if fault == "backward_scale":
-        z = _BackwardScale.apply(z, 1.0 / max(z.shape[0], 1))
+        z = _BackwardOnly.apply(z, lambda g: g / max(z.shape[0], 1))  # a mean the forward did not take
     if contract.softcap is not None:
         z = contract.softcap * torch.tanh(z / contract.softcap)
     z = z.to(acc)
