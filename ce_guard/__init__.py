@@ -1,7 +1,8 @@
 """ce_guard: guard the logits-to-loss seam of a fused output layer during training.
 
-The core (contract, reference, budget, parity, diagnosis, check, receipt) imports neither Lightning nor wandb;
-the callbacks load Lightning only when first asked for.
+The core (contract, reference, budget, parity, signature, diagnosis, check, receipt, bundle, recording, agreement,
+spike) imports neither Lightning nor wandb (tests/test_walls.py); the callbacks load Lightning only when first
+asked for.
 """
 
 from ce_guard.budget import ErrorBudget, native_error_budget
