@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Literal
 
-from ce_guard.diagnosis import margins
+from ce_guard.diagnosis import Thresholds, margins
 from ce_guard.parity import ParityReport
+
+Reader = Callable[[ParityReport, Thresholds], "float | None"]  # a check's reading of one metric
 
 SECTIONS = ("ce_parity", "ce_health")  # the W&B sections: every key is "<section>/<name>"
 
@@ -51,7 +53,7 @@ class MetricSpec:
     section: Literal["ce_parity", "ce_health"] = "ce_parity"
     meaning: str
     reduce: Literal["mean", "max"] | None = None
-    read: Callable[[ParityReport], float | None] | None = None
+    read: Reader | None = None
     summary: str | None = None   # the W&B run summary, e.g. "max,last"
     table: bool = False          # a column of the W&B receipts table
     panel: Panel | None = None   # the parity report panel that draws it
@@ -62,8 +64,14 @@ class MetricSpec:
         return f"{self.section}/{self.name}"
 
 
-def _margin(quantity: str) -> Callable[[ParityReport], float | None]:
-    return lambda report: margins(report)[quantity]
+def _field(name: str) -> Reader:
+    get = attrgetter(name)
+    return lambda report, thresholds: get(report)
+
+
+def _margin(quantity: str) -> Reader:
+    """A margin as the check's own thresholds draw its line (the softmax's depends on them)."""
+    return lambda report, thresholds: margins(report, thresholds)[quantity]
 
 
 _LOSS, _DH, _COSINE, _DW = REPORT_PANELS[1:]
@@ -72,29 +80,29 @@ _LOSS, _DH, _COSINE, _DW = REPORT_PANELS[1:]
 # summary keeps both ends.
 METRICS = (
     MetricSpec(name="loss_fused", meaning="the fused path's loss", reduce="mean",
-               read=attrgetter("loss_fused"), table=True),
+               read=_field("loss_fused"), table=True),
     MetricSpec(name="loss_ref", meaning="the reference's loss on the same inputs", reduce="mean",
-               read=attrgetter("loss_ref"), table=True),
+               read=_field("loss_ref"), table=True),
     MetricSpec(name="loss_rel_err", meaning="|fused - reference| / |reference| of the loss", reduce="mean",
-               read=attrgetter("loss_rel_err"), summary="max,last", table=True, panel=_LOSS),
+               read=_field("loss_rel_err"), summary="max,last", table=True, panel=_LOSS),
     MetricSpec(name="grad_hidden_norm_ratio", meaning="norm of the fused dL/dh over the reference's", reduce="mean",
-               read=attrgetter("grad_hidden_norm_ratio"), summary="min,max,last", table=True, panel=_DH),
+               read=_field("grad_hidden_norm_ratio"), summary="min,max,last", table=True, panel=_DH),
     MetricSpec(name="grad_cosine", meaning="cosine between the fused and the reference dL/dh", reduce="mean",
-               read=attrgetter("grad_hidden_cosine"), summary="min,last", table=True, panel=_COSINE),
+               read=_field("grad_hidden_cosine"), summary="min,last", table=True, panel=_COSINE),
     MetricSpec(name="grad_hidden_rel_err", meaning="relative error of the fused dL/dh", reduce="mean",
-               read=attrgetter("grad_hidden_rel_err"), summary="max,last"),
+               read=_field("grad_hidden_rel_err"), summary="max,last"),
     MetricSpec(name="grad_weight_norm_ratio", meaning="norm of the fused dL/dW over the reference's", reduce="mean",
-               read=attrgetter("grad_weight_norm_ratio"), summary="min,max,last", table=True, panel=_DW),
+               read=_field("grad_weight_norm_ratio"), summary="min,max,last", table=True, panel=_DW),
     MetricSpec(name="grad_weight_rel_err", meaning="relative error of the fused dL/dW", reduce="mean",
-               read=attrgetter("grad_weight_rel_err"), summary="max,last"),
+               read=_field("grad_weight_rel_err"), summary="max,last"),
     MetricSpec(name="budget_loss_rel", meaning="the loss relative error a correct path stays under", reduce="mean",
-               read=attrgetter("budget.loss_rel"), table=True),
+               read=_field("budget.loss_rel"), table=True),
     MetricSpec(name="budget_grad_hidden_rel", meaning="the dL/dh relative error a correct path stays under",
-               reduce="mean", read=attrgetter("budget.grad_hidden_rel")),
+               reduce="mean", read=_field("budget.grad_hidden_rel")),
     MetricSpec(name="max_per_token_abs_diff", meaning="largest per-token loss difference (reduction='none')",
-               reduce="max", read=attrgetter("per_token_max_abs_diff"), summary="max"),
+               reduce="max", read=_field("per_token_max_abs_diff"), summary="max"),
     MetricSpec(name="max_grad_hidden_abs_diff", meaning="largest element difference of dL/dh", reduce="max",
-               read=attrgetter("grad_hidden_max_abs_diff"), summary="max"),
+               read=_field("grad_hidden_max_abs_diff"), summary="max"),
     MetricSpec(name="margin_loss", meaning="loss error / its budget: drift above 1", reduce="max",
                read=_margin("loss"), summary="max,last", panel=MARGIN_PANEL, label="loss"),
     MetricSpec(name="margin_grad_hidden", meaning="dL/dh error / its budget: drift above 1", reduce="max",
@@ -128,8 +136,9 @@ def metric_key(name: str) -> str:
                        " first.") from None
 
 
-def check_metrics(report: ParityReport) -> tuple[dict[str, float | None], dict[str, float | None]]:
+def check_metrics(report: ParityReport, thresholds: Thresholds = Thresholds()) -> tuple[
+        dict[str, float | None], dict[str, float | None]]:
     """A check's readings to average over ranks, and those whose worst rank is wanted (margins, max diffs)."""
-    means = {m.name: m.read(report) for m in METRICS if m.reduce == "mean"}
-    maxima = {m.name: m.read(report) for m in METRICS if m.reduce == "max"}
+    means = {m.name: m.read(report, thresholds) for m in METRICS if m.reduce == "mean"}
+    maxima = {m.name: m.read(report, thresholds) for m in METRICS if m.reduce == "max"}
     return means, maxima

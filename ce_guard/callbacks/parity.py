@@ -236,7 +236,7 @@ class CEParityCallback(Callback):
         d = result.diagnosis
         verdict = {"rank": trainer.global_rank, "cause": d.cause.value, "variant": d.variant, "drift": d.drift,
                    "summary": d.summary}
-        agreed = agree(verdict, *check_metrics(result.report), device=record.hidden.device)
+        agreed = agree(verdict, *check_metrics(result.report, self.thresholds), device=record.hidden.device)
         return _Outcome(step, recording.module, record, result, agreed)
 
     # ------------------------------------------------------------------------------------ reporting
