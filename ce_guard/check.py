@@ -35,6 +35,7 @@ class SeamRecord:
     targets: torch.Tensor
     fused: SeamOutputs
     upstream: torch.Tensor | float
+    given_count: float | None = None
 
 
 @dataclass(frozen=True)

@@ -1,67 +1,93 @@
-"""Record one forward and backward of the guarded module as a :class:`~ce_guard.check.SeamRecord`; no Trainer.
+"""Record one forward and backward of a seam as a :class:`~ce_guard.check.SeamRecord`; no Trainer.
 
-Hooks on the module capture what training actually used on one micro-batch (hidden states, targets, the
-weight slice, the fused loss, the upstream gradient and dL/dhidden from the real backward); dL/dW is replayed
-on the recorded inputs, so training's ``.grad`` is never read or touched.
+A seam source (:mod:`ce_guard.seams`) hooks the place where the seam's tensors pass and hands them to
+:meth:`SeamRecording.capture`: hidden states, the weight, targets, the loss and the contract. The recording
+then hooks those tensors for what the real backward delivers (dL/dhidden and the upstream gradient); dL/dW is
+replayed on the recorded inputs when the source can replay, so training's ``.grad`` is never read or touched.
+
+Every hook runs through :meth:`SeamRecording.guard`: an exception inside one becomes the recording's
+``error`` (the callback reports a missed check), never an exception in the model's forward or backward.
 
 Example::
 
-    recording = SeamRecording(model.output)
+    recording = ModuleSeam(model.output).record()
     model(tokens, targets).backward()
     recording.remove()
-    result = check_seam(recording.to_record(replay_weight_grad=True), model.output.ce_contract)
+    result = check_seam(recording.to_record(replay_weight_grad=True), recording.contract)
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
-from torch import nn
 
 from ce_guard.check import SeamRecord
 from ce_guard.contract import CEContract
 from ce_guard.parity import SeamOutputs
 
+# (hidden, weight, targets) -> loss: the seam's loss computed again on a weight copy, for dL/dW.
+Replay = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 class SeamRecording:
-    """Hooks on ``module`` for its first forward (and that forward's backward) after construction.
+    """What one micro-batch's seam saw: filled by :meth:`capture` and by the tensor hooks it registers."""
 
-    ``module`` is called as ``module(hidden, targets)`` and has a ``weight`` (V, D); later forwards are
-    ignored. Call :meth:`remove` once the backward has run.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    def __init__(self) -> None:
         self.hidden: torch.Tensor | None = None
         self.targets: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None
         self.loss: torch.Tensor | None = None
+        self.contract: CEContract | None = None
+        self.given_count: float | None = None
         self.grad_hidden: torch.Tensor | None = None
         self.upstream: torch.Tensor | None = None
         self.autocast_dtype: torch.dtype | None = None
+        self.replay: Replay | None = None
+        self.error: str | None = None
         self.finished_forward = False
-        self._handles = [module.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-                         module.register_forward_hook(self._post_forward, with_kwargs=True)]
+        self._handles: list[Any] = []
 
-    def _pre_forward(self, module, args, kwargs) -> None:
-        if self.finished_forward:
-            return
-        # Clone now: FSDP frees the unsharded weight after forward.
-        self.weight = _local_weight(module).detach().clone()
+    def guard(self, hook: Callable[..., Any]) -> Callable[..., None]:
+        """``hook`` made safe for a model's forward or backward: it returns None and never raises; its
+        first exception is kept as ``error`` and ends the recording."""
 
-    def _post_forward(self, module, args, kwargs, output) -> None:
-        if self.finished_forward:
-            return
-        hidden = args[0] if args else kwargs.get("hidden")
-        targets = args[1] if len(args) > 1 else kwargs.get("targets")
-        self.hidden, self.targets = hidden.detach(), targets.detach()
-        self.loss = output.detach()
+        @functools.wraps(hook)
+        def guarded(*args, **kwargs) -> None:
+            if self.error is not None:
+                return
+            try:
+                hook(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - a guard must never break the training it guards
+                self.error = f"{type(err).__name__}: {err}"
+                self.finished_forward = True
+
+        return guarded
+
+    def keep(self, handle: Any) -> None:
+        """Remember a hook handle, removed by :meth:`remove`."""
+        self._handles.append(handle)
+
+    def capture(self, *, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor,
+                contract: CEContract, given_count: float | None = None, replay: Replay | None = None) -> None:
+        """The seam's forward: ``weight`` already a detached copy (FSDP frees its unsharded weight after
+        forward); the tensors are detached here and hooked for the backward."""
+        if loss is None or not torch.is_tensor(loss):
+            raise TypeError(f"the seam produced no loss tensor (got {type(loss).__name__})")
+        if loss.numel() != 1 and contract.reduction != "none":
+            raise ValueError(f"the contract says reduction={contract.reduction!r}, but the loss has shape"
+                             f" {tuple(loss.shape)}")
+        self.hidden, self.targets, self.weight = hidden.detach(), targets.detach(), weight
+        self.loss, self.contract, self.given_count, self.replay = loss.detach(), contract, given_count, replay
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):
             self.autocast_dtype = torch.get_autocast_dtype(device_type)
         if hidden.requires_grad:
-            self._handles.append(hidden.register_hook(self._capture_grad_hidden))
-        if output.requires_grad:
-            self._handles.append(output.register_hook(self._capture_upstream))
+            self.keep(hidden.register_hook(self.guard(self._capture_grad_hidden)))
+        if loss.requires_grad:
+            self.keep(loss.register_hook(self.guard(self._capture_upstream)))
         self.finished_forward = True
 
     def _capture_grad_hidden(self, grad: torch.Tensor) -> None:
@@ -71,81 +97,44 @@ class SeamRecording:
         self.upstream = grad.detach().clone()
 
     def remove(self) -> None:
-        """Remove every hook this recording put on the module and its tensors."""
+        """Remove every hook this recording put on modules and tensors."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
     def problem(self) -> str | None:
         """Why this recording cannot be checked, or None."""
+        if self.error is not None:
+            return f"recording the seam failed ({self.error})"
         if self.hidden is None:
-            return "the guarded module did not run on this micro-batch"
+            return "the guarded seam did not run on this micro-batch"
         if self.upstream is None or self.grad_hidden is None:
-            return ("no backward reached the guarded module's output and input (was the fused loss part of the"
-                    " returned loss, and does hidden require grad?)")
+            return ("no backward reached the seam's loss and hidden states (was the seam's loss part of the"
+                    " returned loss, and do the hidden states require grad?)")
         return None
 
     def to_record(self, replay_weight_grad: bool) -> SeamRecord:
-        """The recorded seam; with ``replay_weight_grad``, dL/dW from a replay of the module's forward."""
-        grad_weight = _replay_weight_grad(self.module, self.hidden, self.weight, self.targets, self.upstream,
-                                          self.autocast_dtype) if replay_weight_grad else None
-        dtype = self.autocast_dtype or self.hidden.dtype  # what the fused matmul actually consumed
+        """The recorded seam; with ``replay_weight_grad`` and a replay, dL/dW from running the loss again."""
+        grad_weight = self._replayed_weight_grad() if replay_weight_grad and self.replay is not None else None
+        dtype = self.autocast_dtype or self.hidden.dtype  # what the seam's matmul actually consumed
         upstream = self.upstream if self.upstream.numel() > 1 else float(self.upstream)
         fused = SeamOutputs(loss=self.loss.float(), grad_hidden=self.grad_hidden, grad_weight=grad_weight)
         return SeamRecord(hidden=self.hidden.to(dtype), weight=self.weight.to(dtype), targets=self.targets,
-                          fused=fused, upstream=upstream)
+                          fused=fused, upstream=upstream, given_count=self.given_count)
+
+    def _replayed_weight_grad(self) -> torch.Tensor:
+        """dL/dW of the seam's own loss on the recorded inputs, under the autocast the forward ran in."""
+        weight = self.weight.clone().requires_grad_()
+        autocast = self.autocast_dtype
+        with torch.enable_grad(), torch.autocast(self.hidden.device.type, dtype=autocast or torch.float32,
+                                                 enabled=autocast is not None):
+            loss = self.replay(self.hidden, weight, self.targets)
+            (grad_weight,) = torch.autograd.grad(loss, [weight], grad_outputs=self.upstream.to(loss.dtype).expand_as(loss))
+        return grad_weight
 
 
-def find_guarded_module(root: nn.Module, module_path: str | None = None) -> nn.Module:
-    """The module whose seam is guarded: the one at ``module_path``, else the unique one with ``ce_contract``."""
-    if module_path is not None:
-        try:
-            module = root.get_submodule(module_path)
-        except AttributeError as err:
-            raise ValueError(f"CEParityCallback: `module_path={module_path!r}` names no submodule ({err}).") from err
-        if not isinstance(getattr(module, "ce_contract", None), CEContract):
-            raise ValueError(f"CEParityCallback: `{module_path}` ({type(module).__name__}) declares no `ce_contract`;"
-                             " wrap it in a ce_guard adapter or set `module.ce_contract = CEContract(...)`.")
-        return module
-    found = [(name, m) for name, m in root.named_modules() if isinstance(getattr(m, "ce_contract", None), CEContract)]
-    if not found:
-        raise ValueError("CEParityCallback found no module that declares a `ce_contract` (a CEContract). Use"
-                         " ce_guard.fused.FusedLinearCrossEntropy or an adapter from ce_guard.adapters, or pass"
-                         " `module_path=`.")
-    if len(found) > 1:
-        raise ValueError(f"CEParityCallback found several modules with a `ce_contract`: {[n for n, _ in found]};"
-                         " pass `module_path=` to choose one.")
-    return found[0][1]
-
-
-def _local_weight(module: nn.Module) -> torch.Tensor:
+def local_weight(weight: torch.Tensor) -> torch.Tensor:
     """This rank's weight slice as a plain tensor; a DTensor (fully_shard, parallelize_module) is gathered
     over its mesh, which costs nothing when it is already replicated."""
-    weight = module.weight
     full_tensor = getattr(weight, "full_tensor", None)
     return full_tensor() if full_tensor is not None else weight
-
-
-def _replay_weight_grad(module, hidden, weight, targets, upstream, autocast_dtype) -> torch.Tensor | None:
-    """dL/dW of the fused module on the recorded inputs, by running its ``forward`` again on a weight copy.
-
-    The module's own parameter is swapped for the copy for the duration, so training's ``.grad`` is untouched.
-    ``forward`` is called directly: the recorded inputs are what the module's forward received, after any
-    hooks (e.g. a sequence gather that ``parallelize_module`` put in front of it), so running the hooks again
-    would transform them twice. Skipped (None) when the weight is a DTensor (FSDP-sharded).
-    """
-    if hasattr(module.weight, "placements"):
-        return None
-    original = module._parameters.get("weight")
-    if original is None:
-        return None
-    replay = nn.Parameter(weight.clone())
-    module._parameters["weight"] = replay
-    try:
-        with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=autocast_dtype or torch.float32,
-                                                 enabled=autocast_dtype is not None):
-            loss = module.forward(hidden.detach(), targets)
-            (grad_weight,) = torch.autograd.grad(loss, [replay], grad_outputs=upstream.to(loss.dtype).expand_as(loss))
-    finally:
-        module._parameters["weight"] = original
-    return grad_weight

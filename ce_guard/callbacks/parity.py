@@ -1,9 +1,10 @@
 """CEParityCallback: shadow-run the reference beside the real fused output layer on check steps.
 
-On a check step the callback records the guarded module for one micro-batch (:mod:`ce_guard.recording`),
+On a check step the callback records the seam (:mod:`ce_guard.seams`) for one micro-batch,
 checks it (:func:`ce_guard.check.check_seam`), has every rank agree (:func:`ce_guard.agreement.agree`), then
 logs, writes the receipt and, on drift, the repro bundle, and applies its policy. Other steps pay one integer
-modulo: no hooks, no host synchronisation.
+modulo: no hooks, no host synchronisation. At the end of fit rank zero prints what the guard saw
+(:mod:`ce_guard.fit_summary`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
-
 from ce_guard import _dist
 from ce_guard.agreement import Agreement, agree
 from ce_guard.bundle import Bundle, save_bundle
@@ -29,7 +28,9 @@ from ce_guard.contract import CEContract
 from ce_guard.diagnosis import Cause, Thresholds, catalogue_entry
 from ce_guard.metrics import check_metrics, metric_key
 from ce_guard.receipt import append_receipt, drop_receipts_after
-from ce_guard.recording import SeamRecording, find_guarded_module
+from ce_guard.fit_summary import summary_lines
+from ce_guard.recording import SeamRecording
+from ce_guard.seams import DeclaredSeam, Seam, SeamRefused, find_seam, no_declared_call
 from ce_guard.reference import reduction_plan
 from ce_guard.wandb_panels import WandbPanels
 
@@ -41,7 +42,7 @@ class _Outcome:
     """A check every rank agreed on: the seam as recorded, this rank's result, and the agreement."""
 
     step: int
-    module: nn.Module
+    contract: CEContract
     record: SeamRecord
     result: CheckResult
     agreement: Agreement
@@ -57,11 +58,13 @@ class CEParityCallback(Callback):
         every_n_steps: check when ``trainer.global_step`` is a multiple of this (step 0 included).
         every_n_steps_while_drifting: under ``warn``, after a drift verdict check this often instead, until
             ``clean_checks_to_relax`` clean checks in a row; None keeps ``every_n_steps`` throughout.
-        module_path: attribute path of the guarded module in the LightningModule (e.g. ``"model.output"``);
-            by default the unique submodule with a ``ce_contract`` attribute.
+        module_path: attribute path of the guarded module in the LightningModule (e.g. ``"model.output"``,
+            or ``"model"`` for a Hugging Face causal LM); by default the one submodule with a ``ce_contract``,
+            else the one Hugging Face causal LM, else the ``ce_guard.seam(...)`` call in the loss code.
         policy: on drift, ``warn`` (log and warn on rank zero), ``raise`` (:class:`SeamDriftError` on every
             rank) or ``stop`` (end the fit cleanly). A drift writes a repro bundle; one that goes on with
-            the same cause keeps its first.
+            the same cause keeps its first, and is reported in full once, then in one line every
+            ``remind_every`` checks with its count.
         sample_tokens: compare dL/dh on this many tokens only (dL/dW skipped); the loss and the token count
             still see every token.
         replay_weight_grad: replay the fused module standalone on the recorded inputs to compare dL/dW
@@ -91,6 +94,7 @@ class CEParityCallback(Callback):
         run_dir: str | None = None,
         group_sizes: Mapping[str, int] | None = None,
         thresholds: Thresholds | None = None,
+        remind_every: int = 10,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
@@ -104,6 +108,8 @@ class CEParityCallback(Callback):
             raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
         if sample_tokens is not None and sample_tokens < 1:
             raise ValueError(f"`sample_tokens` must be None or >= 1, got {sample_tokens!r}.")
+        if not isinstance(remind_every, int) or remind_every < 1:
+            raise ValueError(f"`remind_every` must be an int >= 1, got {remind_every!r}.")
         if thresholds is not None and not isinstance(thresholds, Thresholds):
             raise ValueError(f"`thresholds` must be None or a ce_guard.Thresholds, got {type(thresholds).__name__}.")
         self.every_n_steps = every_n_steps
@@ -118,6 +124,7 @@ class CEParityCallback(Callback):
         self.run_dir = run_dir
         self.extra_group_sizes = dict(group_sizes or {})
         self.thresholds = thresholds or Thresholds()
+        self.remind_every = remind_every
         # Rank-invariant state (Lightning checkpoints callbacks from rank zero only).
         self.last_checked_step = -1
         self.history: list[dict[str, Any]] = []
@@ -125,22 +132,20 @@ class CEParityCallback(Callback):
         self.clean_checks_owed: int | None = None  # clean checks still owed before the rate relaxes; None: relaxed
         self._scheduled_step = -1
         self._listeners: list[Listener] = []
-        self._module: nn.Module | None = None
+        self._seam: Seam | None = None
         self._resumed = False
         self._recording: SeamRecording | None = None
         self._recording_step = -1
         self._streak_bundle: str | None = None  # this rank's bundle of the drift going on, if any
+        self._streak = 0  # checks in a row with the drift going on
 
     # ----------------------------------------------------------------------------------------- set-up
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._panels = WandbPanels(trainer)  # no-op without a WandbLogger
         try:
-            self._module = find_guarded_module(pl_module, self.module_path)
-        except ValueError as err:
-            if self.policy != "warn":
-                raise
-            rank_zero_warn(f"{err} CEParityCallback is disabled for this fit.")
-            self._module = None
+            self._seam = find_seam(pl_module, self.module_path)
+        except SeamRefused as err:
+            self._refuse(str(err))
             return
         if self._resumed and trainer.is_global_zero:
             dropped = drop_receipts_after(self._receipts_path(trainer), self.last_checked_step)
@@ -153,15 +158,22 @@ class CEParityCallback(Callback):
         if pl_module.automatic_optimization is False:
             rank_zero_info("CEParityCallback: manual optimisation: checking the first backward after each"
                            " check step's first forward of the guarded module.")
-        contract: CEContract = self._module.ce_contract
-        rank_zero_info(f"CEParityCallback: guarding `{type(self._module).__name__}` every {self.every_n_steps} steps"
-                       f" under {contract}")
+        contract = self._seam.contract
+        rank_zero_info(f"CEParityCallback: guarding {self._seam.describe()} every {self.every_n_steps} steps"
+                       f"{f' under {contract}' if contract is not None else ''}")
+
+    def _refuse(self, reason: str) -> None:
+        """What cannot be guarded is refused in one sentence: a warning under ``warn``, else an error."""
+        self._seam = None
+        if self.policy != "warn":
+            raise SeamRefused(f"CEParityCallback cannot guard this model: {reason}")
+        rank_zero_warn(f"CEParityCallback cannot guard this model, so it is off for this fit: {reason}")
 
     # ------------------------------------------------------------------------------------ check steps
     def is_check_step(self, trainer: pl.Trainer) -> bool:
         """The same answer on every rank, from counters and agreed verdicts alone: no collective decides it."""
         step = trainer.global_step
-        if self._module is None or step == self.last_checked_step:
+        if self._seam is None or step == self.last_checked_step:
             return False
         every = self.every_n_steps if self.clean_checks_owed is None else self.every_n_steps_while_drifting
         return step % every == 0 or step == self._scheduled_step
@@ -183,9 +195,12 @@ class CEParityCallback(Callback):
 
     def _start_recording(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
         if self._recording is None and self.is_check_step(trainer) and self._samples_micro_batch(trainer, batch_idx):
-            # Look the module up again: a layer swapped or re-wrapped since fit start must stay guarded.
-            self._module = find_guarded_module(pl_module, self.module_path)
-            self._recording, self._recording_step = SeamRecording(self._module), trainer.global_step
+            # Look the seam up again: a layer swapped or re-wrapped since fit start must stay guarded.
+            try:
+                self._seam = find_seam(pl_module, self.module_path)
+            except SeamRefused:
+                pass  # keep the seam found at fit start; its recording will say what went wrong
+            self._recording, self._recording_step = self._seam.record(), trainer.global_step
 
     def _samples_micro_batch(self, trainer: pl.Trainer, batch_idx: int) -> bool:
         """Whether this micro-batch is the one this check records: position ``checks so far % window``."""
@@ -213,13 +228,20 @@ class CEParityCallback(Callback):
             self._recording.remove()
             self._recording = None
 
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._seam is not None and trainer.is_global_zero:
+            rank_zero_info("\n".join(summary_lines(self.history, self.missed, self._receipts_path(trainer))))
+
     def _run_check(self, trainer: pl.Trainer, recording: SeamRecording, step: int) -> _Outcome | None:
-        contract: CEContract = recording.module.ce_contract
+        if isinstance(self._seam, DeclaredSeam) and not self.history and _any_rank(trainer, recording.hidden is None):
+            self._refuse(no_declared_call(trainer.lightning_module))  # the first check step ran no seam call
+            return None
         problem = recording.problem()
         # Agree before any collective: if one rank cannot check, none does (no rank waits for another).
         if _any_rank(trainer, problem is not None):
             self._miss(trainer, step, f"skipped: {problem or 'another rank could not record the seam'}")
             return None
+        contract = recording.contract
         sizes = {**_group_sizes(trainer, contract), **self.extra_group_sizes}
         try:
             record = recording.to_record(self.replay_weight_grad)
@@ -237,7 +259,7 @@ class CEParityCallback(Callback):
         verdict = {"rank": trainer.global_rank, "cause": d.cause.value, "variant": d.variant, "drift": d.drift,
                    "summary": d.summary}
         agreed = agree(verdict, *check_metrics(result.report, self.thresholds), device=record.hidden.device)
-        return _Outcome(step, recording.module, record, result, agreed)
+        return _Outcome(step, contract, record, result, agreed)
 
     # ------------------------------------------------------------------------------------ reporting
     def _report(self, trainer: pl.Trainer, outcome: _Outcome, seconds: float) -> None:
@@ -281,7 +303,7 @@ class CEParityCallback(Callback):
     def _write_bundle(self, trainer: pl.Trainer, outcome: _Outcome) -> str:
         rank, result = trainer.global_rank, outcome.result
         path = Path(self._run_dir(trainer)) / "ce_guard" / "bundles" / f"step{outcome.step:08d}_rank{rank}.pt"
-        bundle = Bundle(step=outcome.step, rank=rank, contract=outcome.module.ce_contract.to_dict(),
+        bundle = Bundle(step=outcome.step, rank=rank, contract=outcome.contract.to_dict(),
                         record=outcome.record, report=result.report.to_dict(), diagnosis=result.diagnosis.to_dict())
         return str(save_bundle(path, bundle))
 
@@ -292,7 +314,7 @@ class CEParityCallback(Callback):
             **entry, "epoch": trainer.current_epoch, "metrics": metrics, "ranks": agreed.ranks,
             "drifting_ranks": agreed.drifting_ranks,
             "report": result.report.to_dict(), "sampled_tokens": result.sampled_tokens,
-            "seam": reduction_plan(outcome.module.ce_contract), "bundle": bundle,
+            "seam": reduction_plan(outcome.contract), "bundle": bundle,
         }
         append_receipt(self._receipts_path(trainer), receipt)
         self._panels.log_check(receipt)
@@ -301,8 +323,11 @@ class CEParityCallback(Callback):
         step, rank, cause, summary = entry["step"], entry["rank"], entry["cause"], entry["summary"]
         if self.policy == "raise":
             raise SeamDriftError(step, rank, cause, summary)
+        self._streak = self._streak + 1 if repeat else 1
         if repeat:
-            rank_zero_info(f"CE seam still drifting at step {step}: {cause} (bundle: {bundle}).")
+            if self._streak % self.remind_every == 0:
+                rank_zero_info(f"CE seam still drifting at step {step}: {cause}, {self._streak} checks in a row"
+                               f" (bundle: {bundle}).")
             return
         catalogue = catalogue_entry(Cause(cause))
         rank_zero_warn(f"CE seam drift at step {step} (rank {rank}): {cause}: {summary}."
