@@ -60,7 +60,7 @@ class SeamRecording:
                 return
             try:
                 hook(*args, **kwargs)
-            except Exception as err:  # noqa: BLE001 - a guard must never break the training it guards
+            except Exception as err:  # a guard must never break the training it guards
                 self.error = f"{type(err).__name__}: {err}"
                 self.finished_forward = True
 

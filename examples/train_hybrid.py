@@ -8,7 +8,8 @@
 Each run writes under ``<trainer.default_root_dir>/<run id>/``: the parity receipts (``ce_guard/``) and,
 with the configs' offline ``WandbLogger``, the W&B files (``wandb/offline-run-*``; ``wandb sync`` uploads
 them later). W&B runs offline unless ``WANDB_MODE`` says otherwise; no account or network is needed.
-At the end of fit, rank zero prints a summary of the parity checks.
+At the end of fit, rank zero prints what the guard saw (checks, drifts, receipts, the report command) and
+a run summary (validation losses, throughput, W&B files).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lightning.pytorch.loggers import WandbLogger
 from rich.console import Console
 from rich.table import Table
 
-from ce_guard.callbacks import CEParityCallback, SeamHealthCallback
+from ce_guard.callbacks import SeamHealthCallback
 from ce_guard.demos.data import CppTokenDataModule
 from ce_guard.demos.lit import HybridLitModule
 
@@ -33,8 +34,8 @@ RUN_ID_ENV = "CE_GUARD_RUN_ID"
 
 
 class RunSummary(Callback):
-    """Keep the validation losses and this rank's training throughput, and at the end of fit print (rank zero)
-    what the guard saw and where its files are.
+    """Keep the validation losses and this rank's training throughput, and at the end of fit print them (rank
+    zero) with the spikes and where the W&B files are; ``CEParityCallback`` prints what the guard saw.
 
     Throughput counts every input token of this rank (padding included) over the training time, parity
     checks included and validation excluded.
@@ -73,35 +74,10 @@ class RunSummary(Callback):
             Console().print(self.table(trainer))
 
     def table(self, trainer: pl.Trainer) -> Table:
-        parity = _find(trainer, CEParityCallback)
         health = _find(trainer, SeamHealthCallback)
-        table = Table(title="ce_guard parity summary", show_header=False, title_justify="left")
+        table = Table(title="run summary", show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column(overflow="fold")  # paths wrap rather than end in an ellipsis
-        if parity is None:
-            table.add_row("guard", "no CEParityCallback on the Trainer")
-        else:
-            history = parity.history
-            drifts = [h for h in history if h["drift"]]
-            raised = (f", every {parity.every_n_steps_while_drifting} while drifting"
-                      if parity.every_n_steps_while_drifting is not None and parity.policy == "warn" else "")
-            table.add_row("checks", f"{len(history)} (every {parity.every_n_steps} steps{raised},"
-                                    f" policy {parity.policy})")
-            table.add_row("drifts", str(len(drifts)))
-            if drifts:
-                first = drifts[0]
-                table.add_row("first drift", f"step {first['step']} (rank {first['rank']}): {first['cause']}")
-                table.add_row("evidence", first["summary"])
-            if history:
-                last = history[-1]
-                verdict = "DRIFT" if last["drift"] else "clean"
-                table.add_row("last verdict", f"step {last['step']}: {verdict} ({last['cause']})")
-            if parity.missed:
-                last = parity.missed[-1]
-                table.add_row("not run", f"{len(parity.missed)} check steps without a verdict; the last, step"
-                                         f" {last['step']}: {last['reason']}")
-            receipts = Path(parity.run_dir or trainer.default_root_dir) / "ce_guard" / "receipts.jsonl"
-            table.add_row("receipts", str(receipts) if receipts.exists() else "none written")
         if health is not None:
             attributed = sum(s["attribution"] == "seam" for s in health.spikes)
             table.add_row("spikes", f"{len(health.spikes)} ({attributed} attributable to the seam)")

@@ -19,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
 from ce_guard import _dist
 from ce_guard.agreement import Agreement, agree
 from ce_guard.bundle import Bundle, save_bundle
@@ -26,12 +27,12 @@ from ce_guard.callbacks.drift import POLICIES, Policy, SeamDriftError
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
 from ce_guard.diagnosis import Cause, Thresholds, catalogue_entry
+from ce_guard.fit_summary import summary_lines
 from ce_guard.metrics import check_metrics, metric_key
 from ce_guard.receipt import append_receipt, drop_receipts_after
-from ce_guard.fit_summary import summary_lines
 from ce_guard.recording import SeamRecording
-from ce_guard.seams import DeclaredSeam, Seam, SeamRefused, find_seam, no_declared_call
 from ce_guard.reference import reduction_plan
+from ce_guard.seams import DeclaredSeam, Seam, SeamRefused, find_seam, no_declared_call
 from ce_guard.wandb_panels import WandbPanels
 
 Listener = Callable[[pl.Trainer, int, dict[str, Any] | None, str], None]  # (trainer, step, verdict, reason)
@@ -147,6 +148,11 @@ class CEParityCallback(Callback):
         except SeamRefused as err:
             self._refuse(str(err))
             return
+        except Exception as err:  # under `warn` the guard never ends a fit it cannot start
+            if self.policy != "warn":
+                raise
+            self._refuse(f"finding the seam failed ({type(err).__name__}: {err}).")
+            return
         if self._resumed and trainer.is_global_zero:
             dropped = drop_receipts_after(self._receipts_path(trainer), self.last_checked_step)
             if dropped:
@@ -198,8 +204,8 @@ class CEParityCallback(Callback):
             # Look the seam up again: a layer swapped or re-wrapped since fit start must stay guarded.
             try:
                 self._seam = find_seam(pl_module, self.module_path)
-            except SeamRefused:
-                pass  # keep the seam found at fit start; its recording will say what went wrong
+            except Exception:  # keep the seam found at fit start; its recording will tell what is wrong
+                pass
             self._recording, self._recording_step = self._seam.record(), trainer.global_step
 
     def _samples_micro_batch(self, trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -213,7 +219,7 @@ class CEParityCallback(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         recording, step = self._recording, self._recording_step
-        if recording is None or not recording.finished_forward:
+        if recording is None or self._unused_declaration(trainer, recording) or not recording.finished_forward:
             return
         self._recording = None
         recording.remove()
@@ -222,6 +228,18 @@ class CEParityCallback(Callback):
         outcome = self._run_check(trainer, recording, step)
         if outcome is not None:
             self._report(trainer, outcome, time.perf_counter() - started)
+
+    def _unused_declaration(self, trainer: pl.Trainer, recording: SeamRecording) -> bool:
+        """Whether the guard, left with the ``ce_guard.seam(...)`` call, saw none in a whole check step before any
+        verdict: then there is nothing to guard, and it says so once (every rank alike)."""
+        if not isinstance(self._seam, DeclaredSeam) or self.history or self.missed:
+            return False
+        if not _any_rank(trainer, not recording.finished_forward):
+            return False
+        recording.remove()
+        self._recording = None
+        self._refuse(no_declared_call(trainer.lightning_module))
+        return True
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._recording is not None:
@@ -233,9 +251,6 @@ class CEParityCallback(Callback):
             rank_zero_info("\n".join(summary_lines(self.history, self.missed, self._receipts_path(trainer))))
 
     def _run_check(self, trainer: pl.Trainer, recording: SeamRecording, step: int) -> _Outcome | None:
-        if isinstance(self._seam, DeclaredSeam) and not self.history and _any_rank(trainer, recording.hidden is None):
-            self._refuse(no_declared_call(trainer.lightning_module))  # the first check step ran no seam call
-            return None
         problem = recording.problem()
         # Agree before any collective: if one rank cannot check, none does (no rank waits for another).
         if _any_rank(trainer, problem is not None):
@@ -248,7 +263,7 @@ class CEParityCallback(Callback):
             result = check_seam(record, contract, group_sizes=sizes, sample_tokens=self.sample_tokens,
                                 budget_tokens=self.budget_tokens, safety=self.safety, thresholds=self.thresholds)
             error = None
-        except Exception as err:  # noqa: BLE001 - under `warn` a failed check must never end training
+        except Exception as err:  # under `warn` a failed check must never end training
             if self.policy != "warn":
                 raise
             result, error = None, f"{type(err).__name__}: {err}"

@@ -14,7 +14,7 @@ from torch import nn
 
 from ce_guard.contract import CEContract
 from ce_guard.recording import SeamRecording, local_weight
-from ce_guard.seams.refusal import SeamRefused, ONE_LINE
+from ce_guard.seams.refusal import ONE_LINE, SeamRefused
 
 
 class ModuleSeam:
