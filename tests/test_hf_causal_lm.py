@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from ce_guard.callbacks import CEParityCallback
 from ce_guard.demos.hf_models import ARCHITECTURES, tiny_causal_lm
 from ce_guard.seams.causal_lm import CausalLMSeam, causal_lm_contract
+from ce_guard.testing import INJECTIONS
+from ce_guard.testing.causal_lm_faults import break_causal_lm
 
 VOCAB = 512
 
@@ -66,38 +68,16 @@ def test_the_contract_comes_from_the_config():
     assert all(c.vocab_size == VOCAB and c.ignore_index == -100 for c in contracts.values())
 
 
-def _doubled_loss(model):
-    original = model.loss_function
-    model.loss_function = lambda *args, **kwargs: 2 * original(*args, **kwargs)
+FAULTS = [(row, architecture) for row in INJECTIONS for architecture in row.causal_lm]
 
 
-def _ignored_in_the_divisor(model):
-    def loss_function(logits, labels, vocab_size, **kwargs):  # every shifted position divides, ignored or not
-        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
-        per_token = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab_size), shifted.reshape(-1),
-                                                      reduction="none")
-        return per_token.sum() / shifted.numel()
-
-    model.loss_function = loss_function
-
-
-def _dropped_multiplier(model):
-    model.model.lm_head_multiplier = 1.0  # what Falcon-H1's forward reads; the config still says 0.5
-
-
-@pytest.mark.parametrize("architecture, fault, cause", [
-    ("llama", _doubled_loss, "normalization_scale"),
-    ("bamba", _doubled_loss, "normalization_scale"),
-    ("zamba2", _ignored_in_the_divisor, "ignore_index_leak"),
-    ("jamba", _ignored_in_the_divisor, "ignore_index_leak"),
-    ("falcon_h1", _dropped_multiplier, "logit_transform"),
-])
-def test_a_fault_in_the_models_loss_code_is_named_at_the_first_check(tmp_path, architecture, fault, cause):
+@pytest.mark.parametrize("row, architecture", FAULTS, ids=[f"{r.switch}-{a}" for r, a in FAULTS])
+def test_a_fault_in_the_models_loss_code_is_named_at_the_first_check(tmp_path, row, architecture):
     module = HFModule(architecture)
-    fault(module.model)
+    break_causal_lm(module.model, row.switch, row.fault_scale or 2)
     with pytest.warns(UserWarning, match="CE seam drift at step 0"):
         parity = fit(tmp_path, module, steps=1)
-    assert parity.history[0]["cause"] == cause
+    assert parity.history[0]["variant"] == row.variants["float32"]
 
 
 def test_a_call_without_labels_is_not_the_seam_and_never_breaks_the_forward(tmp_path):

@@ -37,3 +37,24 @@ class InjectSeamFault(Callback):
                                             token_chunk=old.token_chunk, fault=self.fault,
                                             fault_scale=self.fault_scale)
         setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, new)
+
+
+class InjectCausalLMFault(Callback):
+    """From optimizer step ``step`` on, the Hugging Face causal LM at ``model_path`` commits ``fault`` in its own
+    loss code (:func:`ce_guard.testing.causal_lm_faults.break_causal_lm`); its config, and so the contract the
+    guard reads, stays honest."""
+
+    def __init__(self, step: int, fault: str, model_path: str = "model") -> None:
+        from ce_guard.testing.causal_lm_faults import CAUSAL_LM_FAULTS
+
+        if step < 0:
+            raise ValueError(f"`step` must be >= 0, got {step}.")
+        if fault not in CAUSAL_LM_FAULTS:
+            raise ValueError(f"`fault` must be one of {list(CAUSAL_LM_FAULTS)}, got {fault!r}.")
+        self.step, self.fault, self.model_path = step, fault, model_path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        from ce_guard.testing.causal_lm_faults import break_causal_lm
+
+        if trainer.global_step == self.step and batch_idx % trainer.accumulate_grad_batches == 0:
+            break_causal_lm(pl_module.get_submodule(self.model_path), self.fault)

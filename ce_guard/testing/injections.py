@@ -41,6 +41,8 @@ class Injection:
         contract: what the contract must declare for the fault to have something to break.
         fault_scale: the factor k of ``grad_scale`` (the layer's ``fault_scale``, the broken path's ``scale``).
         chunks: the broken path's blocks of a bf16 running sum, where the default 8 is too few to show.
+        causal_lm: architectures of ``ce_guard.demos.hf_models`` whose own loss code
+            ``ce_guard.testing.causal_lm_faults`` breaks this way.
     """
 
     switch: str
@@ -54,11 +56,12 @@ class Injection:
     contract: Mapping[str, float] = field(default_factory=dict)
     fault_scale: float | None = None
     chunks: int | None = None
+    causal_lm: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"Injection {self.switch!r}"
-        if not (self.layer or self.broken_path):
-            raise ValueError(f"{where}: expected `layer` or `broken_path` to implement it, found neither.")
+        if not (self.layer or self.broken_path or self.causal_lm):
+            raise ValueError(f"{where}: expected `layer`, `broken_path` or `causal_lm` to implement it, found none.")
         if not self.variants or set(self.variants) - set(DTYPES) or set(self.layer_variants) - set(self.variants):
             raise ValueError(f"{where}: `variants` keys must be some of {DTYPES} and hold `layer_variants`' keys,"
                              f" found {sorted(self.variants)} and {sorted(self.layer_variants)}.")
@@ -98,7 +101,7 @@ INJECTIONS: tuple[Injection, ...] = (
               meshes=("SP",), broken_path=True),
     Injection(switch="grad_scale", what="loss and gradients times k (a grad-accumulation divide missing)",
               cause=Cause.NORMALIZATION_SCALE, variants=_both("normalization_scale/integer_k"),
-              meshes=("TP=1", "TP=2"), layer=True, broken_path=True, fault_scale=2),
+              meshes=("TP=1", "TP=2"), layer=True, broken_path=True, fault_scale=2, causal_lm=("llama", "bamba")),
     Injection(switch="bf16_accumulators", what="max, denominator and dW held in bf16 under an fp32 contract",
               cause=Cause.ACCUMULATOR_DTYPE,
               variants={"float32": "accumulator_dtype/precision", "bfloat16": "accumulator_dtype/narrow_softmax"},
@@ -115,7 +118,7 @@ INJECTIONS: tuple[Injection, ...] = (
               layer=True, broken_path=True),
     Injection(switch="ignore_in_denominator", what="ignored tokens counted in the mean's divisor",
               cause=Cause.IGNORE_INDEX_LEAK, variants=_both("ignore_index_leak/padding_in_divisor"),
-              meshes=("TP=1",), layer=True, broken_path=True),
+              meshes=("TP=1",), layer=True, broken_path=True, causal_lm=("zamba2", "jamba")),
     Injection(switch="ignored_as_class_zero", what="ignored targets gathered as class 0 and kept in the loss",
               cause=Cause.IGNORE_INDEX_LEAK, variants={"float32": "ignore_index_leak/ignored_rows"},
               meshes=("TP=1",), broken_path=True),
