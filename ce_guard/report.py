@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from ce_guard.metrics import BY_NAME, METRICS, REPORT_PANELS, MetricSpec, Panel  # noqa: E402
 
@@ -41,7 +42,16 @@ def metric_series(records: Sequence[dict[str, Any]], name: str) -> tuple[list[in
 
 
 def plot_receipts(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write the PNG (margins first); drift steps get a red line on every panel and their cause on the top one."""
+    """Write :func:`report_figure` of ``records`` to the PNG ``path``."""
+    fig = report_figure(records)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def report_figure(records: Sequence[dict[str, Any]]) -> Figure:
+    """The figure, margins first; drift steps get a red line on every panel, their cause on the top one."""
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(10, 2.6 * len(PANELS)), sharex=True,
                              constrained_layout=True)
     drifts = [r for r in records if r.get("drift")]
@@ -57,10 +67,7 @@ def plot_receipts(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     _label_drifts(axes[0], drifts)
     axes[-1].set_xlabel("trainer/global_step")
     fig.suptitle(f"ce_guard parity: {len(records)} checks, {len(drifts)} with drift", fontsize=11)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _draw_metric(ax, records, name: str, panel: Panel) -> bool:
