@@ -301,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report", help="plot receipts: parity_report.png and parity_report.html",
-        description="From receipts alone, plot loss rel err, dL/dh norm ratio, cosine and dL/dW norm ratio\n"
-                    "over steps, drift marked with its cause, and write a self-contained HTML page.",
+        description="From receipts alone, plot each check's error / budget margins, loss rel err, dL/dh norm\n"
+                    "ratio, 1 - dL/dh cosine (log) and dL/dW norm ratio over steps, drift marked with its cause,\n"
+                    "and write a self-contained HTML page.",
         formatter_class=raw,
         epilog="exit codes: 0 no drift in the receipts, 1 some drift, 2 missing receipts, unknown schema,\n"
                "or usage")

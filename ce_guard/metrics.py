@@ -28,6 +28,7 @@ class Panel:
     log: bool = True             # log scale
     budget: str | None = None    # the registered metric drawn as the budget line of this panel's metric
     unit_budget: bool = False    # the metrics are error / budget: a budget line at 1, a bit-exact 0 drawn at 1e-6
+    one_minus: bool = False      # draw 1 - value on a fixed log range (a cosine: its distance from 1)
 
 
 MARGIN_PANEL = Panel(title="error / budget (drift above 1)", unit_budget=True)
@@ -35,7 +36,7 @@ REPORT_PANELS = (  # in the order they are drawn: the margins lead, one panel sa
     MARGIN_PANEL,
     Panel(title="loss relative error", budget="budget_loss_rel"),
     Panel(title="dL/dh norm ratio (fused / reference)", budget="budget_grad_hidden_rel"),
-    Panel(title="dL/dh cosine", log=False),
+    Panel(title="1 - dL/dh cosine (0: same direction)", one_minus=True),
     Panel(title="dL/dW norm ratio (fused / reference)"),
 )
 
