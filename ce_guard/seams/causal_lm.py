@@ -79,6 +79,7 @@ class CausalLMSeam:
                               f" output is the head's input; declare the seam in your loss code: {ONE_LINE}")
         self.contract = causal_lm_contract(model)
         self._signature = inspect.signature(model.forward)
+        self._extra = next((p.name for p in self._signature.parameters.values() if p.kind == p.VAR_KEYWORD), None)
 
     def describe(self) -> str:
         return f"`{self.name}` ({type(self.model).__name__}, decoder output to the returned loss)"
@@ -90,7 +91,7 @@ class CausalLMSeam:
             if recording.finished_forward or call:
                 return
             bound = self._signature.bind_partial(*args, **kwargs).arguments
-            extra = bound.get("kwargs", {})
+            extra = bound.get(self._extra, {}) if self._extra else {}
             labels, shift_labels = bound.get("labels"), extra.get("shift_labels")
             if labels is None and shift_labels is None:
                 return  # this call computes no loss (evaluation, generation): not the seam
