@@ -13,6 +13,7 @@ from operator import attrgetter
 from typing import Literal
 
 from ce_guard.diagnosis import Thresholds, margins
+from ce_guard.diagnosis.verdict import DEFAULT
 from ce_guard.parity import ParityReport
 
 Reader = Callable[[ParityReport, Thresholds], "float | None"]  # a check's reading of one metric
@@ -137,7 +138,7 @@ def metric_key(name: str) -> str:
                        " first.") from None
 
 
-def check_metrics(report: ParityReport, thresholds: Thresholds = Thresholds()) -> tuple[
+def check_metrics(report: ParityReport, thresholds: Thresholds = DEFAULT) -> tuple[
         dict[str, float | None], dict[str, float | None]]:
     """A check's readings to average over ranks, and those whose worst rank is wanted (margins, max diffs)."""
     means = {m.name: m.read(report, thresholds) for m in METRICS if m.reduce == "mean"}
