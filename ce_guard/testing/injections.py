@@ -101,7 +101,7 @@ INJECTIONS: tuple[Injection, ...] = (
               meshes=("SP",), broken_path=True),
     Injection(switch="grad_scale", what="loss and gradients times k (a grad-accumulation divide missing)",
               cause=Cause.NORMALIZATION_SCALE, variants=_both("normalization_scale/integer_k"),
-              meshes=("TP=1", "TP=2"), layer=True, broken_path=True, fault_scale=2, causal_lm=("llama", "bamba")),
+              meshes=("TP=1", "TP=2"), layer=True, broken_path=True, fault_scale=2, causal_lm=("llama", "nemotron_h")),
     Injection(switch="bf16_accumulators", what="max, denominator and dW held in bf16 under an fp32 contract",
               cause=Cause.ACCUMULATOR_DTYPE,
               variants={"float32": "accumulator_dtype/precision", "bfloat16": "accumulator_dtype/narrow_softmax"},
