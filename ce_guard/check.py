@@ -19,6 +19,7 @@ from ce_guard.diagnosis import Diagnosis, Thresholds, diagnose, judged
 from ce_guard.parity import ParityReport, SeamOutputs, compare
 from ce_guard.reference import DEFAULT_CHUNK_ELEMENTS, ReferenceResult, reference_linear_cross_entropy
 from ce_guard.signature import fit_signatures
+from ce_guard.transform_fit import candidate_transforms, fit_output_transform
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,11 @@ def check_seam(
         fit = fit_signatures(hidden, record.weight, targets, fused.grad_hidden, reference.grad_hidden,
                              reference.token_weight, contract, loss_factor=report.loss_ratio - 1)
         report = judged(dataclasses.replace(report, signature=fit), thresholds)
+    if rows is None and candidate_transforms(contract) and _over_budget_anywhere(report, contract, record.hidden.device):
+        transform = fit_output_transform(record.hidden, record.weight, record.targets, contract, fused.loss,
+                                         fused.grad_hidden, record.upstream, budget, given_count=record.given_count,
+                                         chunk_elements=chunk_elements)
+        report = dataclasses.replace(report, output_transform=transform)
     return CheckResult(report, diagnose(report, group_sizes=group_sizes, thresholds=thresholds),
                        None if rows is None else rows.numel())
 

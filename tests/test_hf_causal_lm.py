@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ce_guard.callbacks import CEParityCallback
 from ce_guard.demos.hf_models import ARCHITECTURES, tiny_causal_lm
+from ce_guard.demos.inject import InjectCausalLMFault
 from ce_guard.seams.causal_lm import CausalLMSeam, causal_lm_contract
 from ce_guard.testing import INJECTIONS
-from ce_guard.testing.causal_lm_faults import break_causal_lm
 
 VOCAB = 512
 
@@ -44,9 +44,9 @@ def loader(batches: int = 20) -> DataLoader:
     return DataLoader(TensorDataset(torch.randint(1, VOCAB, (2 * batches, 24), generator=gen)), batch_size=2)
 
 
-def fit(tmp_path, module, *, steps: int, precision: str = "32-true", **callback_args) -> CEParityCallback:
+def fit(tmp_path, module, *, steps: int, precision: str = "32-true", faults=(), **callback_args) -> CEParityCallback:
     parity = CEParityCallback(every_n_steps=1, **callback_args)
-    t, _ = trainer(tmp_path, [parity], max_steps=steps, precision=precision)
+    t, _ = trainer(tmp_path, [parity, *faults], max_steps=steps, precision=precision)
     t.fit(module, loader(steps))
     return parity
 
@@ -73,10 +73,9 @@ FAULTS = [(row, architecture) for row in INJECTIONS for architecture in row.caus
 
 @pytest.mark.parametrize("row, architecture", FAULTS, ids=[f"{r.switch}-{a}" for r, a in FAULTS])
 def test_a_fault_in_the_models_loss_code_is_named_at_the_first_check(tmp_path, row, architecture):
-    module = HFModule(architecture)
-    break_causal_lm(module.model, row.switch, row.fault_scale or 2)
+    """Injected at step 0, after the guard read the contract from the config at fit start."""
     with pytest.warns(UserWarning, match="CE seam drift at step 0"):
-        parity = fit(tmp_path, module, steps=1)
+        parity = fit(tmp_path, HFModule(architecture), steps=1, faults=[InjectCausalLMFault(0, row.switch)])
     assert parity.history[0]["variant"] == row.variants["float32"]
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam
 from ce_guard.diagnosis import Cause, catalogue_entry
 from ce_guard.testing import INJECTIONS, LAYER_FAULTS, FaultyFusedLinearCrossEntropy, injection
+from ce_guard.testing.causal_lm_faults import CAUSAL_LM_FAULTS
 from ce_guard.testing.injections import switches
 
 N, D, V = 288, 32, 1024  # every 9th target ignored: 256 visible, so a mean's 1/count is exact in bf16
@@ -148,7 +149,8 @@ def test_the_table_has_one_row_per_switch_and_each_implementation_knows_its_rows
     names = [row.switch for row in INJECTIONS]
     assert len(names) == len(set(names)), names
     assert set(LAYER_FAULTS) == set(switches(layer=True)) and FAULTS == switches(broken_path=True)
-    assert set(names) == set(LAYER_FAULTS) | set(FAULTS)
+    assert set(CAUSAL_LM_FAULTS) == {row.switch for row in INJECTIONS if row.causal_lm}
+    assert set(names) == set(LAYER_FAULTS) | set(FAULTS) | set(CAUSAL_LM_FAULTS)
 
 
 def test_every_row_links_its_catalogue_heading():

@@ -32,7 +32,7 @@ from ce_guard.metrics import check_metrics, metric_key
 from ce_guard.receipt import append_receipt, drop_receipts_after
 from ce_guard.recording import SeamRecording
 from ce_guard.reference import reduction_plan
-from ce_guard.seams import DeclaredSeam, Seam, SeamRefused, find_seam, no_declared_call
+from ce_guard.seams import DeclaredSeam, ModuleSeam, Seam, SeamRefused, find_seam, no_declared_call
 from ce_guard.wandb_panels import WandbPanels
 
 Listener = Callable[[pl.Trainer, int, dict[str, Any] | None, str], None]  # (trainer, step, verdict, reason)
@@ -201,11 +201,11 @@ class CEParityCallback(Callback):
 
     def _start_recording(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
         if self._recording is None and self.is_check_step(trainer) and self._samples_micro_batch(trainer, batch_idx):
-            # Look the seam up again: a layer swapped or re-wrapped since fit start must stay guarded.
-            try:
-                self._seam = find_seam(pl_module, self.module_path)
-            except Exception:  # keep the seam found at fit start; its recording will tell what is wrong
-                pass
+            if isinstance(self._seam, ModuleSeam):  # a layer swapped or re-wrapped since fit start stays guarded
+                try:
+                    self._seam = find_seam(pl_module, self.module_path)
+                except Exception:  # keep the seam found at fit start; its recording will tell what is wrong
+                    pass
             self._recording, self._recording_step = self._seam.record(), trainer.global_step
 
     def _samples_micro_batch(self, trainer: pl.Trainer, batch_idx: int) -> bool:

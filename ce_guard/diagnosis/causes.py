@@ -21,6 +21,7 @@ class Cause(str, Enum):
     ACCUMULATOR_DTYPE = "accumulator_dtype"
     TP_GRAD_REDUCTION = "tp_grad_reduction"
     BACKWARD_SCALE = "backward_scale"
+    OUTPUT_TRANSFORM = "output_transform"
     UNEXPLAINED = "unexplained"
 
 
@@ -29,7 +30,7 @@ FAULT_ROW = {
     Cause.NORMALIZATION_OWNER: 1, Cause.NORMALIZATION_SCALE: 2, Cause.ACCUMULATOR_DTYPE: 3,
     Cause.TARGET_MASKING: 4, Cause.IGNORE_INDEX_LEAK: 5, Cause.LABEL_SMOOTHING_LOCAL_V: 6,
     Cause.LOG_TP_OFFSET: 7, Cause.Z_LOSS_BOUNDARY: 8, Cause.GRADIENT_APPROXIMATION: 9, Cause.NON_FINITE: 10,
-    Cause.TP_GRAD_REDUCTION: 11, Cause.BACKWARD_SCALE: 12,
+    Cause.TP_GRAD_REDUCTION: 11, Cause.BACKWARD_SCALE: 12, Cause.OUTPUT_TRANSFORM: 13,
 }
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ce_guard.diagnosis.causes import Diagnosis
-from ce_guard.diagnosis.signals import close, core_evidence, fit_evidence, groups_of_size, loss_factor
+from ce_guard.diagnosis.signals import close, core_evidence, fit_evidence, groups_of_size, headline, loss_factor
 from ce_guard.diagnosis.thresholds import Thresholds
 
 if TYPE_CHECKING:
@@ -283,3 +283,21 @@ def _rounded_reciprocal(r: ParityReport, kappa: float) -> tuple[str, float] | No
                for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))]
     options = [(name, excess) for name, excess in options if excess != 0.0]
     return min(options, key=lambda option: abs(kappa - option[1])) if options else None
+
+
+def output_transform(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
+    """The reference under a mistaken form of the contract's own logit transform reproduces the seam (fitted by
+    :func:`ce_guard.transform_fit.fit_output_transform` on checks over budget)."""
+    fit = r.output_transform
+    if fit is None:
+        return None
+    declared = r.contract.get("logit_multiplier", 1.0), r.contract.get("softcap")
+    what = (f"logits multiplied by {fit.logit_multiplier:g} where the contract says {declared[0]:g}"
+            if fit.mistake != "softcap_dropped" else f"logits not softcapped where the contract says {declared[1]:g}")
+    return Diagnosis.of(f"output_transform/{fit.mistake}", True,
+                        f"{headline(r)}: {what}; the reference under that transform matches the seam (loss rel err"
+                        f" {fit.loss_rel_err:.2g}, dL/dh rel err {fit.grad_hidden_rel_err:.2g}): the head's output"
+                        f" transform is {fit.mistake.replace('_', ' ')}",
+                        {**core_evidence(r), "fitted_logit_multiplier": fit.logit_multiplier,
+                         "fitted_softcap": fit.softcap})
+

@@ -143,6 +143,17 @@ INJECTIONS: tuple[Injection, ...] = (
     Injection(switch="backward_scale", what="the logit gradient divided by the tokens in backward only (Transformer"
               " Engine 2.2-2.4's reduce_loss=False)", cause=Cause.BACKWARD_SCALE,
               variants=_both("backward_scale/pure_factor"), meshes=("TP=1",), broken_path=True),
+    Injection(switch="dropped_logit_multiplier", what="the head's logit multiplier dropped (its config still says it)",
+              cause=Cause.OUTPUT_TRANSFORM, variants=_both("output_transform/dropped"), meshes=("TP=1",),
+              causal_lm=("falcon_h1", "cohere")),
+    Injection(switch="doubled_logit_multiplier", what="the head's logit multiplier applied twice",
+              cause=Cause.OUTPUT_TRANSFORM, variants=_both("output_transform/doubled"), meshes=("TP=1",),
+              causal_lm=("falcon_h1",)),
+    Injection(switch="inverted_logit_multiplier", what="the head multiplies by the config's divisor (or divides)",
+              cause=Cause.OUTPUT_TRANSFORM, variants=_both("output_transform/inverted"), meshes=("TP=1",),
+              causal_lm=("falcon_h1",)),
+    Injection(switch="dropped_softcap", what="the logits' softcap dropped", cause=Cause.OUTPUT_TRANSFORM,
+              variants=_both("output_transform/softcap_dropped"), meshes=("TP=1",), causal_lm=("gemma2",)),
 )
 
 

@@ -1,0 +1,67 @@
+"""Which output transform a seam applied, when the contract's does not explain it.
+
+A head that scales or softcaps its logits can drop the transform, apply it twice or invert it (a multiply where
+the config means a divide), and a fused path can lose the softcap a patch was meant to pass. None of those is a
+scale of the loss or the gradients: the softmax itself changes. So the reference runs again under each such
+mistake of the contract's own transform, and the first one that reproduces the seam's loss and dL/dh within
+their budgets names it. Run only on checks over budget whose contract has a transform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ce_guard.budget import ErrorBudget
+from ce_guard.contract import CEContract
+from ce_guard.reference import reference_linear_cross_entropy
+
+
+@dataclass(frozen=True)
+class TransformFit:
+    """The transform that reproduces the seam: the mistake, the multiplier and softcap it amounts to, and how
+    closely the reference under it matches (relative errors of the loss and of dL/dh)."""
+
+    mistake: str  # "dropped", "doubled", "inverted" (the multiplier) or "softcap_dropped"
+    logit_multiplier: float
+    softcap: float | None
+    loss_rel_err: float
+    grad_hidden_rel_err: float
+
+
+def candidate_transforms(contract: CEContract) -> list[tuple[str, float, float | None]]:
+    """The mistakes a head makes with the contract's transform: (name, multiplier, softcap)."""
+    m, cap = contract.logit_multiplier, contract.softcap
+    candidates = []
+    if m != 1:
+        candidates += [("dropped", 1.0, cap), ("doubled", m * m, cap), ("inverted", 1.0 / m, cap)]
+    if cap is not None:
+        candidates.append(("softcap_dropped", m, None))
+    return candidates
+
+
+def fit_output_transform(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, contract: CEContract,
+                         loss: torch.Tensor, grad_hidden: torch.Tensor | None, upstream: torch.Tensor | float,
+                         budget: ErrorBudget, *, given_count: float | None = None,
+                         chunk_elements: int) -> TransformFit | None:
+    """The first candidate transform under which the reference matches ``loss`` and ``grad_hidden`` within
+    ``budget``; None if none does. Every rank of the TP group must call this together (the reference's
+    collectives), with the same contract."""
+    if grad_hidden is None:
+        return None
+    for mistake, multiplier, softcap in candidate_transforms(contract):
+        candidate = dataclasses.replace(contract, logit_multiplier=multiplier, softcap=softcap)
+        ref = reference_linear_cross_entropy(hidden, weight, targets, candidate, grad_output=upstream,
+                                             chunk_elements=chunk_elements, given_count=given_count)
+        loss_err = _rel(loss.double(), ref.loss.double())
+        grad_err = _rel(grad_hidden.double(), ref.grad_hidden.double())
+        if loss_err <= budget.loss_rel and grad_err <= budget.grad_hidden_rel:
+            return TransformFit(mistake, multiplier, softcap, loss_err, grad_err)
+    return None
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    denom = float(b.norm())
+    return float((a - b).norm()) / denom if denom > 0 else float(a.norm())
