@@ -1,7 +1,9 @@
-"""The reference's inputs checked against the contract before any math runs: a bad shape, dtype, target or
-vocab partition raises here with the field, what was expected and what was found."""
+"""The reference's inputs checked against the contract before any math runs: a bad shape, dtype, target, vocab
+partition or given count raises here with the field, what was expected and what was found."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -9,7 +11,8 @@ from ce_guard import _dist
 from ce_guard.contract import CEContract
 
 
-def validate_reference_inputs(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk, backward_dtype) -> None:
+def validate_reference_inputs(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk,
+                              backward_dtype, given_count=None) -> None:
     if not isinstance(contract, CEContract):
         raise TypeError(f"`contract` must be a CEContract, got {type(contract).__name__}.")
     if not (hidden.is_floating_point() and weight.is_floating_point()):
@@ -39,12 +42,29 @@ def validate_reference_inputs(hidden, weight, targets, contract, grad_output, ch
         raise ValueError(f"`backward_dtype` must be None, torch.float16 or torch.float32, got {backward_dtype}.")
     if grad_output is not None and contract.reduction != "none" and not _is_scalar(grad_output):
         raise ValueError(f"`grad_output` must be a scalar for reduction={contract.reduction!r}.")
+    _check_given_count(given_count, contract)
     tp_size = _dist.group_size(contract.tp_group)
     if tp_size == 1 and not contract.is_full_vocab:
         raise ValueError(f"the weight slice [{contract.vocab_start}, {contract.vocab_end}) is not the whole vocabulary"
                          f" ({contract.vocab_size}) but the TP group has one rank; pass the TP group in the contract.")
     if tp_size > 1:
         _check_partition_tiles(contract, weight.device)
+
+
+def _check_given_count(given_count, contract: CEContract) -> None:
+    """A count is handed in exactly when the contract's mean divides by one, and it is a finite number > 0."""
+    if contract.normalize_by == "given_count" and given_count is None:
+        raise ValueError(f"{contract} divides its mean by a count given with each step, but `given_count` is"
+                         " None; pass the step's count (transformers' num_items_in_batch).")
+    if contract.normalize_by != "given_count" and given_count is not None:
+        raise ValueError(f"`given_count`={given_count!r} was passed, but {contract} does not divide by a given"
+                         " count; drop it, or declare normalize_by='given_count'.")
+    if given_count is None:
+        return
+    value = given_count.item() if isinstance(given_count, torch.Tensor) and given_count.numel() == 1 else given_count
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError("`given_count` must be a finite number > 0 (or a one-element tensor of one),"
+                         f" got {given_count!r}.")
 
 
 def _is_scalar(x) -> bool:

@@ -17,14 +17,16 @@ from torch.distributed import ProcessGroup
 from ce_guard._dist import group_size
 
 Reduction = Literal["mean", "sum", "none"]
-NormalizeBy = Literal["local_tokens", "global_tokens"]
+NormalizeBy = Literal["local_tokens", "global_tokens", "given_count"]
 GradSync = Literal["average", "sum"]
 Layout = Literal["[N,V]", "[S,B,V/TP]", "[S/SP,B,V/TP]"]
+ZLossPositions = Literal["counted", "all"]
 
 REDUCTIONS = ("mean", "sum", "none")
-NORMALIZE_BY = ("local_tokens", "global_tokens")
+NORMALIZE_BY = ("local_tokens", "global_tokens", "given_count")
 GRAD_SYNC = ("average", "sum")
 LAYOUTS = ("[N,V]", "[S,B,V/TP]", "[S/SP,B,V/TP]")
+Z_LOSS_POSITIONS = ("counted", "all")
 ACCUM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -35,8 +37,10 @@ class CEContract:
     Args:
         vocab_size: global vocabulary size V, also the V of label smoothing's uniform term.
         reduction: ``mean`` (divide by a token count), ``sum``, or ``none`` (per-token losses).
-        normalize_by: which token count owns a ``mean``'s divide: this rank's non-ignored tokens, or
-            the non-ignored tokens summed over ``token_group``.
+        normalize_by: which count owns a ``mean``'s divide: this rank's non-ignored tokens, the
+            non-ignored tokens summed over ``token_group``, or ``given_count``: a count the caller hands in
+            with each step and the reference does not count (transformers' ``num_items_in_batch``: the sum
+            of the per-token losses over it).
         token_group: the group whose tokens a global mean counts (data parallel, or DP x CP).
             Never the TP group: TP ranks see the same tokens and would double count them.
         grad_sync: how the strategy combines gradients over ``token_group``. DDP and FSDP
@@ -45,8 +49,16 @@ class CEContract:
         ignore_index: targets with this value add nothing to the loss, the count or the gradients.
         label_smoothing: PyTorch's formula, ``(1-eps) * nll + eps * (lse - mean_v logit_v)``, with the
             mean over the *global* V.
-        z_loss: coefficient on ``lse**2``, added per token before the reduction.
-        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` before everything else.
+        z_loss: coefficient on ``lse**2``.
+        z_loss_positions: where the z-loss is taken. ``counted``: ``z_loss * lse**2`` added to each
+            non-ignored token's loss, inside the reduction. ``all`` (transformers' ``BambaForCausalLM``):
+            ``z_loss`` times the mean of ``lse**2`` over every row this rank holds, ignored targets included,
+            added to the reduced loss and never divided by the mean's count; ignored rows then get a
+            gradient. Only with layout ``[N,V]`` and reduction ``mean`` or ``sum``.
+        logit_multiplier: logits are ``logit_multiplier * (hidden @ weight.T)``, scaled before the softcap
+            (Falcon-H1's ``lm_head_multiplier``, Cohere's ``logit_scale``, Granite's ``1/logits_scaling``).
+        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` before everything else but
+            the multiplier.
         accum_dtype: dtype of the running max, denominator and weight-gradient accumulators.
         layout: ``[N,V]`` (whole vocab on this rank), ``[S,B,V/TP]`` (tokens replicated over the TP
             group, vocab sliced), or ``[S/SP,B,V/TP]`` (sequence sharded over the TP group on the way
@@ -68,6 +80,8 @@ class CEContract:
     ignore_index: int = -100
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    z_loss_positions: ZLossPositions = "counted"  # PaLM's per-token z-loss; "all" is Bamba's mean over rows
+    logit_multiplier: float = 1.0  # 1: plain logits, as most models have
     softcap: float | None = None
     accum_dtype: torch.dtype = torch.float32
     layout: Layout = "[N,V]"
@@ -85,8 +99,8 @@ class CEContract:
                 f"`normalize_by` must be one of {NORMALIZE_BY}, got {self.normalize_by!r}.")
         _expect(self.grad_sync in GRAD_SYNC, f"`grad_sync` must be one of {GRAD_SYNC}, got {self.grad_sync!r}.")
         _expect(self.normalize_by == "local_tokens" or self.reduction == "mean",
-                f"`normalize_by='global_tokens'` only applies to reduction='mean', got reduction={self.reduction!r}."
-                " Use normalize_by='local_tokens' for 'sum' and 'none'.")
+                f"`normalize_by={self.normalize_by!r}` only applies to reduction='mean', got"
+                f" reduction={self.reduction!r}. Use normalize_by='local_tokens' for 'sum' and 'none'.")
         _expect(self.layout in LAYOUTS, f"`layout` must be one of {LAYOUTS}, got {self.layout!r}.")
         _expect(isinstance(self.ignore_index, int), f"`ignore_index` must be an int, got {self.ignore_index!r}.")
         _expect(not 0 <= self.ignore_index < self.vocab_size,
@@ -96,6 +110,14 @@ class CEContract:
                 f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r}.")
         _expect(_finite_number(self.z_loss) and self.z_loss >= 0.0,
                 f"`z_loss` must be a finite number >= 0, got {self.z_loss!r}.")
+        _expect(self.z_loss_positions in Z_LOSS_POSITIONS,
+                f"`z_loss_positions` must be one of {Z_LOSS_POSITIONS}, got {self.z_loss_positions!r}.")
+        _expect(self.z_loss_positions == "counted" or (self.layout == "[N,V]" and self.reduction != "none"),
+                f"`z_loss_positions='all'` needs layout '[N,V]' and reduction 'mean' or 'sum' (one mean over this"
+                f" rank's rows, added to a reduced loss), got layout {self.layout!r} and reduction"
+                f" {self.reduction!r}. Use z_loss_positions='counted' for a per-token z-loss.")
+        _expect(_finite_number(self.logit_multiplier) and self.logit_multiplier > 0,
+                f"`logit_multiplier` must be a finite number > 0, got {self.logit_multiplier!r}.")
         _expect(self.softcap is None or (_finite_number(self.softcap) and self.softcap > 0),
                 f"`softcap` must be None or a finite number > 0, got {self.softcap!r}.")
         _expect(self.accum_dtype in ACCUM_DTYPES,
@@ -125,6 +147,8 @@ class CEContract:
             return "sum over tokens (no divide)"
         if self.reduction == "none":
             return "per-token losses (no reduction)"
+        if self.normalize_by == "given_count":
+            return "mean over a count given with each step (transformers' num_items_in_batch)"
         if self.normalize_by == "local_tokens":
             scope = "the gathered sequence's" if self.sequence_parallel else "this rank's"
             return f"mean over {scope} non-ignored tokens"
@@ -137,7 +161,13 @@ class CEContract:
         parts = [self.describe_normalization(), f"ignore_index={self.ignore_index}"]
         parts.append(f"label smoothing {self.label_smoothing:g} over global V={self.vocab_size}"
                      if self.label_smoothing else f"no label smoothing, V={self.vocab_size}")
-        parts.append(f"z-loss {self.z_loss:g}*lse^2" if self.z_loss else "no z-loss")
+        if not self.z_loss:
+            parts.append("no z-loss")
+        else:
+            parts.append(f"z-loss {self.z_loss:g}*lse^2" if self.z_loss_positions == "counted"
+                         else f"z-loss {self.z_loss:g}*mean lse^2 over all positions")
+        if self.logit_multiplier != 1:
+            parts.append(f"logits x {self.logit_multiplier:g}")
         parts.append(f"softcap {self.softcap:g}" if self.softcap else "no softcap")
         parts.append(f"{_dtype_name(self.accum_dtype)} accumulators")
         if self.is_full_vocab and group_size(self.tp_group) == 1:
@@ -158,6 +188,8 @@ class CEContract:
             "ignore_index": self.ignore_index,
             "label_smoothing": self.label_smoothing,
             "z_loss": self.z_loss,
+            "z_loss_positions": self.z_loss_positions,
+            "logit_multiplier": self.logit_multiplier,
             "softcap": self.softcap,
             "accum_dtype": _dtype_name(self.accum_dtype),
             "layout": self.layout,
@@ -168,7 +200,9 @@ class CEContract:
 
     @classmethod
     def from_dict(cls, record: dict[str, Any], **groups: ProcessGroup | None) -> "CEContract":
-        """Inverse of :meth:`to_dict`; groups are not serialisable, so pass them back in by keyword."""
+        """Inverse of :meth:`to_dict`; groups are not serialisable, so pass them back in by keyword.
+
+        A record written before a field existed loads with that field's default."""
         known = {k: v for k, v in record.items() if k not in ("token_group_size", "tp_group_size")}
         unknown = set(known) - set(cls.__dataclass_fields__)
         _expect(not unknown, f"unknown CEContract fields {sorted(unknown)}; was the record written by a newer ce_guard?")

@@ -9,7 +9,8 @@ bytes plus one hidden chunk and one weight block in the backward operands' dtype
 few more blocks).
 
 Logits are exact: fp32 operands run without TF32, and bf16/fp16 operands on CUDA run on tensor cores
-with an fp32 output (a 16-bit product is exact in fp32). The backward products take their operands in
+with an fp32 output (a 16-bit product is exact in fp32); the contract's logit multiplier and softcap are
+applied to that fp32 block. The backward products take their operands in
 ``backward_dtype``: fp32 (exact; the default on CPU and for fp32 inputs) or, by default for 16-bit inputs
 on CUDA, fp16. There hidden and weight enter fp16 exactly (bf16's 8 significant bits fit in fp16's 11,
 scaled by powers of two into its range) and the fp32 logit gradient is rounded once to fp16 after a
@@ -23,7 +24,8 @@ Two passes per call:
      (only where the target is inside this rank's slice) and the logit sum; then one all-reduce each
      over the TP group (MAX, SUM, SUM, SUM) and one SUM of the visible-token count over the token group;
   2. gradients: recompute each logit block, form dL/dlogits, accumulate dL/dh and dL/dW in fp32, and
-     all-reduce dL/dh over the TP group (each rank holds only its vocab slice's contribution).
+     all-reduce dL/dh over the TP group (each rank holds only its vocab slice's contribution). A z-loss over
+     all positions gives ignored rows their own gradient; a logit multiplier scales both sums once at the end.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ce_guard._compile import compiled_on_cuda
 from ce_guard._exact_products import (FP16_EXPONENT, abs_max, add_product, ceil_log2, default_backward_dtype,
                                       exact_fp32_matmul, exact_mm, pow2)
 from ce_guard._reference_inputs import validate_reference_inputs
+from ce_guard._reference_weights import divisor as _divisor, upstream_per_token, z_loss_per_row
 from ce_guard.contract import CEContract
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 26  # 64M fp32 logits per block: 256 MiB, ~0.7 GB live in all at V = 152k
@@ -50,7 +53,8 @@ DEFAULT_TOKEN_CHUNK = 16384  # 16384 x 4096 blocks: dL/dW written once per call 
 class ReferenceResult:
     """What the contract says the seam should have produced, in fp32.
 
-    ``loss`` is a scalar for ``mean``/``sum`` and a per-token tensor for ``none`` (shape of targets).
+    ``loss`` is a scalar for ``mean``/``sum`` and a per-token tensor for ``none`` (shape of targets); under
+    ``z_loss_positions='all'`` it holds the z-loss over every row, which ``per_token_loss`` leaves out.
     ``grad_hidden`` has hidden's shape (this rank's tokens; full, i.e. summed over the TP group);
     ``grad_weight`` has the weight slice's shape; both are ``None`` when gradients were not asked for.
     Per-token tensors (``per_token_loss``, ``lse``, ``mean_logit*``, ``targets``) cover this rank's local
@@ -70,7 +74,7 @@ class ReferenceResult:
     n_visible: int         # non-ignored tokens in that view
     n_visible_shard: int   # non-ignored tokens this rank brought (differs from n_visible only under SP)
     n_visible_global: int  # non-ignored tokens summed over the token group
-    divisor: float         # what the mean divided by (1.0 for sum / none)
+    divisor: float         # what the mean divided by (the given count under given_count; 1.0 for sum / none)
     tp_size: int
     token_group_size: int
     nonfinite_inputs: dict[str, int]
@@ -86,6 +90,7 @@ def reference_linear_cross_entropy(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     backward_dtype: torch.dtype | None = None,
+    given_count: float | torch.Tensor | None = None,
 ) -> ReferenceResult:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets`` exactly as ``contract`` defines it.
 
@@ -101,12 +106,15 @@ def reference_linear_cross_entropy(
         backward_dtype: operands of the gradient matmuls: ``torch.float32`` (exact products) or
             ``torch.float16`` (the logit gradient rounded once to fp16, per-token scaled; see the module
             docstring). ``None`` picks fp16 for bf16/fp16 inputs on CUDA and fp32 otherwise.
+        given_count: the count a ``normalize_by='given_count'`` mean divides by, handed in with each step
+            (transformers' ``num_items_in_batch``); a finite number > 0, or a one-element tensor. Only for
+            that contract.
 
     Returns:
         A :class:`ReferenceResult`.
 
     Raises:
-        ValueError: shapes, dtypes, targets or chunk sizes that break the contract.
+        ValueError: shapes, dtypes, targets, chunk sizes or a ``given_count`` that break the contract.
 
     Example:
         >>> c = CEContract(vocab_size=10)
@@ -114,7 +122,9 @@ def reference_linear_cross_entropy(
         >>> r.loss.shape, r.grad_hidden.shape
         (torch.Size([]), torch.Size([4, 8]))
     """
-    validate_reference_inputs(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk, backward_dtype)
+    validate_reference_inputs(hidden, weight, targets, contract, grad_output, chunk_elements, token_chunk,
+                              backward_dtype, given_count)
+    given_count = None if given_count is None else float(given_count)
     tp, token_group = contract.tp_group, contract.token_group
     tp_size = _dist.group_size(tp)
     nonfinite = {"hidden": count_nonfinite(hidden), "weight": count_nonfinite(weight)}
@@ -132,17 +142,18 @@ def reference_linear_cross_entropy(
     with exact_fp32_matmul():
         lse, target_logit, logit_sum, logit_sum_local = _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk)
         visible = y != contract.ignore_index
-        # Per token, fp32: (1-eps) * nll + eps * (lse - mean_v z_v) + z * lse^2; ignored tokens are 0.
+        # Per token, fp32: (1-eps) * nll + eps * (lse - mean_v z_v) (+ z * lse^2 if counted); ignored tokens 0.
         eps = contract.label_smoothing
         per_token = (1.0 - eps) * (lse - target_logit) + eps * (lse - logit_sum / contract.vocab_size)
-        per_token = per_token + contract.z_loss * lse.square()
+        if contract.z_loss_positions == "counted":
+            per_token = per_token + contract.z_loss * lse.square()
         per_token = torch.where(visible, per_token, torch.zeros_like(per_token))
 
         n_visible = int(visible.sum())
         count = torch.tensor([n_visible], dtype=torch.float64, device=h.device)
         _dist.all_reduce(count, dist.ReduceOp.SUM, token_group)  # non-ignored tokens over the token group
         n_visible_global = int(count.item())
-        divisor = _divisor(contract, n_visible, n_visible_global, _dist.group_size(token_group))
+        divisor = _divisor(contract, n_visible, n_visible_global, _dist.group_size(token_group), given_count)
 
         if contract.reduction == "none":
             loss = per_token
@@ -150,13 +161,16 @@ def reference_linear_cross_entropy(
             loss = per_token.sum()
         else:
             loss = per_token.sum() / divisor if divisor > 0 else per_token.sum() * 0.0
+        if contract.z_loss_positions == "all":  # a mean over every row of this rank, never over the divisor
+            loss = loss + contract.z_loss * lse.square().sum() / max(n, 1)
 
         grad_hidden = grad_weight = token_weight = None
         if grad_output is not None:
-            token_weight = _upstream_per_token(grad_output, contract, visible, divisor, tp, y.device)
+            token_weight = upstream_per_token(grad_output, contract, visible, divisor, tp, y.device)
+            z_weight = z_loss_per_row(grad_output, contract, token_weight)
             operands = backward_dtype or default_backward_dtype(weight)
-            grad_h, grad_weight = _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chunk,
-                                             operands)
+            grad_h, grad_weight = _gradients(h, weight, y, lse, token_weight, z_weight, contract, token_chunk,
+                                             vocab_chunk, operands)
             _dist.all_reduce(grad_h, dist.ReduceOp.SUM, tp)  # each rank held its vocab slice's share
             grad_hidden = _local_rows(grad_h, contract, local_shape, tp).reshape(hidden.shape)
 
@@ -199,7 +213,9 @@ def reduction_plan(contract: CEContract) -> dict[str, str]:
         "denominator": "fp32, rescaled to the global max, then " + over_tp.format("SUM"),
         "target_logit": "fp32, " + over_tp.format("SUM"),
         "grad_hidden": "fp32 per vocab slice, then " + over_tp.format("SUM"),
-        "token_count": (f"non-ignored tokens all-reduced SUM over the token group ({tokens} ranks)"
+        "token_count": ("the count given with each step (transformers' num_items_in_batch); non-ignored tokens"
+                        " counted on this rank for the report only" if contract.normalize_by == "given_count"
+                        else f"non-ignored tokens all-reduced SUM over the token group ({tokens} ranks)"
                         if tokens > 1 else "non-ignored tokens on this rank"),
         "normalization": contract.describe_normalization(),
     }
@@ -223,8 +239,9 @@ def _softmax_statistics(h, weight, y, contract, token_chunk, vocab_chunk):
         local_target = y[rows] - contract.vocab_start                          # (T,) index into this slice
         running = run_max[rows], denom[rows], logit_sum[rows], target_logit[rows]
         for cols in _chunks(weight.shape[0], vocab_chunk):
-            raw = exact_mm(h_chunk, weight[cols].T)                          # (T, Vb) fp32, before softcap
-            running = block_statistics(raw, local_target - cols.start, *running, contract.softcap)
+            raw = exact_mm(h_chunk, weight[cols].T)                          # (T, Vb) fp32 h W^T: no multiplier, no cap
+            running = block_statistics(raw, local_target - cols.start, *running, contract.logit_multiplier,
+                                       contract.softcap)
         run_max[rows], denom[rows], logit_sum[rows], target_logit[rows] = running
 
     tp = contract.tp_group
@@ -243,30 +260,35 @@ def group_lse(row_max: torch.Tensor, denom: torch.Tensor, tp) -> torch.Tensor:
     return global_max + torch.log(total)
 
 
-def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chunk, operands):
+def _gradients(h, weight, y, lse, token_weight, z_weight, contract, token_chunk, vocab_chunk, operands):
     """Pass 2: dL/dh (this rank's vocab share) and dL/dW (this rank's slice), accumulated in fp32.
 
-    With fp16 operands every scale is a power of two, undone exactly: token t's logit gradient is scaled
-    by ``2**e_t`` so its bound ``|w_t (1 + 2 c lse_t)| + |w_t|`` sits at ``2**14``; W by one shared
+    Row t's logit gradient is ``p (w_t + 2 zw_t lse_t) - w_t eps / V - w_t (1 - eps) [v = y]``: ``w_t`` its
+    weight in the reduction, ``zw_t`` its z-loss weight (``z_loss_per_row``); a row where both are 0 gets
+    none. The logit multiplier m scales dL/dh and dL/dW once, at the end (``dL/draw = m dL/dz``).
+
+    With fp16 operands every scale is a power of two, undone exactly: row t's logit gradient is scaled
+    by ``2**e_t`` so its bound ``|w_t + 2 zw_t lse_t| + |w_t|`` sits at ``2**14``; W by one shared
     ``2**e_w``; and h_t, which meets the scaled gradient in dL/dW, by ``2**(e_h - e_t)``, so each token's
     dL/dW share keeps its size relative to the others.
     """
     eps = contract.label_smoothing
     grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-    prob_scale = token_weight * (1.0 + 2.0 * contract.z_loss * lse)           # (N,)
+    prob_scale = token_weight + 2.0 * z_weight * lse                            # (N,)
+    active = (token_weight != 0) | (z_weight != 0)                              # (N,) rows with any gradient
     token_exp = torch.zeros(h.shape[0], dtype=torch.int32, device=h.device)    # e_t
     weight_exp = hidden_exp = 0
     if operands == torch.float16 and h.shape[0]:
         token_exp = FP16_EXPONENT - ceil_log2(prob_scale.abs() + token_weight.abs())
-        h_share = abs_max(h, dim=1) * pow2(-token_exp) * (token_weight != 0)
+        h_share = abs_max(h, dim=1) * pow2(-token_exp) * active
         weight_exp, hidden_exp = (FP16_EXPONENT - ceil_log2(torch.stack(
             [abs_max(weight), h_share.max()]))).tolist()                      # one host sync per call
     block_logit_grad = compiled_on_cuda(_block_logit_grad, h.device)
     for rows in _chunks(h.shape[0], token_chunk):
         h_chunk = h[rows]                                                      # (T, D), input dtype
-        visible = (token_weight[rows] != 0)[:, None]                         # ignored rows: 0, never inf * 0
-        h_operand = (h_chunk * (pow2(hidden_exp - token_exp[rows])[:, None] * visible)).to(operands)
+        live = active[rows, None]                                              # no gradient: 0, never inf * 0
+        h_operand = (h_chunk * (pow2(hidden_exp - token_exp[rows])[:, None] * live)).to(operands)
         local_target = y[rows] - contract.vocab_start
         token_scale = pow2(token_exp[rows])                                   # (T,)
         w_tok = token_weight[rows] * token_scale                               # (T,) upstream and 1/divisor; 0 if ignored
@@ -274,24 +296,28 @@ def _gradients(h, weight, y, lse, token_weight, contract, token_chunk, vocab_chu
         lse_rows, grad_h_rows = lse[rows], grad_h[rows]                        # views, once per token chunk
         for cols in _chunks(weight.shape[0], vocab_chunk):
             w_block = weight[cols]                                             # (Vb, D), input dtype
-            raw = exact_mm(h_chunk, w_block.T)                                # (T, Vb) fp32, before softcap
+            raw = exact_mm(h_chunk, w_block.T)                                # (T, Vb) fp32 h W^T: no multiplier, no cap
             # The target's column in this block; a target elsewhere falls outside [0, width) and matches none.
             dz = block_logit_grad(raw, lse_rows, p_scale, uniform, hit, local_target - cols.start,
-                                  contract.softcap, operands)
+                                  contract.logit_multiplier, contract.softcap, operands)
             del raw
             w_operand = torch.mul(w_block, 2.0 ** weight_exp, out=torch.empty_like(w_block, dtype=operands))
             add_product(grad_h_rows, dz, w_operand)
             add_product(grad_w[cols], dz.T, h_operand, alpha=2.0 ** -hidden_exp)
         grad_h_rows *= pow2(-token_exp[rows] - weight_exp)[:, None]
+    if contract.logit_multiplier != 1:  # dL/draw = m dL/dz: one fp32 rounding per element, after every sum
+        grad_h *= contract.logit_multiplier
+        grad_w *= contract.logit_multiplier
     return grad_h, grad_w
 
 
-def _block_statistics(raw, block_target, run_max, denom, logit_sum, target_logit, softcap: float | None):
+def _block_statistics(raw, block_target, run_max, denom, logit_sum, target_logit, multiplier: float,
+                      softcap: float | None):
     """One logits block folded into each row's running statistics: the max, the sum of exp(z - max)
     (rescaled to the new max), the sum of z, and the target's logit where the target (``block_target``, its
-    column in this block) falls in the block; z softcapped. One function, so that on CUDA one compiled call
-    does a block."""
-    z = _softcap(raw, softcap)
+    column in this block) falls in the block; z is ``raw`` times the multiplier, softcapped. One function, so
+    that on CUDA one compiled call does a block."""
+    z = _logits(raw, multiplier, softcap)
     block_max = z.amax(dim=1)
     new_max = torch.maximum(run_max, block_max)
     block_denom = (z - block_max[:, None]).exp_().sum(dim=1)               # in place: one block-sized buffer
@@ -301,17 +327,17 @@ def _block_statistics(raw, block_target, run_max, denom, logit_sum, target_logit
     return new_max, denom, logit_sum + z.sum(dim=1), target_logit + torch.where(in_block, picked, 0.0)
 
 
-def _block_logit_grad(raw, lse, prob_scale, uniform, hit, target_col, softcap: float | None,
+def _block_logit_grad(raw, lse, prob_scale, uniform, hit, target_col, multiplier: float, softcap: float | None,
                       dtype: torch.dtype) -> torch.Tensor:
     """dL/dz of one block, rounded once to ``dtype``: ``p_v prob_scale - uniform - hit [v = y]``, times the softcap's
-    derivative.
+    derivative; z is ``raw`` times the multiplier, whose own factor on dL/draw the caller applies.
 
-    Per token: ``prob_scale = w (1 + 2 z_loss lse)``, ``uniform = w eps / V``, ``hit = w (1 - eps)``, where w is
-    the token's weight (upstream gradient / divisor, 0 if ignored) times its fp16 scale; ``target_col`` is the
-    target's column in this block, outside ``[0, block width)`` if elsewhere. The target's term is subtracted
-    in fp32, where ``p_y ~ 1`` cancels.
+    Per token: ``prob_scale = w + 2 zw lse``, ``uniform = w eps / V``, ``hit = w (1 - eps)``, where w is the
+    token's weight (upstream gradient / divisor, 0 if ignored) and zw its z-loss weight, both times its fp16
+    scale; ``target_col`` is the target's column in this block, outside ``[0, block width)`` if elsewhere. The
+    target's term is subtracted in fp32, where ``p_y ~ 1`` cancels.
     """
-    z = _softcap(raw, softcap)
+    z = _logits(raw, multiplier, softcap)
     grad = (z - lse[:, None]).exp_().mul_(prob_scale[:, None]).sub_(uniform[:, None])  # one (T, Vb) buffer
     if torch.compiler.is_compiling():  # a column mask fuses into the one kernel that writes the block
         cols = torch.arange(raw.shape[1], device=raw.device)
@@ -323,35 +349,6 @@ def _block_logit_grad(raw, lse, prob_scale, uniform, hit, target_col, softcap: f
     if softcap is not None:
         grad = grad * (1.0 - (z / softcap).square())                            # d tanh-cap / d raw
     return grad.to(dtype)
-
-
-def _divisor(contract: CEContract, n_visible: int, n_visible_global: int, token_group_size: int) -> float:
-    """The count that owns a mean's divide, as the contract states it."""
-    if contract.reduction != "mean":
-        return 1.0
-    if contract.normalize_by == "local_tokens":
-        return float(n_visible)
-    if contract.grad_sync == "average":  # the strategy averages gradients, so undo its 1/|group|
-        return n_visible_global / token_group_size
-    return float(n_visible_global)
-
-
-def _upstream_per_token(grad_output, contract, visible, divisor, tp, device) -> torch.Tensor:
-    """dLoss/dper_token_loss for every token in the reference's view: (N,) fp32, 0 where ignored."""
-    if contract.reduction == "none":
-        g = torch.as_tensor(grad_output, dtype=torch.float32, device=device).reshape(-1)
-        if g.numel() == 1:  # one upstream value for every token, as for loss.sum()
-            g = g.expand(visible.numel() // _dist.group_size(tp) if contract.sequence_parallel else visible.numel())
-        if contract.sequence_parallel:
-            g = _dist.all_gather_dim0(g, tp)
-        if g.numel() != visible.numel():
-            raise ValueError(f"`grad_output` for reduction='none' must have one value per token"
-                             f" ({visible.numel()}), got {g.numel()}.")
-    else:
-        g = torch.full(visible.shape, float(grad_output), dtype=torch.float32, device=device)
-        if contract.reduction == "mean":
-            g = g / divisor if divisor > 0 else g * 0.0
-    return torch.where(visible, g, torch.zeros_like(g))
 
 
 def _local_token_range(local_shape: torch.Size, tp) -> slice:
@@ -382,5 +379,7 @@ def _chunks(total: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, total))
 
 
-def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+def _logits(raw: torch.Tensor, multiplier: float, cap: float | None) -> torch.Tensor:
+    """The contract's logits from ``hidden @ weight.T``: times the multiplier, then softcapped."""
+    z = raw if multiplier == 1 else raw * multiplier
     return z if cap is None else cap * torch.tanh(z / cap)

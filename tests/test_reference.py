@@ -299,8 +299,8 @@ def test_a_compiler_failure_falls_back_to_the_eager_function_once(monkeypatch):
     assert _compile.compiled_on_cuda(block_sum, torch.device("cpu")) is block_sum
 
 
-@pytest.mark.parametrize("softcap", [None, 30.0])
-def test_the_logit_gradient_block_compiled_equals_the_eager_one(softcap):
+@pytest.mark.parametrize("softcap, multiplier", [(None, 1.0), (30.0, 0.3)])
+def test_the_logit_gradient_block_compiled_equals_the_eager_one(softcap, multiplier):
     """The target's term is a column mask where the block runs compiled (it fuses into the kernel that writes
     the block) and an index into each row's target column where it runs eagerly: the same numbers, the term
     subtracted once where the target is in the block and nowhere else."""
@@ -311,10 +311,10 @@ def test_the_logit_gradient_block_compiled_equals_the_eager_one(softcap):
     prob_scale, hit = torch.rand(t, generator=gen), torch.rand(t, generator=gen)
     uniform = torch.rand(t, generator=gen) * 1e-4
     target_col = torch.randint(-300, v + 300, (t,), generator=gen)  # in the block and on either side of it
-    args = (raw, lse, prob_scale, uniform, hit, target_col, softcap, torch.float32)
+    args = (raw, lse, prob_scale, uniform, hit, target_col, multiplier, softcap, torch.float32)
     eager = reference._block_logit_grad(*args)
     torch.testing.assert_close(_compile._compiled(reference._block_logit_grad)(*args), eager)
-    z = raw if softcap is None else softcap * torch.tanh(raw / softcap)
+    z = multiplier * raw if softcap is None else softcap * torch.tanh(multiplier * raw / softcap)
     onehot = F.one_hot(target_col.clamp(0, v - 1), v) * ((target_col >= 0) & (target_col < v))[:, None]
     expected = torch.exp(z - lse[:, None]) * prob_scale[:, None] - uniform[:, None] - hit[:, None] * onehot
     if softcap is not None:
