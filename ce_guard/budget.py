@@ -73,37 +73,54 @@ def native_error_budget(
     *,
     sample_tokens: int = 128,
     safety: float = 4.0,
+    given_count: float | torch.Tensor | None = None,
 ) -> ErrorBudget:
     """Measure the native path's error on a token sample and turn it into a budget.
 
-    The native path is PyTorch's own: ``F.linear`` in the input dtype, then ``F.cross_entropy`` in fp32,
-    autograd for the gradients (which come back in the input dtype). It is judged against the same math
-    in float64 on this rank's vocab slice; the rounding it shows is the rounding a fused path may show.
-    Each budget entry is ``safety * native_error + floor(dtype)``, with a lower floor for the loss.
+    The native path is PyTorch's own: ``F.linear`` in the input dtype (times the contract's logit multiplier,
+    rounded again, as transformers' models scale their logits), then ``F.cross_entropy`` in fp32, autograd for
+    the gradients (which come back in the input dtype). It is judged against the same math in float64 on this
+    rank's vocab slice; the rounding it shows is the rounding a fused path may show. Each budget entry is
+    ``safety * native_error + floor(dtype)``, with a lower floor for the loss.
+
+    Under ``z_loss_positions='all'`` the sample is drawn from every row, ignored ones included (they carry the
+    z-loss and its gradient), each weighted as in the loss: cross-entropy by 1/divisor (``given_count`` under
+    ``normalize_by='given_count'``, else this rank's non-ignored tokens), z-loss by 1/rows.
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1) - contract.vocab_start
-    inside = (targets.reshape(-1) != contract.ignore_index) & (y >= 0) & (y < contract.vocab_slice_size)
-    rows = inside.nonzero().squeeze(1)
+    visible = targets.reshape(-1) != contract.ignore_index
+    every_row = contract.z_loss_positions == "all" and contract.z_loss > 0  # layout [N,V]: every target inside
+    inside = visible & (y >= 0) & (y < contract.vocab_slice_size)
+    rows = (inside | every_row).nonzero().squeeze(1)
     loss_floor, grad_floor = _FLOORS.get(hidden.dtype, _FLOORS[torch.float32])
     if rows.numel() == 0:
         return ErrorBudget.for_dtype(hidden.dtype, safety=safety)
     rows = rows[torch.linspace(0, rows.numel() - 1, min(sample_tokens, rows.numel())).long()]
-    h_s, y_s = h[rows].detach(), y[rows]
+    h_s, y_s, visible_s = h[rows].detach(), y[rows].clamp(min=0), visible[rows]
+    n_visible = int(visible.sum())
+    # Each sampled row's share of the loss, up to one common factor: CE by 1/divisor and the z-loss by 1/rows
+    # under 'all'; one token's loss under 'counted'. Their mean over the averaged rows is the loss.
+    ce_weight = (h.shape[0] / (float(given_count) if given_count is not None else max(n_visible, 1))
+                 if every_row else 1.0)
 
     def run(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         h_in = h_s.to(dtype).detach().requires_grad_()
         w_in = weight.detach().to(dtype).requires_grad_()
-        z = F.linear(h_in, w_in).float() if dtype != torch.float64 else F.linear(h_in, w_in)
+        z = F.linear(h_in, w_in)
+        if contract.logit_multiplier != 1:
+            z = z * contract.logit_multiplier  # in the input dtype, as a model scales its logits
+        z = z.float() if dtype != torch.float64 else z
         if contract.softcap is not None:
             z = contract.softcap * torch.tanh(z / contract.softcap)
         per_token = F.cross_entropy(z, y_s, reduction="none", label_smoothing=contract.label_smoothing)
+        per_token = torch.where(visible_s, per_token * ce_weight, 0.0)
         per_token = per_token + contract.z_loss * torch.logsumexp(z, dim=1).square()
         per_token.mean().backward()
         return per_token.detach().double(), h_in.grad.double(), w_in.grad.double()
 
     native, exact = run(hidden.dtype), run(torch.float64)
-    loss_rel = _expected_mean_error(native[0] - exact[0], n_averaged=int((targets != contract.ignore_index).sum()))
+    loss_rel = _expected_mean_error(native[0] - exact[0], n_averaged=h.shape[0] if every_row else n_visible)
     loss_rel /= max(abs(float(exact[0].mean())), 1e-12)
     grad_hidden_rel = _rel(native[1], exact[1])
     # The sample leaves most rows of a large vocab's dW without a target (128 tokens, 262k rows), and there

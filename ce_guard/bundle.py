@@ -20,6 +20,7 @@ from ce_guard.parity import SeamOutputs
 SCHEMA_VERSION = 1
 KEYS = ("step", "rank", "contract", "hidden", "weight", "targets", "fused_loss", "fused_grad_hidden",
         "fused_grad_weight", "upstream", "report", "diagnosis")
+OPTIONAL_KEYS = ("given_count",)  # written since they exist; a version-1 bundle from before lacks them
 
 
 class BundleError(ValueError):
@@ -48,6 +49,7 @@ def save_bundle(path: str | os.PathLike, bundle: Bundle) -> Path:
         "hidden": record.hidden.cpu(), "weight": record.weight.cpu(), "targets": record.targets.cpu(),
         "fused_loss": record.fused.loss.cpu(), "fused_grad_hidden": _cpu(record.fused.grad_hidden),
         "fused_grad_weight": _cpu(record.fused.grad_weight), "upstream": _cpu(record.upstream),
+        "given_count": _cpu(record.given_count),
         "report": bundle.report, "diagnosis": bundle.diagnosis,
     }, path)
     return path
@@ -84,7 +86,7 @@ def load_bundle(path: str | os.PathLike, map_location: str | torch.device = "cpu
     fused = SeamOutputs(loss=raw["fused_loss"], grad_hidden=raw["fused_grad_hidden"],
                         grad_weight=raw["fused_grad_weight"])
     record = SeamRecord(hidden=raw["hidden"], weight=raw["weight"], targets=raw["targets"], fused=fused,
-                        upstream=raw["upstream"])
+                        upstream=raw["upstream"], given_count=raw.get("given_count"))
     return Bundle(step=raw["step"], rank=raw["rank"], contract=raw["contract"], record=record,
                   report=raw["report"], diagnosis=raw["diagnosis"])
 

@@ -27,7 +27,8 @@ class SeamRecord:
 
     ``upstream`` is dTotal/dloss as training's backward delivered it (a scalar for mean/sum, per token
     for none); the reference uses it so that loss scaling by the user or by gradient accumulation
-    outside the seam does not read as drift.
+    outside the seam does not read as drift. ``given_count`` is the count a ``normalize_by='given_count'``
+    mean divided by on this step (transformers' ``num_items_in_batch``); None for every other contract.
     """
 
     hidden: torch.Tensor
@@ -35,6 +36,7 @@ class SeamRecord:
     targets: torch.Tensor
     fused: SeamOutputs
     upstream: torch.Tensor | float
+    given_count: float | torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ def check_seam(
     rows = _sample_rows(record, contract, sample_tokens)
     if rows is None:
         reference = reference_linear_cross_entropy(record.hidden, record.weight, record.targets, contract,
-                                                   grad_output=record.upstream, chunk_elements=chunk_elements)
+                                                   grad_output=record.upstream, chunk_elements=chunk_elements,
+                                                   given_count=record.given_count)
         fused = record.fused
     else:
         reference = _sampled_reference(record, contract, rows, chunk_elements)
@@ -80,7 +83,7 @@ def check_seam(
         fused = dataclasses.replace(record.fused, grad_weight=None,
                                     grad_hidden=None if grad is None else grad.reshape(-1, grad.shape[-1])[rows])
     budget = native_error_budget(record.hidden, record.weight, record.targets, contract,
-                                 sample_tokens=budget_tokens, safety=safety)
+                                 sample_tokens=budget_tokens, safety=safety, given_count=record.given_count)
     report = compare(fused, reference, contract, budget=budget)
     if _half_precision(record.hidden) or _over_budget_anywhere(report, contract, record.hidden.device):
         hidden, targets = record.hidden, record.targets
@@ -116,6 +119,10 @@ def _sample_rows(record: SeamRecord, contract: CEContract, sample_tokens: int | 
     if contract.sequence_parallel or contract.reduction == "none":
         raise ValueError("token sampling needs the whole sequence on this rank and a scalar loss; it does not"
                          f" apply to layout {contract.layout} or reduction={contract.reduction!r}. Set sample_tokens=None.")
+    if contract.z_loss_positions == "all" and contract.z_loss:
+        raise ValueError("token sampling runs the sampled rows as per-token losses, which carry no z-loss over all"
+                         " positions (ignored rows' z-loss gradient included); it does not apply to"
+                         " z_loss_positions='all'. Set sample_tokens=None.")
     return torch.linspace(0, n - 1, sample_tokens, device=record.targets.device).long()
 
 
@@ -127,10 +134,12 @@ def _sampled_reference(record: SeamRecord, contract: CEContract, rows: torch.Ten
     so their dL/dh rows are exactly the full batch's rows.
     """
     full = reference_linear_cross_entropy(record.hidden, record.weight, record.targets, contract,
-                                          grad_output=None, chunk_elements=chunk_elements)
+                                          grad_output=None, chunk_elements=chunk_elements,
+                                          given_count=record.given_count)
     hidden = record.hidden.reshape(-1, record.hidden.shape[-1])[rows]    # (n_sample, D)
     targets = record.targets.reshape(-1)[rows]                           # (n_sample,)
-    per_token = dataclasses.replace(contract, reduction="none", normalize_by="local_tokens", token_group=None)
+    per_token = dataclasses.replace(contract, reduction="none", normalize_by="local_tokens", token_group=None,
+                                    z_loss_positions="counted")  # 'all' has no z-loss here: _sample_rows refused it
     upstream = float(record.upstream) / full.divisor if contract.reduction == "mean" and full.divisor > 0 else (
         0.0 if contract.reduction == "mean" else float(record.upstream))
     sampled = reference_linear_cross_entropy(hidden, record.weight, targets, per_token,

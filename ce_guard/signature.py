@@ -104,8 +104,12 @@ def fit_signatures(
 
     Every rank of the TP group must call this together: the softmax's statistics, the softmax-mean rows and
     the target rows are summed over it. Returns ``None`` where the directions are not defined here: no
-    gradient, softcapped logits, the sequence-parallel layout, fewer visible tokens than directions, or
-    non-finite values (checked after the collectives, so every rank of the group takes part in them).
+    gradient, softcapped logits, a z-loss over all positions (ignored rows' own gradient and a z weight that is
+    not the token's fall outside the directions), the sequence-parallel layout, fewer visible tokens than
+    directions, or non-finite values (checked after the collectives, so every rank of the group takes part in
+    them). A logit multiplier m is honoured: the directions are built from the effective weight ``m W`` (its
+    target and mean rows), and the native path scales its logits and their gradient by m in the input dtype, as
+    transformers' models do.
 
     Args:
         hidden: ``[..., D]`` inputs of the output layer (the tokens whose dL/dh rows are given).
@@ -121,7 +125,7 @@ def fit_signatures(
     """
     if grad_fused is None or grad_ref is None or token_weight is None:
         return None
-    if contract.softcap is not None or contract.sequence_parallel:
+    if contract.softcap is not None or contract.sequence_parallel or contract.z_loss_positions == "all":
         return None
     d = hidden.shape[-1]
     y = targets.reshape(-1).long()
@@ -133,7 +137,7 @@ def fit_signatures(
     f = grad_fused.detach().reshape(-1, d)[rows].double()  # (m, D)
     r = grad_ref.detach().reshape(-1, d)[rows].double()    # (m, D)
     u = token_weight.detach().reshape(-1)[rows].double()  # (m,) each token's weight in the reduction
-    eps, wbar = contract.label_smoothing, _global_mean_row(weight, contract)  # wbar: (D,)
+    eps, wbar = contract.label_smoothing, contract.logit_multiplier * _global_mean_row(weight, contract)  # (D,) of m W
     scaled = loss_factor is not None and math.isfinite(loss_factor) and loss_factor > -1  # a zero loss scales nothing
     factor = 1.0 + loss_factor if scaled else 1.0
     # The native path at token weights u * factor: with the loss's factor, a pure scale by it.
@@ -150,15 +154,16 @@ def fit_signatures(
 
 
 def _native_grad(h, weight, y, u, contract: CEContract):
-    """Per fitted token, over the global V: the native path's dL/dh at token weights ``u``, the target's weight
-    row and the lse.
+    """Per fitted token, over the global V: the native path's dL/dh at token weights ``u``, the target's row of
+    the effective weight ``m W`` and the lse.
 
     The native path's own arithmetic (``F.linear`` in the input dtype, ``F.cross_entropy`` in fp32): logits
-    rounded to the input dtype, softmax in fp32, the logit gradient (token weight included) rounded to the
-    input dtype before its matmul. Each TP rank's share is summed in fp64.
+    rounded to the input dtype (then times the multiplier m, rounded again), softmax in fp32, the logit gradient
+    (token weight included) rounded to the input dtype, times m, before its matmul. Each TP rank's share is
+    summed in fp64.
     """
     m, d = h.shape
-    tp, eps = contract.tp_group, contract.label_smoothing
+    tp, eps, multiplier = contract.tp_group, contract.label_smoothing, contract.logit_multiplier
     width = weight.shape[0]
     local = y - contract.vocab_start  # the target's column here; outside [0, width) if another rank's
     native = torch.empty(m, d, dtype=torch.float64, device=h.device)
@@ -169,16 +174,20 @@ def _native_grad(h, weight, y, u, contract: CEContract):
     for start in range(0, m, step):
         block = slice(start, start + step)
         z = h[block] @ weight.T                                             # (c, V/TP), input dtype
+        if multiplier != 1:
+            z = z * multiplier                                              # rounded to the input dtype again
         block_lse = group_lse(*block_statistics(z), tp)                    # (c,) over the global vocab
         # u dL/dz of the contract: u ((1 + 2 z lse) p - (1 - eps) onehot - eps / V)
         weight_u = u[block].float()
         prob_scale = weight_u * (1 + 2 * contract.z_loss * block_lse)
         uniform, hit = weight_u * (eps / contract.vocab_size), weight_u * (1 - eps)
         logit_grad = block_logit_grad(z, block_lse, prob_scale, uniform, hit, local[block])
+        if multiplier != 1:
+            logit_grad = logit_grad * multiplier                            # dL/draw, in the input dtype
         native[block] = logit_grad.matmul(weight).double()                 # this slice's share
         lse[block] = block_lse.double()
     owned = ((local >= 0) & (local < width))[:, None]
-    target_row = torch.where(owned, weight[local.clamp(0, width - 1)].double(), 0.0)
+    target_row = torch.where(owned, weight[local.clamp(0, width - 1)].double() * multiplier, 0.0)
     shares = _dist.all_reduce(torch.stack([native, target_row]), dist.ReduceOp.SUM, tp)  # (2, m, D)
     return shares[0], shares[1], lse
 
@@ -193,7 +202,7 @@ def _native_block_statistics(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def _native_block_logit_grad(z, lse, prob_scale, uniform, hit, target_col) -> torch.Tensor:
     """The reference's logit gradient of one block of logits in the input dtype, rounded back to it."""
-    return _block_logit_grad(z.float(), lse, prob_scale, uniform, hit, target_col, None, z.dtype)
+    return _block_logit_grad(z.float(), lse, prob_scale, uniform, hit, target_col, 1.0, None, z.dtype)
 
 
 def _global_mean_row(weight: torch.Tensor, contract: CEContract) -> torch.Tensor:

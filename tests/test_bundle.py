@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ce_guard.bundle import KEYS, SCHEMA_VERSION, Bundle, BundleError, load_bundle, save_bundle
+from ce_guard.bundle import KEYS, OPTIONAL_KEYS, SCHEMA_VERSION, Bundle, BundleError, load_bundle, save_bundle
 from ce_guard.check import SeamRecord, check_seam
 from ce_guard.contract import CEContract
 from ce_guard.parity import SeamOutputs
@@ -40,7 +40,8 @@ def test_save_then_load_gives_the_same_bundle(tmp_path, upstream):
         assert loaded.record.upstream == upstream
     else:
         assert torch.equal(loaded.record.upstream, upstream)
-    assert set(torch.load(path, weights_only=True)) == {"schema_version", *KEYS}
+    assert set(torch.load(path, weights_only=True)) == {"schema_version", *KEYS, *OPTIONAL_KEYS}
+    assert loaded.record.given_count is None
 
 
 def test_another_schema_version_is_refused_with_both_versions_named(tmp_path):
