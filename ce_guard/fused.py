@@ -6,8 +6,8 @@ scales them by the upstream gradient. For ``none`` the upstream gradient differs
 unknown at forward time, so forward keeps the per-token log-sum-exp and backward recomputes each chunk.
 
 Each chunk's softmax, loss and logit gradient are ``ce_guard.fused_chunk``'s plain-torch math or, on CUDA
-for ``mean``/``sum`` without softcap, ``ce_guard.fused_kernel``'s Triton kernels; there chunks are
-larger, and ignored tokens are left out of the matmuls. This module holds the chunk loops, the
+for ``mean``/``sum`` without softcap or logit multiplier, ``ce_guard.fused_kernel``'s Triton kernels; there
+chunks are larger, and ignored tokens are left out of the matmuls. This module holds the chunk loops, the
 gradient accumulation and the autograd boundary.
 
 Everything here is derived from the ``CEContract`` alone and shares no code with
@@ -313,8 +313,9 @@ class FusedLinearCrossEntropy(nn.Module):
         device, dtype: of a freshly created weight.
 
     Raises:
-        ValueError: on a weight of the wrong shape or type, a bad ``token_chunk``, or a vocab
-            slice that is not the whole vocabulary with no TP group to reduce over.
+        ValueError: on a weight of the wrong shape or type, a bad ``token_chunk``, a vocab slice that
+            is not the whole vocabulary with no TP group to reduce over, or a contract whose mean divides by
+            a given count or whose z-loss covers all positions (this layer implements neither).
 
     Example:
         >>> head = FusedLinearCrossEntropy(64, CEContract(vocab_size=1000, label_smoothing=0.1))

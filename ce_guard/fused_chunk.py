@@ -76,6 +76,7 @@ class ChunkMath:
     ignore_index: int
     label_smoothing: float
     z_loss: float
+    logit_multiplier: float
     softcap: float | None
     accum_dtype: torch.dtype
     sequence_parallel: bool
@@ -86,6 +87,19 @@ class ChunkMath:
 
     @classmethod
     def of(cls, contract: CEContract, rules: ChunkRules = HONEST) -> ChunkMath:
+        """The chunk math of ``contract``.
+
+        Raises:
+            ValueError: for the promises this layer does not implement: a mean over a count given with each step
+                (its forward takes no count) and a z-loss over all positions.
+        """
+        if contract.normalize_by == "given_count":
+            raise ValueError("ce_guard's fused layer counts a mean's tokens itself; its forward takes no count, so it"
+                             " cannot keep normalize_by='given_count'. Declare 'local_tokens' or 'global_tokens', or"
+                             " guard a layer that divides by the given count (transformers' num_items_in_batch).")
+        if contract.z_loss_positions == "all" and contract.z_loss:
+            raise ValueError("ce_guard's fused layer adds its z-loss per counted token only; it does not implement"
+                             " z_loss_positions='all'. Declare z_loss_positions='counted'.")
         global_mean = contract.reduction == "mean" and contract.normalize_by == "global_tokens"
         averaged = global_mean and contract.grad_sync == "average"
         return cls(
@@ -96,6 +110,7 @@ class ChunkMath:
             ignore_index=contract.ignore_index,
             label_smoothing=contract.label_smoothing,
             z_loss=contract.z_loss,
+            logit_multiplier=contract.logit_multiplier,
             softcap=contract.softcap,
             accum_dtype=contract.accum_dtype,
             sequence_parallel=contract.sequence_parallel,
@@ -116,12 +131,15 @@ class ChunkMath:
 
 
 def project(hidden: torch.Tensor, weight: torch.Tensor, m: ChunkMath) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits of one chunk in the accumulator dtype, softcapped; also tanh(z/c) for the softcap's chain rule.
+    """Logits of one chunk in the accumulator dtype, times the logit multiplier, softcapped; also tanh(z/c) for the
+    softcap's chain rule.
 
-    The matmul runs in the input dtype (bf16 tensor cores for bf16); the softmax math after the cast
-    runs in ``accum_dtype``.
+    The matmul runs in the input dtype (bf16 tensor cores for bf16); the multiplier and the softmax math after
+    the cast run in ``accum_dtype``.
     """
     logits = (hidden @ weight.T).to(m.accum_dtype)  # (n, V/TP)
+    if m.logit_multiplier != 1:
+        logits = logits.mul_(m.logit_multiplier)  # in place: the matmul's own output, no input's
     if m.softcap is None:
         return logits, None
     tanh = torch.tanh(logits / m.softcap)
@@ -165,7 +183,8 @@ def logit_grad(probs: torch.Tensor, tanh: torch.Tensor | None, lse: torch.Tensor
                row_weight: torch.Tensor, m: ChunkMath) -> torch.Tensor:
     """dLoss/dz for one chunk, in place over ``probs``; ``row_weight`` (n,) is 0 on ignored tokens.
 
-    d/dz_v of the per-token loss is ``p_v (1 + 2 z_loss lse) - (1-eps) [v = y] - eps / V``.
+    d/dz_v of the per-token loss is ``p_v (1 + 2 z_loss lse) - (1-eps) [v = y] - eps / V``; times the softcap's
+    derivative and the logit multiplier, it is the gradient of the matmul's output.
     """
     eps = m.label_smoothing
     grad = probs.mul_((row_weight * (1 + 2 * m.z_loss * lse))[:, None])  # (n, V/TP)
@@ -174,6 +193,8 @@ def logit_grad(probs: torch.Tensor, tanh: torch.Tensor | None, lse: torch.Tensor
         grad.sub_((eps / m.rules.smoothing_vocab(m) * row_weight)[:, None])
     if tanh is not None:
         grad.mul_(1 - tanh.square())  # d(c tanh(z/c))/dz
+    if m.logit_multiplier != 1:
+        grad.mul_(m.logit_multiplier)  # d(m raw)/draw
     return grad
 
 

@@ -1,8 +1,8 @@
 """The fused layer's CUDA fast path: each chunk's softmax, loss and logit gradient as Triton kernels.
 
-For ``mean``/``sum`` without softcap, the kernels of ``ce_guard._triton_ce`` overwrite a chunk's logits
-with dLoss/dz in place (two reads and one write of the chunk instead of a dozen elementwise kernels and
-an fp32 copy): one kernel on a whole vocabulary, a statistics kernel, the TP all-reduces and a gradient
+For ``mean``/``sum`` without softcap or logit multiplier, the kernels of ``ce_guard._triton_ce`` overwrite
+a chunk's logits with dLoss/dz in place (two reads and one write of the chunk instead of a dozen elementwise
+kernels and an fp32 copy): one kernel on a whole vocabulary, a statistics kernel, the TP all-reduces and a gradient
 kernel on a vocab slice. They compute the honest decisions of :class:`ce_guard.fused_chunk.ChunkRules`;
 rules that change any of them keep the plain-torch chunk math. Timings: docs/benchmarks.md, "Output
 layer" and "TP".
@@ -29,8 +29,9 @@ def kernel_applies(hidden: torch.Tensor, m: ChunkMath) -> bool:
 
 
 def kernel_covers(m: ChunkMath, input_dtype: torch.dtype) -> bool:
-    """``mean``/``sum`` without softcap under the honest rules, dW accumulated in fp32 or in the input dtype."""
-    return (m.reduction != "none" and m.rules.kernel_allowed and m.softcap is None
+    """``mean``/``sum`` without softcap or logit multiplier under the honest rules, dW accumulated in fp32 or in
+    the input dtype."""
+    return (m.reduction != "none" and m.rules.kernel_allowed and m.softcap is None and m.logit_multiplier == 1
             and input_dtype in KERNEL_INPUT_DTYPES and m.accum_dtype in (torch.float32, input_dtype))
 
 
