@@ -77,12 +77,14 @@ class ParityReport:
     token_group_size: int
     tp_size: int
     # evidence for the diagnosis
-    grad_hidden_ignored_norm: float | None      # fused dL/dh on ignored tokens (must be 0)
+    grad_hidden_ignored_norm: float | None      # dL/dh error on ignored tokens: the fused dL/dh there, which must
+    #                                             be 0, unless a z-loss over all positions gives them a gradient
     grad_hidden_boundary_share: float | None    # share of dL/dh error on tokens whose target sits on a slice edge
     boundary_token_fraction: float
     grad_weight_edge_row_share: float | None    # share of dL/dW error on the first/last row of this slice
     fused_loss_tp_spread: float                 # max - min of the fused loss over the TP group (0 if TP=1)
-    mean_lse_sq: float                          # z-loss evidence: mean over visible tokens of lse^2
+    mean_lse_sq: float                          # z-loss evidence: mean of lse^2 over the rows the z-loss covers
+    #                                             (visible tokens; every row under z_loss_positions='all')
     smoothing_local_offset: float               # loss offset if smoothing used this slice's V
     contract: dict[str, Any] = field(default_factory=dict)
     signature: SignatureFit | None = None       # dL/dh error on the faults' directions, fitted when over budget
@@ -155,12 +157,13 @@ def compare(
         n_tokens=reference.n_tokens, n_visible=reference.n_visible,
         n_visible_shard=reference.n_visible_shard, n_visible_global=reference.n_visible_global,
         divisor=reference.divisor, token_group_size=reference.token_group_size, tp_size=reference.tp_size,
-        grad_hidden_ignored_norm=_masked_norm(gh["row_fused_sq"], ~visible),
+        grad_hidden_ignored_norm=_masked_norm(gh["row_error_sq"], ~visible),  # the reference's is 0 but for 'all' z-loss
         grad_hidden_boundary_share=_error_share(gh["row_error_sq"], boundary),
         boundary_token_fraction=float(boundary.double().mean()) if boundary.numel() else 0.0,
         grad_weight_edge_row_share=_edge_row_share(gw["row_error_sq"]),
         fused_loss_tp_spread=_tp_spread(loss_f, contract, fused.loss.device),
-        mean_lse_sq=_masked_mean(reference.lse.double().square(), vis_f),
+        mean_lse_sq=_masked_mean(reference.lse.double().square(),
+                                 vis_f if contract.z_loss_positions == "counted" else torch.ones_like(vis_f)),
         smoothing_local_offset=contract.label_smoothing * _masked_mean(
             (reference.mean_logit - reference.mean_logit_local).double(), vis_f),
         contract=contract.to_dict(),

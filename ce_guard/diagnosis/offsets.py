@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ce_guard.diagnosis.causes import Diagnosis
-from ce_guard.diagnosis.signals import close, core_evidence
+from ce_guard.diagnosis.signals import close, core_evidence, z_loss_over_all_positions
 from ce_guard.diagnosis.thresholds import Thresholds
 
 if TYPE_CHECKING:
@@ -30,7 +30,13 @@ def denominator_twice(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) 
 
 
 def z_loss(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
-    """Loss off by -z * mean(lse^2) (z-loss dropped) or +z * mean(lse^2) (applied twice)."""
+    """Loss off by -z * mean(lse^2) (z-loss dropped) or +z * mean(lse^2) (applied twice).
+
+    Per visible token for a per-token z-loss; for a z-loss over all positions, in the loss itself, since that
+    term is one mean over every row that no divisor touches.
+    """
+    if z_loss_over_all_positions(r):
+        return _z_loss_over_all_positions(r, t)
     offset, z = _offset(r), r.contract.get("z_loss", 0.0) or 0.0
     if offset is None or not z or not abs(offset) > 0 or not close(abs(offset), z * r.mean_lse_sq, t.offset_tolerance):
         return None
@@ -39,6 +45,18 @@ def z_loss(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosi
                         f"loss offset {offset:.6g} per token = {'-' if offset < 0 else '+'}z * mean(lse^2)"
                         f" = {z:g} * {r.mean_lse_sq:.4g}: z-loss is {how} the fused path",
                         {**core_evidence(r), "loss_offset_per_token": offset})
+
+
+def _z_loss_over_all_positions(r: ParityReport, t: Thresholds) -> Diagnosis | None:
+    z, offset = r.contract["z_loss"], r.loss_fused - r.loss_ref
+    if (abs(offset) <= r.budget.loss_rel * max(abs(r.loss_ref), 1e-12)
+            or not close(abs(offset), z * r.mean_lse_sq, t.offset_tolerance)):
+        return None
+    how = "missing from" if offset < 0 else "applied twice in"
+    return Diagnosis.of(f"z_loss_boundary/{'missing' if offset < 0 else 'doubled'}", True,
+                        f"loss off by {offset:.6g} = {'-' if offset < 0 else '+'}z * mean(lse^2) over all"
+                        f" {r.n_tokens} rows = {z:g} * {r.mean_lse_sq:.4g}: the z-loss over all positions is {how}"
+                        " the fused path", {**core_evidence(r), "loss_offset": offset})
 
 
 def smoothing_offset(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ce_guard.diagnosis.causes import Diagnosis
-from ce_guard.diagnosis.signals import core_evidence, fit_evidence, headline
+from ce_guard.diagnosis.signals import core_evidence, fit_evidence, headline, z_loss_over_all_positions
 from ce_guard.diagnosis.thresholds import Thresholds
 from ce_guard.diagnosis.verdict import margins, over_budget
 
@@ -25,8 +25,12 @@ def non_finite(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diag
 
 
 def all_ignored(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
-    """Every target is ignore_index, yet the fused path returned a loss or a gradient."""
-    if r.n_visible_global > 0 or not (abs(r.loss_fused) > 0 or bool(r.grad_hidden_norm_fused)):
+    """Every target is ignore_index, yet the fused path returned a loss or a gradient.
+
+    Not under a z-loss over all positions: there the reference has a loss and a gradient on every row too.
+    """
+    if (r.n_visible_global > 0 or not (abs(r.loss_fused) > 0 or bool(r.grad_hidden_norm_fused))
+            or z_loss_over_all_positions(r)):
         return None
     return Diagnosis.of("ignore_index_leak/all_ignored", True,
                         f"every target is ignore_index, yet the fused path returned loss {r.loss_fused:.6g} and"
@@ -35,7 +39,8 @@ def all_ignored(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Dia
 
 
 def empty(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
-    if r.n_visible_global > 0:
+    """No visible token anywhere: nothing to compare, unless a z-loss over all positions still covers every row."""
+    if r.n_visible_global > 0 or z_loss_over_all_positions(r):
         return None
     return Diagnosis.of("no_visible_tokens/empty", False, "no visible tokens in this check: nothing to compare",
                         {"n_tokens": r.n_tokens})
@@ -68,10 +73,22 @@ def narrow_softmax(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> 
 
 
 def ignored_rows(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
+    """dL/dh off on ignored tokens, where the reference's is 0 (or, under a z-loss over all positions, that
+    z-loss's alone: then only with the loss within budget, since a z-loss dropped or doubled moves the loss and
+    dL/dh on every row, and the ``z_loss`` rule names it)."""
     if r.grad_hidden_ignored_norm is None or not r.grad_hidden_norm_ref:
         return None
     if r.grad_hidden_ignored_norm <= r.budget.grad_hidden_rel * r.grad_hidden_norm_ref:
         return None
+    if z_loss_over_all_positions(r):
+        if r.loss_rel_err > r.budget.loss_rel:
+            return None
+        return Diagnosis.of("ignore_index_leak/ignored_rows", True,
+                            f"loss within budget, but dL/dh on ignored tokens is off by norm"
+                            f" {r.grad_hidden_ignored_norm:.4g} from the reference's (there the z-loss over all"
+                            " positions alone): padding targets are gathered as real classes, or that z-loss's"
+                            " gradient reaches the ignored rows wrongly",
+                            {**core_evidence(r), "grad_hidden_ignored_norm": r.grad_hidden_ignored_norm})
     return Diagnosis.of("ignore_index_leak/ignored_rows", True,
                         f"dL/dh is non-zero on ignored tokens (norm {r.grad_hidden_ignored_norm:.4g}, reference 0):"
                         " padding targets are gathered as real classes",

@@ -217,6 +217,8 @@ def _alternative_divisors(r: ParityReport) -> list[tuple[str, float, bool]]:
 
 def _contract_divisor_words(r: ParityReport) -> str:
     normalize = r.contract.get("normalize_by")
+    if normalize == "given_count":
+        return "the count given with the step (transformers' num_items_in_batch)"
     if normalize == "global_tokens":
         averaged = r.contract.get("grad_sync") == "average"
         return "global non-ignored tokens" + (" over the group size" if averaged else "")

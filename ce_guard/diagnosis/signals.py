@@ -62,6 +62,12 @@ def loss_factor(r: ParityReport) -> float | None:
     return r.loss_ratio - 1.0
 
 
+def z_loss_over_all_positions(r: ParityReport) -> bool:
+    """Whether the contract adds a z-loss over every row (``z_loss_positions='all'``): the reference then has a
+    loss and a dL/dh on ignored rows too. Records from before the field read as per-token z-loss."""
+    return r.contract.get("z_loss_positions") == "all" and bool(r.contract.get("z_loss"))
+
+
 def groups_of_size(k: int, sizes: Mapping[str, int]) -> str:
     return " = ".join(name for name, size in sizes.items() if size == k)
 
