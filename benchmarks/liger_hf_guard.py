@@ -6,8 +6,8 @@ For each model, Liger-Kernel's ``apply_liger_kernel_to_<model>`` replaces its fo
 ``lm_head.weight`` to Liger's fused linear-CE (fp32 accumulation inside) and never materialises the logits.
 The LightningModule returns the model's ``.loss`` unchanged; ``CEParityCallback(every_n_steps=1)`` records the
 seam from the decoder's output. The table says how many checks were clean, that ``lm_head`` never ran (the
-fused path was the one guarded), and each check's largest error/budget margin; a last row per model injects a
-doubled loss (``ce_guard.testing.causal_lm_faults``) to show the same guard names it on the fused path.
+fused path was the one guarded), and each check's largest error/budget margin; a last row drops Falcon-H1's logit
+multiplier (``ce_guard.testing.causal_lm_faults``) to show the same guard names it on the fused path.
 """
 
 from __future__ import annotations
@@ -80,8 +80,10 @@ def main() -> None:
     parser.add_argument("--out-md", default=None)
     args = parser.parse_args()
     rows = []
-    for architecture in PATCHES:
-        for fault in (None, "grad_scale"):
+    # Liger's forwards never call `loss_function`, so a patched loss function would not run; a multiplier the
+    # forward reads does (Falcon-H1's lm_head_multiplier scales the hidden states handed to Liger's kernel).
+    for architecture, faults in (("llama", (None,)), ("falcon_h1", (None, "dropped_logit_multiplier"))):
+        for fault in faults:
             rows.append(run(architecture, steps=args.steps if fault is None else 1, vocab=args.vocab,
                             hidden=args.hidden, fault=fault, root=f"{args.root}/{architecture}_{fault or 'clean'}"))
             print(json.dumps(rows[-1]), flush=True)
