@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ce_guard.contract import CEContract
+from ce_guard.receipt import read_receipts
 from ce_guard.testing import fused_layer
 
 
@@ -75,6 +76,11 @@ class TinyLM(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def receipts(tmp_path) -> list[dict]:
+    """The receipts a fit under ``default_root_dir=tmp_path`` wrote."""
+    return list(read_receipts(tmp_path / "ce_guard" / "receipts.jsonl"))
 
 
 def token_loader(vocab: int = 96, batches: int = 8, batch_size: int = 4, seq: int = 12, pad_every: int = 5,

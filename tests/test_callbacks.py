@@ -10,12 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from ce_guard.callbacks import CEParityCallback, SeamDriftError, SeamHealthCallback, find_guarded_module
 from ce_guard.contract import CEContract
 from ce_guard.metrics import METRICS
-from ce_guard.receipt import read_receipts
-from lightning_helpers import TinyLM, token_loader, trainer
-
-
-def receipts(tmp_path):
-    return list(read_receipts(tmp_path / "ce_guard" / "receipts.jsonl"))
+from lightning_helpers import TinyLM, receipts, token_loader, trainer
 
 
 def test_clean_run_logs_parity_at_exactly_the_check_steps(tmp_path):

@@ -7,13 +7,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning_helpers import token_loader, trainer
+from lightning_helpers import receipts, token_loader, trainer
 from torch import nn
 
 import ce_guard
 from ce_guard.callbacks import CEParityCallback
 from ce_guard.contract import CEContract
-from ce_guard.receipt import read_receipts
 from ce_guard.seams import SeamRefused
 
 VOCAB, HIDDEN = 96, 16
@@ -46,16 +45,12 @@ class PlainGPT(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def _receipts(tmp_path):
-    return list(read_receipts(tmp_path / "ce_guard" / "receipts.jsonl"))
-
-
 def test_one_added_line_guards_a_plain_head_with_dW_measured(tmp_path):
     parity = CEParityCallback(every_n_steps=1)
     t, _ = trainer(tmp_path, [parity], max_steps=6)
     t.fit(PlainGPT(), token_loader())
     assert [h["variant"] for h in parity.history] == ["within_budget/clean"] * 6 and not parity.missed
-    ratios = [r["metrics"]["ce_parity/grad_weight_norm_ratio"] for r in _receipts(tmp_path)]
+    ratios = [r["metrics"]["ce_parity/grad_weight_norm_ratio"] for r in receipts(tmp_path)]
     assert len(ratios) == 6 and all(abs(r - 1) < 1e-5 for r in ratios)  # the borrowed head's dL/dW, replayed
 
 
