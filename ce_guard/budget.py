@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ce_guard._matmul import matmul
 from ce_guard.contract import CEContract
 
 # Relative-error floors per input dtype, (loss, gradients): reduction order alone moves results this much.
@@ -79,7 +80,8 @@ def native_error_budget(
 
     The native path is PyTorch's own: ``F.linear`` in the input dtype (times the contract's logit multiplier,
     rounded again, as transformers' models scale their logits), then ``F.cross_entropy`` in fp32, autograd for
-    the gradients (which come back in the input dtype). It is judged against the same math in float64 on this
+    the gradients (which come back in the input dtype); 16-bit products on CPU as ``ce_guard._matmul.matmul``
+    computes them (that GEMM's arithmetic at fp32 speed). It is judged against the same math in float64 on this
     rank's vocab slice; the rounding it shows is the rounding a fused path may show. Each budget entry is
     ``safety * native_error + floor(dtype)``, with a lower floor for the loss.
 
@@ -107,7 +109,7 @@ def native_error_budget(
     def run(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         h_in = h_s.to(dtype).detach().requires_grad_()
         w_in = weight.detach().to(dtype).requires_grad_()
-        z = F.linear(h_in, w_in)
+        z = matmul(h_in, w_in.T)  # F.linear's product (16-bit on CPU: ce_guard._matmul), autograd through it
         # The output transforms in the input dtype, as a model applies them to its logits (transformers' Gemma 2
         # softcaps bf16 logits: three more roundings than an fp32 softcap, 2 of 20 clean bf16 checks over budget).
         if contract.logit_multiplier != 1:

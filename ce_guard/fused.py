@@ -24,7 +24,7 @@ from torch import nn
 
 from ce_guard import fused_kernel
 from ce_guard._dist import all_gather_dim0, all_reduce, group_rank, group_size
-from ce_guard._matmul import reduction_blocks
+from ce_guard._matmul import HALF_DTYPES, matmul, reduction_blocks
 from ce_guard.contract import CEContract
 from ce_guard.fused_chunk import ChunkMath, chunk_loss, logit_grad, mean_divisor, project, torch_chunk
 
@@ -190,8 +190,12 @@ def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumul
     accumulation the contract rules out (for dW across chunks; for dL/dh across TP ranks, whose partial
     sums are added later); an ``accum_dtype`` of bf16 keeps it, by design (the matmul still sums each
     chunk's tokens in fp32 and rounds the running total once per chunk). A first write ignores ``out``'s
-    old contents, so it needs no zeroed buffer. fp32 on CUDA sums in blocks (``ce_guard._matmul``).
+    old contents, so it needs no zeroed buffer. fp32 on CUDA sums in blocks, and 16-bit on CPU is fp32 products
+    rounded once (``ce_guard._matmul``).
     """
+    if not a.is_cuda and a.dtype == out.dtype and a.dtype in HALF_DTYPES:
+        out.copy_(matmul(a, b, add=out if accumulate else None))  # an fp32 temporary, rounded once into out
+        return
     # On CUDA, 16-bit tensor cores accumulate straight into an fp32 buffer (no product-sized temporary).
     mixed = a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and out.dtype == torch.float32
     if out.dtype != a.dtype and not mixed:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from ce_guard._dist import all_reduce, group_size
+from ce_guard._matmul import matmul
 from ce_guard.contract import CEContract
 
 __all__ = ["ChunkMath", "ChunkRules", "TargetRows"]
@@ -134,10 +135,10 @@ def project(hidden: torch.Tensor, weight: torch.Tensor, m: ChunkMath) -> tuple[t
     """Logits of one chunk in the accumulator dtype, times the logit multiplier, softcapped; also tanh(z/c) for the
     softcap's chain rule.
 
-    The matmul runs in the input dtype (bf16 tensor cores for bf16); the multiplier and the softmax math after
-    the cast run in ``accum_dtype``.
+    The matmul runs in the input dtype (bf16 tensor cores for bf16; on CPU ``ce_guard._matmul.matmul``'s fp32
+    products rounded once); the multiplier and the softmax math after the cast run in ``accum_dtype``.
     """
-    logits = (hidden @ weight.T).to(m.accum_dtype)  # (n, V/TP)
+    logits = matmul(hidden, weight.T).to(m.accum_dtype)  # (n, V/TP)
     if m.logit_multiplier != 1:
         logits = logits.mul_(m.logit_multiplier)  # in place: the matmul's own output, no input's
     if m.softcap is None:

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from ce_guard import _dist
+from ce_guard._matmul import matmul
 from ce_guard.contract import CEContract
 from ce_guard._compile import compiled_on_cuda
 from ce_guard.reference import _block_logit_grad, group_lse
@@ -159,7 +160,8 @@ def _native_grad(h, weight, y, u, contract: CEContract):
 
     The native path's own arithmetic (``F.linear`` in the input dtype, ``F.cross_entropy`` in fp32): logits
     rounded to the input dtype (then times the multiplier m, rounded again), softmax in fp32, the logit gradient
-    (token weight included) rounded to the input dtype, times m, before its matmul. Each TP rank's share is
+    (token weight included) rounded to the input dtype, times m, before its matmul; 16-bit products on CPU as
+    ``ce_guard._matmul.matmul`` computes them (that GEMM's arithmetic at fp32 speed). Each TP rank's share is
     summed in fp64.
     """
     m, d = h.shape
@@ -173,7 +175,7 @@ def _native_grad(h, weight, y, u, contract: CEContract):
     step = max(1, _BLOCK_ELEMENTS // max(width, 1))
     for start in range(0, m, step):
         block = slice(start, start + step)
-        z = h[block] @ weight.T                                             # (c, V/TP), input dtype
+        z = matmul(h[block], weight.T)                                      # (c, V/TP), input dtype
         if multiplier != 1:
             z = z * multiplier                                              # rounded to the input dtype again
         block_lse = group_lse(*block_statistics(z), tp)                    # (c,) over the global vocab
@@ -184,7 +186,7 @@ def _native_grad(h, weight, y, u, contract: CEContract):
         logit_grad = block_logit_grad(z, block_lse, prob_scale, uniform, hit, local[block])
         if multiplier != 1:
             logit_grad = logit_grad * multiplier                            # dL/draw, in the input dtype
-        native[block] = logit_grad.matmul(weight).double()                 # this slice's share
+        native[block] = matmul(logit_grad, weight).double()                # this slice's share
         lse[block] = block_lse.double()
     owned = ((local >= 0) & (local < width))[:, None]
     target_row = torch.where(owned, weight[local.clamp(0, width - 1)].double() * multiplier, 0.0)

@@ -2,7 +2,7 @@
 
 - The reference shares no code with any fused path: neither imports the other, directly or through another
   module, and the only modules both reach are plumbing with no loss math (process groups, the contract, the
-  rule that splits a long fp32 reduction into blocks).
+  rule that splits a long fp32 reduction into blocks, the 16-bit product on CPU).
 - The core runs without Lightning and wandb: a plain script, a notebook or another framework's loop.
 - Modules stay readable in one sitting: product modules under about 400 lines (diagnosis functions under about
   60: tests/test_rules.py), one callback per file of the callbacks package.
@@ -96,6 +96,46 @@ def test_the_shared_blocking_rule_only_orders_a_sum(length):
     out = type("Out", (), {"dtype": torch.float32})()
     covered = [i for block in _matmul.reduction_blocks(fake_cuda, out) for i in range(length)[block]]
     assert covered == list(range(length))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("add", [False, True])
+def test_the_shared_16_bit_product_is_the_dtypes_own_gemm(dtype, add):
+    """Why ``_matmul.matmul`` may be shared: on CPU it is the 16-bit GEMM PyTorch runs, up to the order of the fp32
+    sum, and returns the operands' dtype; under autograd its gradients are rounded to that dtype as the GEMM's
+    backward rounds them. It multiplies what it is handed, every product exact: what a path multiplies, and where
+    it rounds or accumulates, stay the path's own."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 300, generator=gen).to(dtype).requires_grad_()
+    b = (torch.randn(300, 47, generator=gen) / 8).to(dtype).requires_grad_()
+    c = torch.randn(64, 47, generator=gen).to(dtype) if add else None
+    ours = _matmul.matmul(a, b, add=c)
+    theirs = a @ b if c is None else torch.addmm(c, a, b)
+
+    def within_order(x, y, terms, length):
+        """Each |x - y| within one ulp of ``dtype`` at |y| plus two fp32 sums' rounding over ``terms`` (|a| @ |b|)."""
+        ulp = torch.finfo(dtype).eps * y.float().abs()
+        return bool(((x.float() - y.float()).abs() <= ulp + 2 * length * 2.0 ** -24 * terms).all())
+
+    a_, b_ = a.detach().float(), b.detach().float()
+    terms = a_.abs() @ b_.abs() + (0 if c is None else c.float().abs())
+    exact = a_.double() @ b_.double() + (0 if c is None else c.double())
+    assert ours.dtype == dtype
+    assert within_order(ours.detach(), theirs.detach(), terms, 301)
+    assert within_order(ours.detach(), exact, terms, 301)
+    grad = torch.randn(ours.shape, generator=gen).to(dtype)
+    mine, native = torch.autograd.grad(ours, (a, b), grad), torch.autograd.grad(theirs, (a, b), grad)
+    assert [g.dtype for g in mine] == [dtype, dtype]
+    assert within_order(mine[0], native[0], grad.float().abs() @ b_.abs().T, 47)
+    assert within_order(mine[1], native[1], a_.abs().T @ grad.float().abs(), 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_shared_product_of_wider_dtypes_is_their_own_gemm(dtype):
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(shape, generator=gen, dtype=dtype) for shape in ((5, 7), (7, 3), (5, 3)))
+    assert torch.equal(_matmul.matmul(a, b), a @ b)
+    assert torch.equal(_matmul.matmul(a, b, add=c), torch.addmm(c, a, b))
 
 
 def test_the_core_imports_neither_lightning_nor_wandb():
