@@ -2,7 +2,9 @@
 
 Tests use it as "some user's fused path": independent of ce_guard's reference and fused layer, so a
 diagnosis test exercises the guard, not a shared formula. Its switches are the ``broken_path`` rows of
-``ce_guard.testing.injections.INJECTIONS``.
+``ce_guard.testing.injections.INJECTIONS``. Its 16-bit products are ``ce_guard._matmul.matmul``'s: the input
+dtype's GEMM (on CPU, fp32 products of the same values rounded once, at fp32 speed); tests of PyTorch's own GEMM
+call ``F.linear`` themselves.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 from ce_guard import _dist
+from ce_guard._matmul import matmul
 from ce_guard.contract import CEContract
 from ce_guard.parity import SeamOutputs
 from ce_guard.testing.injections import switches
@@ -81,7 +84,7 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
     elif fault == "bf16_grad_hidden_sum":  # dL/dh summed over vocab blocks in bf16 (Cut CE 25.1.1's dL/de)
         z = _Bf16HiddenSumLinear.apply(hh, w, chunks)
     else:
-        z = (hh @ w.T).float()                                                    # (N, V/TP)
+        z = matmul(hh, w.T).float()                                               # (N, V/TP)
     if fault == "coarse_backward":
         threshold = 2e-2 / max(z.shape[0], 1)  # drops entries under it (Cut CE's filter, exaggerated)
         z = _BackwardOnly.apply(z, lambda g: torch.where(g.abs() < threshold, torch.zeros_like(g), g))
@@ -170,16 +173,16 @@ class _Bf16ChunkedLinear(torch.autograd.Function):
     def forward(ctx, h, w, chunks):
         ctx.save_for_backward(h, w)
         ctx.chunks = chunks
-        return (h.bfloat16() @ w.bfloat16().T).float()
+        return matmul(h.bfloat16(), w.bfloat16().T).float()
 
     @staticmethod
     def backward(ctx, g):
         h, w = ctx.saved_tensors
         g16 = g.bfloat16()
-        grad_h = (g16 @ w.bfloat16()).to(h.dtype)
+        grad_h = matmul(g16, w.bfloat16()).to(h.dtype)
         grad_w = torch.zeros(w.shape, dtype=torch.bfloat16)
         for rows in torch.arange(h.shape[0]).chunk(ctx.chunks):
-            grad_w += g16[rows].T @ h[rows].bfloat16()
+            grad_w += matmul(g16[rows].T, h[rows].bfloat16())  # each chunk's product rounded, then added in bf16
         return grad_h, grad_w.to(w.dtype), None
 
 
