@@ -38,9 +38,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, add: torch.Tensor | None = None)
     once: PyTorch's CPU bf16/fp16 GEMM also forms each product exactly in fp32, sums in fp32 and rounds the
     result (``add`` included) once, so the two differ only where their fp32 sums, taken in different orders,
     round to neighbouring 16-bit values (0.006-0.1% of elements at 2048 x 128 x 32768). Without 16-bit units
-    (AVX2) that GEMM runs 4-35x slower than fp32's (15-20 s for dL/dh's (2048, 32768) @ (32768, 128) against
-    0.6 s), and its own summation order already changes with the operands' strides. The price is fp32 copies of
-    the operands and the product for the call. On CUDA, and for other dtypes, this is ``a @ b`` (or
+    (AVX2) that GEMM runs 4-60x slower than fp32's (dL/dh's (2048, 32768) @ (32768, 128): 15-18 s against 0.3 s),
+    and its own summation order already changes with the operands' strides. The price is fp32 copies of the
+    operands and the product for the call. On CUDA, and for other dtypes, this is ``a @ b`` (or
     ``torch.addmm``): the GEMM the native path runs on a GPU.
 
     Example:
