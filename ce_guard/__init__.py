@@ -1,7 +1,7 @@
 """ce_guard: guard the logits-to-loss seam of a fused output layer during training.
 
 The core (contract, reference, budget, parity, signature, diagnosis, check, receipt, bundle, recording, seams,
-agreement, spike, fit_summary) imports neither Lightning nor wandb (tests/test_walls.py); the callbacks load
+agreement, spike, fit_summary, step_weight) imports neither Lightning nor wandb (tests/test_walls.py); the callbacks load
 Lightning only when first asked for.
 """
 
@@ -12,10 +12,12 @@ from ce_guard.diagnosis import Cause, Diagnosis, Thresholds, diagnose
 from ce_guard.parity import ParityReport, SeamOutputs, compare
 from ce_guard.reference import ReferenceResult, reference_linear_cross_entropy
 from ce_guard.seams import seam
+from ce_guard.step_weight import TrainingContract
 
 __all__ = [
     "CEContract", "CEParityCallback", "Cause", "CheckResult", "Diagnosis", "ErrorBudget", "ParityReport",
-    "ReferenceResult", "SeamDriftError", "SeamHealthCallback", "SeamOutputs", "SeamRecord", "Thresholds", "check_seam",
+    "ReferenceResult", "SeamDriftError", "SeamHealthCallback", "SeamOutputs", "SeamRecord", "Thresholds", "TrainingContract",
+    "check_seam",
     "compare", "diagnose", "native_error_budget", "reference_linear_cross_entropy", "seam",
 ]
 __version__ = "0.1.0"

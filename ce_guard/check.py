@@ -19,6 +19,7 @@ from ce_guard.diagnosis import Diagnosis, Thresholds, diagnose, judged
 from ce_guard.parity import ParityReport, SeamOutputs, compare
 from ce_guard.reference import DEFAULT_CHUNK_ELEMENTS, ReferenceResult, reference_linear_cross_entropy
 from ce_guard.signature import fit_signatures
+from ce_guard.step_weight import StepWeight, StepWindow, TrainingContract, step_weight
 from ce_guard.transform_fit import candidate_transforms, fit_output_transform
 
 
@@ -57,6 +58,8 @@ def check_seam(
     safety: float = 4.0,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     thresholds: Thresholds | None = None,
+    window: StepWindow | None = None,
+    training: TrainingContract | None = None,
 ) -> CheckResult:
     """Hold ``record`` to ``contract``: run the reference, earn a budget from the native path, compare, diagnose.
 
@@ -70,6 +73,9 @@ def check_seam(
         safety: budget multiplier on the native path's error.
         chunk_elements: the reference's memory bound (logits held at once).
         thresholds: the cut-offs of the verdict and the diagnosis; the calibrated defaults when None.
+        window: the accumulation window around the recorded micro-batch; with ``training``, the upstream is held
+            to the training contract too (:mod:`ce_guard.step_weight`).
+        training: what weight the micro-batch's loss must carry in the optimizer step.
     """
     thresholds = thresholds or Thresholds()
     rows = _sample_rows(record, contract, sample_tokens)
@@ -98,8 +104,25 @@ def check_seam(
                                          fused.grad_hidden, record.upstream, budget, given_count=record.given_count,
                                          chunk_elements=chunk_elements)
         report = dataclasses.replace(report, output_transform=transform)
+    if window is not None and training is not None:
+        report = dataclasses.replace(report, step_weight=_step_weight(record, reference, contract, window, training))
     return CheckResult(report, diagnose(report, group_sizes=group_sizes, thresholds=thresholds),
                        None if rows is None else rows.numel())
+
+
+def _step_weight(record: SeamRecord, reference: ReferenceResult, contract: CEContract, window: StepWindow,
+                 training: TrainingContract) -> StepWeight:
+    """The recorded micro-batch's summed token weights (what its mean loss is multiplied by in the step) against
+    the training contract. Per-token upstreams are summed over the counted tokens of this rank's view."""
+    if contract.reduction == "none":
+        visible = reference.targets.reshape(-1) != contract.ignore_index
+        upstream = torch.as_tensor(record.upstream, device=visible.device).reshape(-1).double()
+        found = _dist.all_reduce(upstream[visible].sum(), dist.ReduceOp.SUM,
+                                 contract.tp_group if contract.sequence_parallel else None)
+        found = float(found)
+    else:
+        found = float(record.upstream) * reference.n_visible / reference.divisor if reference.divisor else 0.0
+    return step_weight(found, reference.n_visible, window, training)
 
 
 def _half_precision(hidden: torch.Tensor) -> bool:

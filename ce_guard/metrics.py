@@ -39,6 +39,7 @@ REPORT_PANELS = (  # in the order they are drawn: the margins lead, one panel sa
     Panel(title="dL/dh norm ratio (fused / reference)", budget="budget_grad_hidden_rel"),
     Panel(title="1 - dL/dh cosine (0: same direction)", one_minus=True),
     Panel(title="dL/dW norm ratio (fused / reference)"),
+    Panel(title="step weight (found / training contract)"),
 )
 
 
@@ -76,7 +77,7 @@ def _margin(quantity: str) -> Reader:
     return lambda report, thresholds: margins(report, thresholds)[quantity]
 
 
-_LOSS, _DH, _COSINE, _DW = REPORT_PANELS[1:]
+_LOSS, _DH, _COSINE, _DW, _STEP = REPORT_PANELS[1:]
 
 # A check's readings in the order agree() reduces them; a norm ratio drifts either way (k or 1/k), so its
 # summary keeps both ends.
@@ -97,6 +98,10 @@ METRICS = (
                read=_field("grad_weight_norm_ratio"), summary="min,max,last", table=True, panel=_DW),
     MetricSpec(name="grad_weight_rel_err", meaning="relative error of the fused dL/dW", reduce="mean",
                read=_field("grad_weight_rel_err"), summary="max,last"),
+    MetricSpec(name="step_weight_factor",
+               meaning="the micro-batch's weight in the optimizer step over the training contract's (1: as promised)",
+               reduce="mean", read=lambda report, thresholds: None if report.step_weight is None else (
+                   report.step_weight.factor), summary="min,max,last", table=True, panel=_STEP),
     MetricSpec(name="budget_loss_rel", meaning="the loss relative error a correct path stays under", reduce="mean",
                read=_field("budget.loss_rel"), table=True),
     MetricSpec(name="budget_grad_hidden_rel", meaning="the dL/dh relative error a correct path stays under",

@@ -20,6 +20,7 @@ from ce_guard.contract import CEContract
 from ce_guard.diagnosis.verdict import judged
 from ce_guard.reference import ReferenceResult, count_nonfinite
 from ce_guard.signature import SignatureFit
+from ce_guard.step_weight import StepWeight
 from ce_guard.transform_fit import TransformFit
 
 
@@ -90,6 +91,7 @@ class ParityReport:
     contract: dict[str, Any] = field(default_factory=dict)
     signature: SignatureFit | None = None       # dL/dh error on the faults' directions, fitted when over budget
     output_transform: TransformFit | None = None  # the contract's transform mistaken so as to match, when over budget
+    step_weight: StepWeight | None = None       # the micro-batch's weight in the step, against the training contract
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,7 +1,8 @@
 """Record one forward and backward of a seam as a :class:`~ce_guard.check.SeamRecord`; no Trainer.
 
 A seam source (:mod:`ce_guard.seams`) hooks the place where the seam's tensors pass and hands them to
-:meth:`SeamRecording.capture`: hidden states, the weight, targets, the loss and the contract. The recording
+:meth:`SeamRecording.capture`: hidden states, the weight, targets, the loss and the contract. Every call it sees
+while installed is :meth:`~SeamRecording.count`-ed, so an accumulation window's tokens are known to the check. The recording
 then hooks those tensors for what the real backward delivers (dL/dhidden and the upstream gradient); dL/dW is
 replayed on the recorded inputs when the source can replay, so training's ``.grad`` is never read or touched.
 
@@ -48,6 +49,8 @@ class SeamRecording:
         self.replay: Replay | None = None
         self.error: str | None = None
         self.finished_forward = False
+        self.armed = True  # capture the next call; a window's other micro-batches are only counted
+        self._counts: list[torch.Tensor] = []
         self._handles: list[Any] = []
 
     def guard(self, hook: Callable[..., Any]) -> Callable[..., None]:
@@ -69,6 +72,19 @@ class SeamRecording:
     def keep(self, handle: Any) -> None:
         """Remember a hook handle, removed by :meth:`remove`."""
         self._handles.append(handle)
+
+    @property
+    def wants_tensors(self) -> bool:
+        """Whether the seam's next call is the one to capture: armed, and none captured yet."""
+        return self.armed and not self.finished_forward
+
+    def count(self, targets: torch.Tensor, ignore_index: int) -> None:
+        """Add one seam call's counted tokens (targets not ignored) to the window's; no host sync."""
+        self._counts.append((targets.detach() != ignore_index).sum())
+
+    def window_tokens(self) -> int:
+        """Counted tokens over every seam call while the recording was installed, on this rank."""
+        return int(torch.stack(self._counts).sum()) if self._counts else 0
 
     def capture(self, *, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor,
                 contract: CEContract, given_count: float | None = None, replay: Replay | None = None) -> None:

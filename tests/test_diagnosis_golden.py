@@ -21,6 +21,7 @@ from ce_guard.diagnosis.signals import CORE_FIELDS
 from ce_guard.parity import ParityReport
 from ce_guard.signature import SignatureFit
 from ce_guard.testing import INJECTIONS
+from tests.test_step_weight import STEP_CASES
 
 CASES = [json.loads(line) for line in (Path(__file__).parent / "assets" / "diagnoses.jsonl").read_text().splitlines()]
 
@@ -40,14 +41,16 @@ def test_the_diagnosis_is_unchanged(case):
 
 
 def test_every_variant_has_a_golden_case_or_an_injected_fault():
-    """The corpus holds every variant the diagnosis knew before it became a table; a cause added since is held
-    by its row of the fault table, which tests/test_injections.py drives to its variant."""
+    """The corpus holds every variant the diagnosis knew before it became a table; a seam cause added since is
+    held by its row of the fault table, which tests/test_injections.py drives to its variant, and a training
+    loop's cause by tests/test_step_weight.py's cases."""
     known = {variant for rule in RULES for variant in rule.variants} | {"unexplained/no_signature"}
     golden = {case["diagnosis"]["variant"] for case in CASES}
     injected = {row.variant(impl, dtype) for row in INJECTIONS for impl in ("layer", "broken_path")
                 for dtype in row.dtypes}
+    stepped = {variant for *_, variant in STEP_CASES}
     assert golden <= known
-    assert known <= golden | injected, sorted(known - golden - injected)
+    assert known <= golden | injected | stepped, sorted(known - golden - injected - stepped)
 
 
 class _Reading:

@@ -33,12 +33,12 @@ def test_wandb_panels_and_report_name_only_registered_metrics():
     assert set(wandb_panels.SUMMARIES) <= KEYS and wandb_panels.SUMMARIES["ce_parity/grad_cosine"] == "min,last"
     table = [c for c in wandb_panels.COLUMNS if c not in ("step", "drift", "cause", "summary", "rank", "bundle")]
     assert table == ["loss_fused", "loss_ref", "loss_rel_err", "grad_hidden_norm_ratio", "grad_cosine",
-                     "grad_weight_norm_ratio", "budget_loss_rel"]
+                     "grad_weight_norm_ratio", "step_weight_factor", "budget_loss_rel"]
     assert [[m.name for m in drawn] for _, drawn in report.PANELS] == [
         ["margin_loss", "margin_grad_hidden", "margin_grad_weight", "margin_softmax"], ["loss_rel_err"],
-        ["grad_hidden_norm_ratio"], ["grad_cosine"], ["grad_weight_norm_ratio"]]
+        ["grad_hidden_norm_ratio"], ["grad_cosine"], ["grad_weight_norm_ratio"], ["step_weight_factor"]]
     assert report.TABLE_COLUMNS == ("step", "drift", "cause", "loss_rel_err", "grad_hidden_norm_ratio",
-                                    "grad_cosine", "grad_weight_norm_ratio", "summary")
+                                    "grad_cosine", "grad_weight_norm_ratio", "step_weight_factor", "summary")
 
 
 @pytest.mark.parametrize("module", ["wandb_panels.py", "report.py", "callbacks/parity.py", "callbacks/health.py"])
@@ -62,8 +62,8 @@ def test_check_metrics_reads_the_report_in_the_order_agree_reduces():
     r = check_seam(record, contract).report
     means, maxima = check_metrics(r)
     assert list(means) == ["loss_fused", "loss_ref", "loss_rel_err", "grad_hidden_norm_ratio", "grad_cosine",
-                           "grad_hidden_rel_err", "grad_weight_norm_ratio", "grad_weight_rel_err", "budget_loss_rel",
-                           "budget_grad_hidden_rel"]
+                           "grad_hidden_rel_err", "grad_weight_norm_ratio", "grad_weight_rel_err",
+                           "step_weight_factor", "budget_loss_rel", "budget_grad_hidden_rel"]
     assert list(maxima) == ["max_per_token_abs_diff", "max_grad_hidden_abs_diff", "margin_loss", "margin_grad_hidden",
                             "margin_grad_weight", "margin_softmax"]
     assert (means["loss_rel_err"], means["grad_cosine"], means["budget_loss_rel"]) == (

@@ -29,7 +29,7 @@ FUSED_PATHS = ("ce_guard.fused", "ce_guard.fused_chunk", "ce_guard.fused_kernel"
 NEUTRAL = {"ce_guard", "ce_guard._dist", "ce_guard.contract", "ce_guard._matmul"}
 CORE = ("ce_guard.contract", "ce_guard.reference", "ce_guard.budget", "ce_guard.parity", "ce_guard.signature",
         "ce_guard.diagnosis", "ce_guard.check", "ce_guard.receipt", "ce_guard.bundle", "ce_guard.recording",
-        "ce_guard.seams", "ce_guard.fit_summary", "ce_guard.agreement", "ce_guard.spike")
+        "ce_guard.seams", "ce_guard.fit_summary", "ce_guard.agreement", "ce_guard.spike", "ce_guard.step_weight")
 
 
 def _module_name(path: Path) -> str:

@@ -1,29 +1,28 @@
 """CEParityCallback: shadow-run the reference beside the real fused output layer on check steps.
 
-On a check step the callback records the seam (:mod:`ce_guard.seams`) for one micro-batch,
-checks it (:func:`ce_guard.check.check_seam`), has every rank agree (:func:`ce_guard.agreement.agree`), then
-logs, writes the receipt and, on drift, the repro bundle, and applies its policy. Other steps pay one integer
-modulo: no hooks, no host synchronisation. At the end of fit rank zero prints what the guard saw
-(:mod:`ce_guard.fit_summary`).
+On a check step the callback records the seam (:mod:`ce_guard.seams`) on one micro-batch and counts its window's
+tokens; at the window's end it checks the seam and the weight its loss reached the optimizer with
+(:func:`ce_guard.check.check_seam`), has every rank agree (:func:`ce_guard.agreement.agree`), then logs, writes
+the receipt and, on drift, the repro bundle, and applies its policy. Other steps pay one integer modulo: no
+hooks, no host synchronisation. At the end of fit rank zero prints what the guard saw (:mod:`ce_guard.fit_summary`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ce_guard import _dist
 from ce_guard.agreement import Agreement, agree
-from ce_guard.bundle import Bundle, save_bundle
 from ce_guard.callbacks.drift import POLICIES, Policy, SeamDriftError
+from ce_guard.callbacks.evidence import check_receipt, write_bundle
+from ce_guard.callbacks.loop import WindowSeen, group_sizes, samples_micro_batch, window_ends
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
 from ce_guard.diagnosis import Cause, Thresholds, catalogue_entry
@@ -31,8 +30,8 @@ from ce_guard.fit_summary import summary_lines
 from ce_guard.metrics import check_metrics, metric_key
 from ce_guard.receipt import append_receipt, drop_receipts_after
 from ce_guard.recording import SeamRecording
-from ce_guard.reference import reduction_plan
 from ce_guard.seams import DeclaredSeam, ModuleSeam, Seam, SeamRefused, find_seam, no_declared_call
+from ce_guard.step_weight import TrainingContract, implied_training_contract
 from ce_guard.wandb_panels import WandbPanels
 
 Listener = Callable[[pl.Trainer, int, dict[str, Any] | None, str], None]  # (trainer, step, verdict, reason)
@@ -53,7 +52,9 @@ class CEParityCallback(Callback):
     """Every ``every_n_steps`` optimizer steps, hold the fused output layer to its declared ``CEContract``.
 
     Under gradient accumulation each check records one micro-batch, a different position of the window each
-    time (the checks' count modulo the window), so a fault in one micro-batch of k is met within k checks.
+    time (the checks' count modulo the window), so a fault in one micro-batch of k is met within k checks; the
+    window's other micro-batches are counted, so the recorded one's weight in the step can be held to
+    ``training_contract``.
 
     Args:
         every_n_steps: check when ``trainer.global_step`` is a multiple of this (step 0 included).
@@ -75,6 +76,10 @@ class CEParityCallback(Callback):
         group_sizes: extra sizes a scale factor may be traced to; TP, SP, DP and grad_accum are filled in.
         thresholds: the cut-offs of the verdict and the diagnosis (:class:`ce_guard.Thresholds`); the
             calibrated defaults when None.
+        training_contract: the weight each micro-batch's loss must carry in the optimizer step
+            (:class:`ce_guard.TrainingContract`). ``auto``: the one the seam's contract implies, a mean of the
+            window's micro-batch means (Lightning's divide) unless it normalizes over global tokens or a given
+            count. None checks the seam alone (e.g. per-token weights of your own).
 
     Example:
         >>> trainer = Trainer(callbacks=[CEParityCallback(every_n_steps=100)])  # doctest: +SKIP
@@ -96,21 +101,19 @@ class CEParityCallback(Callback):
         group_sizes: Mapping[str, int] | None = None,
         thresholds: Thresholds | None = None,
         remind_every: int = 10,
+        training_contract: TrainingContract | Literal["auto"] | None = "auto",
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
-        if every_n_steps_while_drifting is not None and (
-                not isinstance(every_n_steps_while_drifting, int) or every_n_steps_while_drifting < 1):
-            raise ValueError("`every_n_steps_while_drifting` must be None or an int >= 1, got"
-                             f" {every_n_steps_while_drifting!r}.")
-        if not isinstance(clean_checks_to_relax, int) or clean_checks_to_relax < 1:
-            raise ValueError(f"`clean_checks_to_relax` must be an int >= 1, got {clean_checks_to_relax!r}.")
+        for name, value, optional in (("every_n_steps", every_n_steps, False), ("remind_every", remind_every, False),
+                                      ("every_n_steps_while_drifting", every_n_steps_while_drifting, True),
+                                      ("clean_checks_to_relax", clean_checks_to_relax, False),
+                                      ("sample_tokens", sample_tokens, True)):
+            if not ((optional and value is None) or (isinstance(value, int) and value >= 1)):
+                raise ValueError(f"`{name}` must be {'None or ' if optional else ''}an int >= 1, got {value!r}.")
         if policy not in POLICIES:
             raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
-        if sample_tokens is not None and sample_tokens < 1:
-            raise ValueError(f"`sample_tokens` must be None or >= 1, got {sample_tokens!r}.")
-        if not isinstance(remind_every, int) or remind_every < 1:
-            raise ValueError(f"`remind_every` must be an int >= 1, got {remind_every!r}.")
+        if not (training_contract in (None, "auto") or isinstance(training_contract, TrainingContract)):
+            raise ValueError("`training_contract` must be 'auto', None or a ce_guard.TrainingContract, got"
+                             f" {training_contract!r}.")
         if thresholds is not None and not isinstance(thresholds, Thresholds):
             raise ValueError(f"`thresholds` must be None or a ce_guard.Thresholds, got {type(thresholds).__name__}.")
         self.every_n_steps = every_n_steps
@@ -126,6 +129,7 @@ class CEParityCallback(Callback):
         self.extra_group_sizes = dict(group_sizes or {})
         self.thresholds = thresholds or Thresholds()
         self.remind_every = remind_every
+        self.training_contract = training_contract
         # Rank-invariant state (Lightning checkpoints callbacks from rank zero only).
         self.last_checked_step = -1
         self.history: list[dict[str, Any]] = []
@@ -137,6 +141,7 @@ class CEParityCallback(Callback):
         self._resumed = False
         self._recording: SeamRecording | None = None
         self._recording_step = -1
+        self._window = WindowSeen()
         self._streak_bundle: str | None = None  # this rank's bundle of the drift going on, if any
         self._streak = 0  # checks in a row with the drift going on
 
@@ -200,26 +205,37 @@ class CEParityCallback(Callback):
         self._start_recording(trainer, pl_module, batch_idx)
 
     def _start_recording(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
-        if self._recording is None and self.is_check_step(trainer) and self._samples_micro_batch(trainer, batch_idx):
+        """Install the recording at a check step's first micro-batch and arm it on the one this check samples (on
+        the first one seen, when the check was scheduled mid-window)."""
+        if self._recording is None and self.is_check_step(trainer):
             if isinstance(self._seam, ModuleSeam):  # a layer swapped or re-wrapped since fit start stays guarded
                 try:
                     self._seam = find_seam(pl_module, self.module_path)
                 except Exception:  # keep the seam found at fit start; its recording will tell what is wrong
                     pass
             self._recording, self._recording_step = self._seam.record(), trainer.global_step
+            self._window = WindowSeen(whole=batch_idx % trainer.accumulate_grad_batches == 0)
+        if self._recording is not None:
+            self._window.micro_batches += 1
+            self._recording.armed = samples_micro_batch(trainer, batch_idx, len(self.history)) or not self._window.whole
 
-    def _samples_micro_batch(self, trainer: pl.Trainer, batch_idx: int) -> bool:
-        """Whether this micro-batch is the one this check records: position ``checks so far % window``."""
-        k = trainer.accumulate_grad_batches
-        if k == 1:
-            return True
-        start, total = batch_idx - batch_idx % k, trainer.num_training_batches
-        window = k if not math.isfinite(total) else max(min(k, int(total) - start), 1)  # the epoch's last is short
-        return batch_idx % k == len(self.history) % window
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        """The AMP loss scale of the recorded micro-batch's backward, divided out of its upstream."""
+        recording = self._recording
+        if recording is not None and recording.finished_forward and recording.upstream is None:
+            self._window.note_loss_scale(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._recording is not None and window_ends(trainer, batch_idx):
+            self._finish_window(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._recording is not None:  # an epoch of unknown length ended mid-window: its short window is done
+            self._finish_window(trainer)
+
+    def _finish_window(self, trainer: pl.Trainer) -> None:
         recording, step = self._recording, self._recording_step
-        if recording is None or self._unused_declaration(trainer, recording) or not recording.finished_forward:
+        if self._unused_declaration(trainer, recording):
             return
         self._recording = None
         recording.remove()
@@ -257,11 +273,14 @@ class CEParityCallback(Callback):
             self._miss(trainer, step, f"skipped: {problem or 'another rank could not record the seam'}")
             return None
         contract = recording.contract
-        sizes = {**_group_sizes(trainer, contract), **self.extra_group_sizes}
+        sizes = {**group_sizes(trainer, contract), **self.extra_group_sizes}
+        training = implied_training_contract(contract) if self.training_contract == "auto" else self.training_contract
+        window = None if training is None else self._window.counts(trainer, recording, sizes["DP"])
         try:
             record = recording.to_record(self.replay_weight_grad)
             result = check_seam(record, contract, group_sizes=sizes, sample_tokens=self.sample_tokens,
-                                budget_tokens=self.budget_tokens, safety=self.safety, thresholds=self.thresholds)
+                                budget_tokens=self.budget_tokens, safety=self.safety, thresholds=self.thresholds,
+                                window=window, training=training)
             error = None
         except Exception as err:  # under `warn` a failed check must never end training
             if self.policy != "warn":
@@ -316,21 +335,13 @@ class CEParityCallback(Callback):
         return self._streak_bundle
 
     def _write_bundle(self, trainer: pl.Trainer, outcome: _Outcome) -> str:
-        rank, result = trainer.global_rank, outcome.result
-        path = Path(self._run_dir(trainer)) / "ce_guard" / "bundles" / f"step{outcome.step:08d}_rank{rank}.pt"
-        bundle = Bundle(step=outcome.step, rank=rank, contract=outcome.contract.to_dict(),
-                        record=outcome.record, report=result.report.to_dict(), diagnosis=result.diagnosis.to_dict())
-        return str(save_bundle(path, bundle))
+        return write_bundle(self._run_dir(trainer), outcome.step, trainer.global_rank, outcome.contract,
+                            outcome.record, outcome.result)
 
     def _write_receipt(self, trainer: pl.Trainer, outcome: _Outcome, entry: dict[str, Any],
                        metrics: dict[str, float], bundle: str | None) -> None:
-        agreed, result = outcome.agreement, outcome.result
-        receipt = {
-            **entry, "epoch": trainer.current_epoch, "metrics": metrics, "ranks": agreed.ranks,
-            "drifting_ranks": agreed.drifting_ranks,
-            "report": result.report.to_dict(), "sampled_tokens": result.sampled_tokens,
-            "seam": reduction_plan(outcome.contract), "bundle": bundle,
-        }
+        receipt = check_receipt(entry, trainer.current_epoch, metrics, outcome.agreement, outcome.result,
+                                outcome.contract, bundle)
         append_receipt(self._receipts_path(trainer), receipt)
         self._panels.log_check(receipt)
 
@@ -407,12 +418,3 @@ class CEParityCallback(Callback):
 def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
     """One collective: True on every rank if ``flag`` is True on any rank."""
     return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
-
-
-def _group_sizes(trainer: pl.Trainer, contract: CEContract) -> dict[str, int]:
-    tp = _dist.group_size(contract.tp_group)
-    sizes = {"TP": tp, "DP": _dist.group_size(contract.token_group) if contract.token_group is not None else (
-        max(trainer.world_size // tp, 1)), "grad_accum": trainer.accumulate_grad_batches}
-    if contract.sequence_parallel:
-        sizes["SP"] = tp
-    return sizes

@@ -22,6 +22,8 @@ class Cause(str, Enum):
     TP_GRAD_REDUCTION = "tp_grad_reduction"
     BACKWARD_SCALE = "backward_scale"
     OUTPUT_TRANSFORM = "output_transform"
+    LOSS_SCALED_OUTSIDE = "loss_scaled_outside"
+    WINDOW_WEIGHTING = "window_weighting"
     UNEXPLAINED = "unexplained"
 
 
@@ -31,6 +33,7 @@ FAULT_ROW = {
     Cause.TARGET_MASKING: 4, Cause.IGNORE_INDEX_LEAK: 5, Cause.LABEL_SMOOTHING_LOCAL_V: 6,
     Cause.LOG_TP_OFFSET: 7, Cause.Z_LOSS_BOUNDARY: 8, Cause.GRADIENT_APPROXIMATION: 9, Cause.NON_FINITE: 10,
     Cause.TP_GRAD_REDUCTION: 11, Cause.BACKWARD_SCALE: 12, Cause.OUTPUT_TRANSFORM: 13,
+    Cause.LOSS_SCALED_OUTSIDE: 14, Cause.WINDOW_WEIGHTING: 15,
 }
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ce_guard.diagnosis import gradients, offsets, outcomes, scales
+from ce_guard.diagnosis import gradients, offsets, outcomes, scales, training
 from ce_guard.diagnosis.causes import Cause, Diagnosis, catalogue_entry
 from ce_guard.diagnosis.signals import core_evidence, headline
 from ce_guard.diagnosis.thresholds import Thresholds
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 Matcher = Callable[["ParityReport", Mapping[str, int], Thresholds], "Diagnosis | None"]
 
 # Signals several rules read: the verdict's (over_budget), a shared scale's, the token counts a divisor may be, the
-# fit's, a loss offset's, a hidden gradient off alone, and a gradient kept to rounding.
+# fit's, a loss offset's, a hidden gradient off alone, the training loop's weight, and a gradient kept to rounding.
 VERDICT = ("nonfinite", "loss_rel_err", "per_token_max_abs_diff", "grad_hidden_rel_err", "grad_weight_rel_err",
            "signature", "budget")
 SCALE = ("loss_ratio", "loss_ref", "grad_hidden_norm_ratio", "grad_hidden_cosine", "budget")
@@ -36,6 +36,7 @@ FIT = ("signature", "loss_rel_err", "loss_ratio", "loss_ref", "budget")
 OFFSET = ("loss_offset_per_token", "loss_ref", "budget")
 HIDDEN_ALONE = ("loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err", "grad_hidden_cosine",
                 "grad_hidden_scaled_residual", "grad_hidden_magnitude_coupling", "grad_hidden_norm_ratio", "budget")
+STEP = ("step_weight",)
 ROUNDING_SIZED = ("grad_hidden_norm_ratio", "grad_hidden_cosine", "loss_rel_err", "grad_hidden_rel_err",
                   "grad_weight_rel_err", "loss_ratio", "budget")
 
@@ -73,7 +74,18 @@ RULES: tuple[Rule, ...] = (
          after=("non_finite",)),
     Rule(name="empty", variants=("no_visible_tokens/empty",), signals=("n_visible_global", "n_tokens", "contract"),
          match=outcomes.empty, after=("all_ignored",)),
-    Rule(name="clean", variants=("within_budget/clean",), signals=VERDICT, match=outcomes.clean, after=("empty",)),
+    # The training loop's weight, before "clean": a seam that computes its loss right can reach the optimizer wrong.
+    Rule(name="partial_window", variants=("window_weighting/partial_window",), signals=STEP,
+         match=training.partial_window, after=("empty",)),
+    Rule(name="micro_batch_mean", variants=("window_weighting/micro_batch_mean",), signals=STEP,
+         match=training.micro_batch_mean, after=("partial_window",)),
+    Rule(name="local_tokens", variants=("window_weighting/local_tokens",), signals=STEP,
+         match=training.local_tokens, after=("micro_batch_mean",)),
+    Rule(name="loss_scaled_outside", variants=("loss_scaled_outside/accumulation", "loss_scaled_outside/world_size",
+                                               "loss_scaled_outside/factor"),
+         signals=STEP, match=training.loss_scaled_outside, after=("local_tokens",)),
+    Rule(name="clean", variants=("within_budget/clean",), signals=VERDICT, match=outcomes.clean,
+         after=("loss_scaled_outside",)),
     Rule(name="narrow_softmax", variants=("accumulator_dtype/narrow_softmax",), signals=VERDICT,
          match=outcomes.narrow_softmax),
     Rule(name="ignored_rows", variants=("ignore_index_leak/ignored_rows",),

@@ -69,7 +69,7 @@ def causal_lm_contract(model: PreTrainedModel) -> CEContract:
 
 
 class CausalLMSeam:
-    """Hooks on a transformers causal LM for its first call with labels after :meth:`record`."""
+    """Hooks on a transformers causal LM: its calls with labels are counted, the first one armed is recorded."""
 
     def __init__(self, model: PreTrainedModel, name: str = "") -> None:
         self.model, self.name = model, name or type(model).__name__
@@ -88,8 +88,7 @@ class CausalLMSeam:
         recording, call = SeamRecording(), {}
 
         def before_model(module, args, kwargs) -> None:
-            if recording.finished_forward or call:
-                return
+            call.clear()
             bound = self._signature.bind_partial(*args, **kwargs).arguments
             extra = bound.get(self._extra, {}) if self._extra else {}
             labels, shift_labels = bound.get("labels"), extra.get("shift_labels")
@@ -105,12 +104,15 @@ class CausalLMSeam:
                         given_count=extra.get("num_items_in_batch"))
 
         def after_decoder(module, args, output) -> None:
-            if call and "hidden" not in call:
+            if call and "hidden" not in call and recording.wants_tensors:
                 call["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
                 call["weight"] = local_weight(self.model.get_output_embeddings().weight).detach().clone()
 
         def after_model(module, args, kwargs, output) -> None:
-            if not call or recording.finished_forward:
+            if not call:
+                return
+            recording.count(call["targets"], call["ignore_index"])
+            if not recording.wants_tensors:
                 return
             if "hidden" not in call:
                 raise RuntimeError("the decoder did not run inside the model's call")

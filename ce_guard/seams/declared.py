@@ -1,7 +1,7 @@
 """One line in the user's own loss code declares the seam: ``loss = ce_guard.seam(hidden, weight, targets, fn, contract)``.
 
 The call computes ``fn(hidden, weight, targets)`` and returns it unchanged. Only on a check step, when the
-callback has a recording waiting, does it also record the call; dL/dW is replayed through ``fn`` on a copy of
+callback has a recording waiting, does it also count the call's tokens and record the sampled one; dL/dW is replayed through ``fn`` on a copy of
 the weight, so a borrowed or tied weight is measured and training's ``.grad`` is untouched. Any other step
 pays one attribute lookup.
 """
@@ -37,7 +37,7 @@ def seam(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss
     """
     loss = loss_fn(hidden, weight, targets)
     recording = _waiting
-    if recording is not None and not recording.finished_forward:
+    if recording is not None:
         recording.guard(_capture)(recording, hidden, weight, targets, loss, loss_fn, contract, given_count)
     return loss
 
@@ -45,6 +45,9 @@ def seam(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss
 def _capture(recording, hidden, weight, targets, loss, loss_fn, contract, given_count) -> None:
     if not isinstance(contract, CEContract):
         raise TypeError(f"ce_guard.seam needs a CEContract, got {type(contract).__name__}")
+    recording.count(targets, contract.ignore_index)
+    if not recording.wants_tensors:
+        return
     full = local_weight(weight)
     replay = None if full is not weight else loss_fn  # a sharded weight is not replayed on one rank's schedule
     recording.capture(hidden=hidden, weight=full.detach().clone(), targets=targets, loss=loss, contract=contract,

@@ -47,14 +47,15 @@ class ModuleSeam:
         state: dict[str, torch.Tensor] = {}
 
         def before(module, args, kwargs) -> None:
-            if not recording.finished_forward:
+            if recording.wants_tensors:
                 state["weight"] = local_weight(self.weight).detach().clone()  # FSDP frees it after forward
 
         def after(module, args, kwargs, output) -> None:
-            if recording.finished_forward or "weight" not in state:
+            targets = args[1] if len(args) > 1 else kwargs.get("targets")
+            recording.count(targets, self.contract.ignore_index)
+            if "weight" not in state:
                 return
             hidden = args[0] if args else kwargs.get("hidden")
-            targets = args[1] if len(args) > 1 else kwargs.get("targets")
             recording.capture(hidden=hidden, weight=state.pop("weight"), targets=targets, loss=output,
                               contract=self.contract, replay=self._replay_or_none())
 
