@@ -61,3 +61,12 @@ def test_grad_scale_fault_is_flagged_at_the_first_check(tmp_path) -> None:
     assert (first["step"], first["drift"], first["cause"]) == (0, True, "normalization_scale")
     assert Path(first["bundle"]).is_file()
     assert "first drift: step 0 (rank 0): normalization_scale" in done.stderr
+
+
+def test_a_doubled_training_loss_is_flagged_at_the_first_check(tmp_path) -> None:
+    """The example's layer exact, its loss doubled on the way to backward: the training contract names it."""
+    done, run_dir = _train(tmp_path, "configs/faults/doubled_loss.yaml")
+    first = _receipts(run_dir)[0]
+    assert (first["step"], first["drift"], first["variant"]) == (0, True, "loss_scaled_outside/factor")
+    assert first["report"]["step_weight"]["factor"] == 2.0
+    assert "first drift: step 0 (rank 0): loss_scaled_outside" in done.stderr

@@ -26,6 +26,7 @@ from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam
 from ce_guard.diagnosis import Cause, catalogue_entry
 from ce_guard.testing import INJECTIONS, LAYER_FAULTS, FaultyFusedLinearCrossEntropy, injection
 from ce_guard.testing.causal_lm_faults import CAUSAL_LM_FAULTS
+from ce_guard.testing.training_faults import TRAINING_FAULTS
 from ce_guard.testing.injections import switches
 
 N, D, V = 288, 32, 1024  # every 9th target ignored: 256 visible, so a mean's 1/count is exact in bf16
@@ -150,7 +151,8 @@ def test_the_table_has_one_row_per_switch_and_each_implementation_knows_its_rows
     assert len(names) == len(set(names)), names
     assert set(LAYER_FAULTS) == set(switches(layer=True)) and FAULTS == switches(broken_path=True)
     assert set(CAUSAL_LM_FAULTS) == {row.switch for row in INJECTIONS if row.causal_lm}
-    assert set(names) == set(LAYER_FAULTS) | set(FAULTS) | set(CAUSAL_LM_FAULTS)
+    assert set(TRAINING_FAULTS) == {row.switch for row in INJECTIONS if row.training_step}
+    assert set(names) == set(LAYER_FAULTS) | set(FAULTS) | set(CAUSAL_LM_FAULTS) | set(TRAINING_FAULTS)
 
 
 def test_every_row_links_its_catalogue_heading():
@@ -174,7 +176,8 @@ def test_a_row_that_breaks_its_own_rules_is_refused():
 def _overlay_switch(config: dict) -> str | None:
     """The fault an example or ``ce-guard parity`` overlay switches on: model, fused path, or injecting callback."""
     callbacks = (config.get("trainer") or {}).get("callbacks") or []
-    injected = [c["init_args"]["fault"] for c in callbacks if c["class_path"].endswith("InjectSeamFault")]
+    injected = [c["init_args"]["fault"] for c in callbacks
+                if c["class_path"].endswith(("InjectSeamFault", "InjectTrainingFault"))]
     found = [s for s in ((config.get("model") or {}).get("fault"), (config.get("fused") or {}).get("fault"))
              if s] + injected
     assert len(found) <= 1, found
@@ -190,7 +193,7 @@ def test_fault_configs_switch_a_table_row_and_document_its_cause(path):
         assert all(anchor in {catalogue_entry(c) for c in Cause} for anchor in documented), documented
         return
     row = injection(switch)
-    assert row.layer, f"{switch} is not a switch of the faulty layer"
+    assert row.layer or row.training_step, f"{switch} is not a switch of the faulty layer or the training loop"
     assert documented == [row.anchor], (documented, row.anchor)
     assert set(row.contract) <= set(_overlay_contract(yaml.safe_load(text))), (switch, row.contract)
 

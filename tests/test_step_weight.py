@@ -9,7 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ce_guard import CEContract, SeamOutputs, SeamRecord, TrainingContract, check_seam
 from ce_guard.callbacks import CEParityCallback
+from ce_guard.demos.inject import InjectTrainingFault
 from ce_guard.step_weight import StepWindow, implied_training_contract, step_weight
+from ce_guard.testing import INJECTIONS
 from tests.lightning_helpers import TinyLM, trainer
 
 VOCAB, SEQ = 96, 12
@@ -122,6 +124,20 @@ def test_the_token_weighted_step_keeps_its_short_last_window_right(tmp_path):
     t, _ = trainer(tmp_path, [parity], max_steps=2, accumulate_grad_batches=k)
     t.fit(TokenWeightedLM(window_counts(loader, k)), loader)
     assert [h["variant"] for h in parity.history] == ["within_budget/clean"] * 2
+
+
+TRAINING_ROWS = [row for row in INJECTIONS if row.training_step]
+
+
+@pytest.mark.parametrize("row", TRAINING_ROWS, ids=lambda row: row.switch)
+@pytest.mark.parametrize("dtype, precision", [("float32", "32-true"), ("bfloat16", "bf16-mixed")])
+def test_every_training_loop_row_of_the_fault_table_is_named_at_the_first_check(tmp_path, row, dtype, precision):
+    parity = CEParityCallback(every_n_steps=1)
+    t, _ = trainer(tmp_path, [parity, InjectTrainingFault(step=0, fault=row.switch)], max_steps=1,
+                   accumulate_grad_batches=4, precision=precision)
+    with pytest.warns(UserWarning, match=row.cause.value):
+        t.fit(TinyLM(VOCAB), padded_loader(4))
+    assert parity.history[0]["variant"] == row.variants[dtype], parity.history[0]["summary"]
 
 
 def test_no_training_contract_checks_the_seam_alone(tmp_path):

@@ -58,3 +58,23 @@ class InjectCausalLMFault(Callback):
 
         if trainer.global_step == self.step and batch_idx % trainer.accumulate_grad_batches == 0:
             break_causal_lm(pl_module.get_submodule(self.model_path), self.fault)
+
+
+class InjectTrainingFault(Callback):
+    """From optimizer step ``step`` on, the loss that reaches backward is multiplied as the training loop's
+    ``fault`` would (:mod:`ce_guard.testing.training_faults`): the seam stays exact, the step's weight does not."""
+
+    def __init__(self, step: int, fault: str) -> None:
+        from ce_guard.testing.training_faults import TRAINING_FAULTS
+
+        if step < 0:
+            raise ValueError(f"`step` must be >= 0, got {step}.")
+        if fault not in TRAINING_FAULTS:
+            raise ValueError(f"`fault` must be one of {list(TRAINING_FAULTS)}, got {fault!r}.")
+        self.step, self.fault = step, fault
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        from ce_guard.testing.training_faults import training_fault_factor
+
+        if trainer.global_step >= self.step:
+            loss.mul_(training_fault_factor(self.fault, trainer.accumulate_grad_batches))  # recorded by autograd

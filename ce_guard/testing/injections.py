@@ -43,6 +43,8 @@ class Injection:
         chunks: the broken path's blocks of a bf16 running sum, where the default 8 is too few to show.
         causal_lm: architectures of ``ce_guard.demos.hf_models`` whose own loss code
             ``ce_guard.testing.causal_lm_faults`` breaks this way.
+        training_step: the training loop commits it on the loss that reaches backward
+            (``ce_guard.testing.training_faults``; tests/test_step_weight.py drives it at accumulation 4).
     """
 
     switch: str
@@ -57,11 +59,13 @@ class Injection:
     fault_scale: float | None = None
     chunks: int | None = None
     causal_lm: tuple[str, ...] = ()
+    training_step: bool = False
 
     def __post_init__(self) -> None:
         where = f"Injection {self.switch!r}"
-        if not (self.layer or self.broken_path or self.causal_lm):
-            raise ValueError(f"{where}: expected `layer`, `broken_path` or `causal_lm` to implement it, found none.")
+        if not (self.layer or self.broken_path or self.causal_lm or self.training_step):
+            raise ValueError(f"{where}: expected `layer`, `broken_path`, `causal_lm` or `training_step` to implement"
+                             " it, found none.")
         if not self.variants or set(self.variants) - set(DTYPES) or set(self.layer_variants) - set(self.variants):
             raise ValueError(f"{where}: `variants` keys must be some of {DTYPES} and hold `layer_variants`' keys,"
                              f" found {sorted(self.variants)} and {sorted(self.layer_variants)}.")
@@ -143,6 +147,12 @@ INJECTIONS: tuple[Injection, ...] = (
     Injection(switch="backward_scale", what="the logit gradient divided by the tokens in backward only (Transformer"
               " Engine 2.2-2.4's reduce_loss=False)", cause=Cause.BACKWARD_SCALE,
               variants=_both("backward_scale/pure_factor"), meshes=("TP=1",), broken_path=True),
+    Injection(switch="doubled_loss", what="the loss times 2 in training_step, outside the seam",
+              cause=Cause.LOSS_SCALED_OUTSIDE, variants=_both("loss_scaled_outside/factor"), meshes=("TP=1",),
+              training_step=True),
+    Injection(switch="undivided_accumulation", what="each micro-batch's loss multiplied back by the accumulation"
+              " count: the divide missing", cause=Cause.LOSS_SCALED_OUTSIDE,
+              variants=_both("loss_scaled_outside/accumulation"), meshes=("TP=1",), training_step=True),
     Injection(switch="dropped_logit_multiplier", what="the head's logit multiplier dropped (its config still says it)",
               cause=Cause.OUTPUT_TRANSFORM, variants=_both("output_transform/dropped"), meshes=("TP=1",),
               causal_lm=("falcon_h1", "cohere")),
