@@ -23,7 +23,8 @@ from ce_guard.contract import CEContract, GradSync, NormalizeBy, Reduction
 from ce_guard.fused import make_output_weight
 
 __all__ = ["CutCrossEntropy", "LigerFusedLinearCrossEntropy", "LossParallelCrossEntropy",
-           "MegatronOutputLayer", "TorchLinearCrossEntropy", "megatron_tensor_parallel"]
+           "MegatronOutputLayer", "TorchLinearCrossEntropy", "TransformerEngineCrossEntropy",
+           "megatron_tensor_parallel"]
 
 
 def _require(module: str, *, extra: str, owner: str) -> ModuleType:
@@ -343,3 +344,6 @@ class MegatronOutputLayer(nn.Module):
             if contract.grad_sync == "average":
                 count = count / group_size(contract.token_group)
         return masked.sum() / count.clamp(min=1.0)
+
+
+from ce_guard.te_adapter import TransformerEngineCrossEntropy  # noqa: E402  (kept in its own module for length)

@@ -16,6 +16,7 @@ from ce_guard import _dist
 from ce_guard.budget import native_error_budget
 from ce_guard.contract import CEContract
 from ce_guard.diagnosis import Diagnosis, Thresholds, diagnose, judged
+from ce_guard.input_checksums import InputChecksums
 from ce_guard.parity import ParityReport, SeamOutputs, compare
 from ce_guard.reference import DEFAULT_CHUNK_ELEMENTS, ReferenceResult, reference_linear_cross_entropy
 from ce_guard.signature import fit_signatures
@@ -31,6 +32,8 @@ class SeamRecord:
     for none); the reference uses it so that loss scaling by the user or by gradient accumulation
     outside the seam does not read as drift. ``given_count`` is the count a ``normalize_by='given_count'``
     mean divided by on this step (transformers' ``num_items_in_batch``); None for every other contract.
+    ``input_checksums`` are those of the inputs the loss path was handed (hidden, weight, logits), before its
+    forward and after its backward; None where nobody measured them.
     """
 
     hidden: torch.Tensor
@@ -39,6 +42,7 @@ class SeamRecord:
     fused: SeamOutputs
     upstream: torch.Tensor | float
     given_count: float | torch.Tensor | None = None
+    input_checksums: InputChecksums | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,8 @@ def check_seam(
         report = dataclasses.replace(report, output_transform=transform)
     if window is not None and training is not None:
         report = dataclasses.replace(report, step_weight=_step_weight(record, reference, contract, window, training))
+    if record.input_checksums is not None and record.input_checksums.changed:
+        report = dataclasses.replace(report, mutated_inputs=record.input_checksums.changed)
     return CheckResult(report, diagnose(report, group_sizes=group_sizes, thresholds=thresholds),
                        None if rows is None else rows.numel())
 

@@ -92,6 +92,7 @@ class ParityReport:
     signature: SignatureFit | None = None       # dL/dh error on the faults' directions, fitted when over budget
     output_transform: TransformFit | None = None  # the contract's transform mistaken so as to match, when over budget
     step_weight: StepWeight | None = None       # the micro-batch's weight in the step, against the training contract
+    mutated_inputs: tuple[str, ...] = ()        # inputs the loss path wrote into (their checksums changed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -18,6 +18,7 @@ import torch.distributed.nn.functional as dist_fn
 from ce_guard import _dist
 from ce_guard._matmul import matmul
 from ce_guard.contract import CEContract
+from ce_guard.input_checksums import InputChecksums
 from ce_guard.parity import SeamOutputs
 from ce_guard.testing.injections import switches
 
@@ -67,8 +68,13 @@ class _BackwardOnly(torch.autograd.Function):
 
 
 def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | None = None, *, scale: int = 2,
-                 chunks: int = 8, grad_output: torch.Tensor | None = None) -> SeamOutputs:
-    """Run the vocab-parallel CE with ``fault`` (one of ``FAULTS``) and return loss and autograd gradients."""
+                 chunks: int = 8, grad_output: torch.Tensor | None = None,
+                 handed: dict[str, InputChecksums] | None = None) -> SeamOutputs:
+    """Run the vocab-parallel CE with ``fault`` (one of ``FAULTS``) and return loss and autograd gradients.
+
+    ``handed``, when given, receives under ``"logits"`` the checksums of the logits this path hands its loss,
+    before the loss and after backward (what a caller that computed the logits itself would measure).
+    """
     if fault is not None and fault not in FAULTS:
         raise ValueError(f"broken_fused: `fault` must be None or one of {FAULTS}, got {fault!r}.")
     tp = contract.tp_group
@@ -85,6 +91,10 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
         z = _Bf16HiddenSumLinear.apply(hh, w, chunks)
     else:
         z = matmul(hh, w.T).float()                                               # (N, V/TP)
+    logits = z
+    before = InputChecksums.of(logits=logits) if handed is not None else None
+    if fault == "overwrites_logits":  # dL/dz written into the logits' storage (TE's parallel_cross_entropy to 2.17)
+        z = _BackwardOnly.apply(z, lambda g: (logits.data.copy_(g.to(logits.dtype)), g)[1])
     if fault == "coarse_backward":
         threshold = 2e-2 / max(z.shape[0], 1)  # drops entries under it (Cut CE's filter, exaggerated)
         z = _BackwardOnly.apply(z, lambda g: torch.where(g.abs() < threshold, torch.zeros_like(g), g))
@@ -155,6 +165,11 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
     else:
         loss.backward()
     grad_h = h.grad
+    if handed is not None:
+        handed["logits"] = before.measured_after(logits=logits)
+    if fault == "overwrites_hidden":  # the gradient written back into the caller's hidden states
+        with torch.no_grad():
+            hidden.copy_(grad_h.to(hidden.dtype).reshape(hidden.shape))
     if not contract.sequence_parallel and fault != "partial_grad_hidden":
         # hidden is replicated over TP: sum each slice's share (copy-to-TP backward); the fault does it twice
         for _ in range(2 if fault == "doubled_grad_hidden" else 1):

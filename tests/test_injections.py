@@ -24,6 +24,7 @@ from torch import nn
 
 from ce_guard import CEContract, SeamOutputs, SeamRecord, check_seam
 from ce_guard.diagnosis import Cause, catalogue_entry
+from ce_guard.input_checksums import InputChecksums
 from ce_guard.testing import INJECTIONS, LAYER_FAULTS, FaultyFusedLinearCrossEntropy, injection
 from ce_guard.testing.causal_lm_faults import CAUSAL_LM_FAULTS
 from ce_guard.testing.training_faults import TRAINING_FAULTS
@@ -94,11 +95,15 @@ def _first_check(case, rank: int = 0, device: str = "cpu") -> tuple[str, str]:
     hidden, weight, targets, contract = _placed(mesh, getattr(torch, dtype), dict(row.contract), rank)
     hidden, weight, targets = hidden.to(device), weight.to(device), targets.to(device)
     scale = row.fault_scale or 2
+    checksums, handed = InputChecksums.of(hidden=hidden, weight=weight), {}
     if impl == "layer":
         fused = _layer_outputs(switch, hidden, weight, targets, contract, scale)
     else:
-        fused = broken_fused(hidden, weight, targets, contract, switch, scale=scale, chunks=row.chunks or 8)
-    record = SeamRecord(hidden=hidden, weight=weight, targets=targets, fused=fused, upstream=1.0)
+        fused = broken_fused(hidden, weight, targets, contract, switch, scale=scale, chunks=row.chunks or 8,
+                             handed=handed)
+    checksums = checksums.measured_after(hidden=hidden, weight=weight).merged(handed.get("logits"))
+    record = SeamRecord(hidden=hidden, weight=weight, targets=targets, fused=fused, upstream=1.0,
+                        input_checksums=checksums)
     diagnosis = check_seam(record, contract).diagnosis
     return diagnosis.variant, diagnosis.summary
 

@@ -24,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ce_guard"
 
 # ce_guard's layer (its chunk math, its CUDA kernels), the peers' adapters, and the layer that injects faults.
 FUSED_PATHS = ("ce_guard.fused", "ce_guard.fused_chunk", "ce_guard.fused_kernel", "ce_guard._triton_ce",
-               "ce_guard.adapters", "ce_guard.testing.faulty_layer")
+               "ce_guard.adapters", "ce_guard.te_adapter", "ce_guard.testing.faulty_layer")
 # What the reference and a fused path may both import: no loss math lives in these (see each module's docstring).
 NEUTRAL = {"ce_guard", "ce_guard._dist", "ce_guard.contract", "ce_guard._matmul"}
 CORE = ("ce_guard.contract", "ce_guard.reference", "ce_guard.budget", "ce_guard.parity", "ce_guard.signature",

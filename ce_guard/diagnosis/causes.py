@@ -24,6 +24,7 @@ class Cause(str, Enum):
     OUTPUT_TRANSFORM = "output_transform"
     LOSS_SCALED_OUTSIDE = "loss_scaled_outside"
     WINDOW_WEIGHTING = "window_weighting"
+    INPUT_MUTATION = "input_mutation"
     UNEXPLAINED = "unexplained"
 
 
@@ -35,6 +36,8 @@ FAULT_ROW = {
     Cause.TP_GRAD_REDUCTION: 11, Cause.BACKWARD_SCALE: 12, Cause.OUTPUT_TRANSFORM: 13,
     Cause.LOSS_SCALED_OUTSIDE: 14, Cause.WINDOW_WEIGHTING: 15,
 }
+# Rows 16-17 are taken by other branches' causes.
+FAULT_ROW[Cause.INPUT_MUTATION] = 18
 
 
 def catalogue_entry(cause: Cause) -> str | None:

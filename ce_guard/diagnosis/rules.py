@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ce_guard.diagnosis import gradients, offsets, outcomes, scales, training
+from ce_guard.diagnosis import gradients, mutation, offsets, outcomes, scales, training
 from ce_guard.diagnosis.causes import Cause, Diagnosis, catalogue_entry
 from ce_guard.diagnosis.signals import core_evidence, headline
 from ce_guard.diagnosis.thresholds import Thresholds
@@ -68,6 +68,10 @@ class Rule:
 
 
 RULES: tuple[Rule, ...] = (
+    # A loss path that wrote into its inputs: into the hidden states or the weight (the comparison itself is void),
+    # or into the logits while the numbers are within budget (where they drift, their own rule names it).
+    Rule(name="input_mutation", variants=("input_mutation/seam_inputs", "input_mutation/logits"),
+         signals=(*VERDICT, "mutated_inputs"), match=mutation.input_mutation),
     Rule(name="non_finite", variants=("non_finite/values",), signals=("nonfinite",), match=outcomes.non_finite),
     Rule(name="all_ignored", variants=("ignore_index_leak/all_ignored",),
          signals=("n_visible_global", "loss_fused", "grad_hidden_norm_fused", "contract"), match=outcomes.all_ignored,

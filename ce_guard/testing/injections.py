@@ -166,6 +166,16 @@ INJECTIONS: tuple[Injection, ...] = (
               variants=_both("output_transform/softcap_dropped"), meshes=("TP=1",), causal_lm=("gemma2",)),
 )
 
+# docs/faults.md #18: loss paths that write into what they were handed (appended apart, for an easy merge).
+INJECTIONS += (
+    Injection(switch="overwrites_hidden", what="dL/dh written into the caller's hidden states after backward",
+              cause=Cause.INPUT_MUTATION, variants=_both("input_mutation/seam_inputs"), meshes=("TP=1",),
+              broken_path=True),
+    Injection(switch="overwrites_logits", what="dL/dlogits written into the logits' storage in backward"
+              " (Transformer Engine's parallel_cross_entropy to 2.17)", cause=Cause.INPUT_MUTATION,
+              variants=_both("input_mutation/logits"), meshes=("TP=1",), broken_path=True),
+)
+
 
 def injection(switch: str) -> Injection:
     """The row of ``switch``; a ValueError naming the switches there are otherwise."""
