@@ -12,7 +12,7 @@ import pytest
 
 from ce_guard import contract, diagnosis
 from ce_guard.diagnosis import FAULT_ROW, RULES, Cause, Thresholds, causes, rules, thresholds
-from ce_guard.diagnosis import gradients, offsets, outcomes, scales, signals, verdict
+from ce_guard.diagnosis import gradients, offsets, outcomes, scales, signals, upstream, verdict
 from ce_guard.parity import ParityReport
 
 CATALOGUE = Path(__file__).parents[1] / "docs" / "faults.md"
@@ -84,7 +84,7 @@ def test_each_causes_section_lists_its_variants():
 
 
 def test_no_diagnosis_function_is_longer_than_sixty_lines():
-    for module in (rules, outcomes, scales, offsets, gradients, signals, verdict, causes, thresholds):
+    for module in (rules, outcomes, scales, offsets, gradients, signals, verdict, causes, thresholds, upstream):
         for name, function in inspect.getmembers(module, inspect.isfunction):
             if function.__module__ == module.__name__:
                 assert len(inspect.getsourcelines(function)[0]) <= 60, f"{module.__name__}.{name}"

@@ -22,6 +22,9 @@ class Cause(str, Enum):
     TP_GRAD_REDUCTION = "tp_grad_reduction"
     BACKWARD_SCALE = "backward_scale"
     OUTPUT_TRANSFORM = "output_transform"
+    # Per-token upstream weights (reduction='none'), catalogue rows 16-17:
+    UPSTREAM_BROADCAST = "upstream_broadcast"
+    UPSTREAM_ORDER = "upstream_order"
     UNEXPLAINED = "unexplained"
 
 
@@ -32,6 +35,8 @@ FAULT_ROW = {
     Cause.LOG_TP_OFFSET: 7, Cause.Z_LOSS_BOUNDARY: 8, Cause.GRADIENT_APPROXIMATION: 9, Cause.NON_FINITE: 10,
     Cause.TP_GRAD_REDUCTION: 11, Cause.BACKWARD_SCALE: 12, Cause.OUTPUT_TRANSFORM: 13,
 }
+# Per-token upstream weights (reduction='none'): one token's weight applied to all, or the weights in another order.
+FAULT_ROW.update({Cause.UPSTREAM_BROADCAST: 16, Cause.UPSTREAM_ORDER: 17})
 
 
 def catalogue_entry(cause: Cause) -> str | None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ce_guard.diagnosis import gradients, offsets, outcomes, scales
+from ce_guard.diagnosis import gradients, offsets, outcomes, scales, upstream
 from ce_guard.diagnosis.causes import Cause, Diagnosis, catalogue_entry
 from ce_guard.diagnosis.signals import core_evidence, headline
 from ce_guard.diagnosis.thresholds import Thresholds
@@ -38,6 +38,8 @@ HIDDEN_ALONE = ("loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err", "g
                 "grad_hidden_scaled_residual", "grad_hidden_magnitude_coupling", "grad_hidden_norm_ratio", "budget")
 ROUNDING_SIZED = ("grad_hidden_norm_ratio", "grad_hidden_cosine", "loss_rel_err", "grad_hidden_rel_err",
                   "grad_weight_rel_err", "loss_ratio", "budget")
+# The per-token upstream weights dL/dh carries (reduction='none'), read where dL/dh is over budget.
+UPSTREAM = ("upstream_fit", "loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err", "budget")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +82,11 @@ RULES: tuple[Rule, ...] = (
          signals=("grad_hidden_ignored_norm", "grad_hidden_norm_ref", "loss_rel_err", "budget", "contract"),
          match=outcomes.ignored_rows,
          after=("non_finite",)),
+    # Per-token upstream weights (reduction='none'): one token's weight for all, or the weights in another order.
+    Rule(name="upstream_first_token", variants=("upstream_broadcast/first_token",), signals=UPSTREAM,
+         match=upstream.first_token, after=("clean",)),
+    Rule(name="upstream_order", variants=("upstream_order/transposed", "upstream_order/permuted"), signals=UPSTREAM,
+         match=upstream.order, after=("clean",)),
     Rule(name="output_transform", variants=("output_transform/dropped", "output_transform/doubled",
                                             "output_transform/inverted", "output_transform/softcap_dropped"),
          signals=("output_transform", "contract"), match=scales.output_transform, after=("clean",)),

@@ -103,6 +103,17 @@ class Thresholds:
     # by up to ``narrow_rounding``).
     precision_ratio: float = 0.05
 
+    # -- Per-token upstream weights (reduction='none'; ce_guard/upstream_fit.py), residuals in units of the upstream's
+    # spread over the tokens (docs/faults.md, rows 16 and 17).
+    # A reading (one weight for every token, the weights in another order) explains the weights the fused path applied
+    # when its rms residual is within this share of the spread. The reading that is the fault reads 0-0.003 (fp32,
+    # bf16), sorted values under a random permutation 0.02-0.04 (288 tokens, 1 in 9 masked), the other readings
+    # 1.3-1.9 (tests/test_upstream.py).
+    upstream_agreement: float = 0.1
+    # ... and the tokens' own weights must leave at least this many times the reading's residual: a scale k of the
+    # weights leaves the same residual on their sorted values as on the tokens' own, a reordering none.
+    upstream_contrast: float = 4.0
+
     def __post_init__(self) -> None:
         for spec in fields(self):
             value = getattr(self, spec.name)
