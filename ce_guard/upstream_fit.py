@@ -11,8 +11,9 @@ Per token, the weight the fused path applied is fitted along the reference's row
 ``w'_i = <f_i, g_i> / <g_i, g_i> * u_i`` (``f`` the fused dL/dh, ``g`` the reference's), on the visible tokens whose
 weight is not 0 and whose gradient at weight 1 is not negligible. ``w'`` is then held to three readings, each as an
 rms residual in units of the upstream's spread over this rank's tokens: the tokens' own weights (0 for a correct
-path), one value for every token (the first token's weight), and the weights' own values in another order (their
-sorted values, and the ``[S,B] <-> [B,S]`` transposes where the upstream is 2-D). Local to each rank: under TP every
+path) and their best scale (a divide missing or taken twice, not a fault of the weights), one value for every token
+(the first token's weight), and the weights' own values in another order (their sorted values, and the
+``[S,B] <-> [B,S]`` transposes where the upstream is 2-D). Local to each rank: under TP every
 rank holds the same tokens, the same upstream and the same (all-reduced) dL/dh, so all fit the same.
 """
 
@@ -52,6 +53,8 @@ class UpstreamFit:
     applied_spread: float      # ... and their std
     noise: float               # rms standard error of w'_i (rounding in the fused dL/dh), in units of spread
     own_residual: float        # w' against each token's own weight u_i
+    own_scale: float           # the factor k of the best scale of the own weights, k u (1 for a correct path) ...
+    scaled_residual: float     # ... and w' against it: what a scale (a divide missing or taken twice) leaves
     first_residual: float      # w' against the first token's weight, for every token
     sorted_residual: float     # sorted w' against the upstream's sorted values (the fitted tokens', or all tokens')
     misplaced: float           # share of fitted tokens whose applied weight is not their own
@@ -80,7 +83,7 @@ def fit_upstream(grad_fused: torch.Tensor | None, grad_ref: torch.Tensor | None,
         >>> u = torch.tensor([0.5, 1.0, 1.5, 2.0, 0.25, 0.75], dtype=torch.float64)
         >>> fit = fit_upstream(u[0] * g, u[:, None] * g, u, u, torch.Size([6]))
         >>> round(fit.first_residual, 12), round(fit.own_residual, 3)
-        (0.0, 1.118)
+        (0.0, 1.306)
     """
     if grad_fused is None or grad_ref is None or token_weight is None or not torch.is_tensor(upstream):
         return None
@@ -106,12 +109,15 @@ def fit_upstream(grad_fused: torch.Tensor | None, grad_ref: torch.Tensor | None,
     own = u[fitted]
     off = (w - own).abs()
     misplaced = (off > MISPLACED_SHARE * spread) & (off > MISPLACED_SIGMAS * se)
+    own_sq = float(own.square().sum())
+    scale = float((w * own).sum()) / own_sq if own_sq > 0 else 0.0
     transposed, read = _transposed(w, raw, fitted, _upstream_shape(upstream, targets_shape), spread)
     return UpstreamFit(
         tokens=int(w.numel()), shape=f"[{','.join(map(str, _upstream_shape(upstream, targets_shape)))}]", spread=spread,
         first_weight=float(raw[0]), weight_mean=float(own.mean()), weight_spread=float(own.std(unbiased=False)),
         applied_mean=float(w.mean()), applied_spread=float(w.std(unbiased=False)),
-        noise=_rms(se) / spread, own_residual=_rms(w - own) / spread, first_residual=_rms(w - raw[0]) / spread,
+        noise=_rms(se) / spread, own_residual=_rms(w - own) / spread, own_scale=scale,
+        scaled_residual=_rms(w - scale * own) / spread, first_residual=_rms(w - raw[0]) / spread,
         sorted_residual=_sorted_residual(w, own, raw) / spread,
         misplaced=float(misplaced.double().mean()), transposed_residual=transposed, transposed_read=read)
 

@@ -107,11 +107,13 @@ class Thresholds:
     # spread over the tokens (docs/faults.md, rows 16 and 17).
     # A reading (one weight for every token, the weights in another order) explains the weights the fused path applied
     # when its rms residual is within this share of the spread. The reading that is the fault reads 0-0.003 (fp32,
-    # bf16), sorted values under a random permutation 0.02-0.04 (288 tokens, 1 in 9 masked), the other readings
-    # 1.3-1.9 (tests/test_upstream.py).
+    # bf16); sorted values under a random permutation 0.04-0.07, a sampling error that shrinks as 1/sqrt(tokens)
+    # (82-256 tokens fitted, 1 in 7-9 masked); the other readings 1.3-1.9 (tests/test_upstream.py,
+    # tests/test_injections.py).
     upstream_agreement: float = 0.1
-    # ... and the tokens' own weights must leave at least this many times the reading's residual: a scale k of the
-    # weights leaves the same residual on their sorted values as on the tokens' own, a reordering none.
+    # ... and the tokens' own weights, and their best scale k u, must leave at least this many times the reading's
+    # residual: a scale leaves the same residual on the weights' sorted values as on the tokens' own, a reordering
+    # none; and 1/tokens in backward brings every weight near a small first one, yet a scale of the own explains it.
     upstream_contrast: float = 4.0
 
     def __post_init__(self) -> None:

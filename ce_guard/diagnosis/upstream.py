@@ -29,7 +29,8 @@ def first_token(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Dia
                         f" {fit.applied_mean:.4g} (std {fit.applied_spread:.2g}) = the first token's upstream gradient"
                         f" {fit.first_weight:.4g} (rms {fit.first_residual:.2g} of the upstream's std"
                         f" {fit.spread:.3g}), where the tokens' own weights have mean {fit.weight_mean:.4g} and std"
-                        f" {fit.weight_spread:.3g} (rms {fit.own_residual:.2f} off them): the fused path applies"
+                        f" {fit.weight_spread:.3g} (rms {fit.own_residual:.2f} off them, {fit.scaled_residual:.2f} off their best"
+                        f" scale): the fused path applies"
                         " grad_output[0] to every token's gradient (Liger-Kernel's fused linear-CE up to 0.8.1,"
                         f" Transformer Engine's parallel_cross_entropy up to 2.7).{zero}", _evidence(r, fit))
 
@@ -68,9 +69,10 @@ def _drifting_fit(r: ParityReport) -> UpstreamFit | None:
 
 
 def _explains(residual: float, fit: UpstreamFit, t: Thresholds) -> bool:
-    """A reading explains the applied weights and the tokens' own weights do not."""
+    """A reading explains the applied weights, and the tokens' own weights do not, scaled or not: a scale of the
+    weights (dL/dh divided by the tokens in backward) brings every weight near a small first one too."""
     return (residual <= t.upstream_agreement < fit.own_residual
-            and fit.own_residual >= t.upstream_contrast * residual)
+            and min(fit.own_residual, fit.scaled_residual) >= t.upstream_contrast * residual)
 
 
 def _head(r: ParityReport) -> str:
@@ -81,6 +83,7 @@ def _head(r: ParityReport) -> str:
 def _evidence(r: ParityReport, fit: UpstreamFit) -> dict[str, float | int | str]:
     found = {f"upstream_{key}": getattr(fit, key)
              for key in ("tokens", "shape", "spread", "first_weight", "weight_mean", "weight_spread", "applied_mean",
-                         "applied_spread", "noise", "own_residual", "first_residual", "sorted_residual", "misplaced",
+                         "applied_spread", "noise", "own_residual", "own_scale", "scaled_residual", "first_residual",
+                         "sorted_residual", "misplaced",
                          "transposed_residual", "transposed_read")}
     return {**core_evidence(r), **{key: value for key, value in found.items() if value is not None}}
