@@ -128,7 +128,9 @@ def compare(
     loss_f, loss_r = _scalar_loss(fused.loss, visible), _scalar_loss(reference.loss, visible)
     per_token_diff = None
     if contract.reduction == "none" and fused.loss.numel() == reference.loss.numel():
-        per_token_diff = _max_abs(fused.loss.detach().double() - reference.loss.double())
+        # flat: a per-token loss may come as (N,) where the reference's has the targets' shape (``F.cross_entropy``
+        # on ``logits.view(-1, V)``)
+        per_token_diff = _max_abs(fused.loss.detach().reshape(-1).double() - reference.loss.reshape(-1).double())
     offset_scale = reference.divisor / max(reference.n_visible, 1) if contract.reduction == "mean" else (
         1.0 / max(reference.n_visible, 1) if contract.reduction == "sum" else 1.0)
 

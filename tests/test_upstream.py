@@ -211,3 +211,18 @@ def test_two_rank_paths_are_named_or_clean_on_every_rank(two_rank_checks, fault,
             assert abs(evidence["upstream_applied_mean"] - first) < FIT_TOLERANCE[dtype] * evidence["upstream_spread"]
         if fault == "upstream_transposed":
             assert evidence["upstream_transposed_residual"] < FIT_TOLERANCE[dtype]
+
+
+def test_a_flat_per_token_loss_is_held_to_the_targets_shaped_reference():
+    """``F.cross_entropy(logits.view(-1, V), y.view(-1), reduction='none')`` returns (N,) for [S,B] targets: compared
+    flat (it raised a shape error before), and its upstream read as [S,B] for the transposes."""
+    hidden, weight, targets, u = _inputs(torch.float32)
+    contract = CEContract(vocab_size=V, reduction="none")
+    for fault, variant in (("upstream_transposed", "upstream_order/transposed"), (None, "within_budget/clean")):
+        fused = broken_fused(hidden, weight, targets, contract, fault, grad_output=u)
+        flat = type(fused)(loss=fused.loss.reshape(-1), grad_hidden=fused.grad_hidden, grad_weight=fused.grad_weight)
+        result = check_seam(SeamRecord(hidden=hidden, weight=weight, targets=targets, fused=flat,
+                                       upstream=u.reshape(-1)), contract)
+        assert result.diagnosis.variant == variant, result.diagnosis.summary
+        assert result.report.per_token_max_abs_diff < 1e-5
+    assert result.report.upstream_fit is None and json.dumps(result.report.to_dict())
