@@ -9,12 +9,12 @@ read an ``[S,B]`` view of a ``[B,S]`` buffer as if it were contiguous).
 
 Per token, the weight the fused path applied is fitted along the reference's row, in float64:
 ``w'_i = <f_i, g_i> / <g_i, g_i> * u_i`` (``f`` the fused dL/dh, ``g`` the reference's), on the visible tokens whose
-weight is not 0 and whose gradient at weight 1 is not negligible. ``w'`` is then held to three readings, each as an
-rms residual in units of the upstream's spread over this rank's tokens: the tokens' own weights (0 for a correct
-path) and their best scale (a divide missing or taken twice, not a fault of the weights), one value for every token
-(the first token's weight), and the weights' own values in another order (their sorted values, and the
-``[S,B] <-> [B,S]`` transposes where the upstream is 2-D). Local to each rank: under TP every
-rank holds the same tokens, the same upstream and the same (all-reduced) dL/dh, so all fit the same.
+weight is not 0 and whose gradient at weight 1 is not negligible. ``w'`` is then read against candidates, each at its
+best scale, as an rms residual in units of the upstream's spread over this rank's tokens: the tokens' own weights
+(0 for a correct path; a scale of them is a divide missing or taken twice, not a fault of the weights), one value for
+every token (the first token's weight), and the weights' own values in another order (their sorted values, and the
+``[S,B] <-> [B,S]`` transposes where the upstream is 2-D). Local to each rank: under TP every rank holds the same
+tokens, the same upstream and the same (all-reduced) dL/dh, so all fit the same.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ _BLOCK_ELEMENTS = 1 << 24  # float64 rows of dL/dh read at a time (128 MiB), as 
 # predicts with certainty has none, and its weight cannot be read from it.
 _GRADIENT_FLOOR = 2.0 ** -10
 # A token carries another token's weight when its fitted weight is off its own by more than this share of the
-# weights' spread and by more than 6 standard errors of the fit (rounding in the fused path's dL/dh).
-MISPLACED_SHARE = 2.0 ** -6
+# weights' spread and by more than 6 standard errors of the fit (rounding in the fused path's dL/dh). A sixteenth:
+# above the scale by which a bf16 path within budget rounds every weight (Liger-Kernel's bf16 dL/dh reads 0.993-0.996
+# of the reference's), times the largest weight over the spread (2 / 0.6 for weights uniform in [0, 2]).
+MISPLACED_SHARE = 2.0 ** -4
 MISPLACED_SIGMAS = 6.0
 
 
@@ -40,7 +42,9 @@ class UpstreamFit:
 
     Residuals are rms over the fitted tokens in units of ``spread``, the upstream's standard deviation over this
     rank's tokens (ignored ones included): 0 where the reading explains the applied weights exactly, about 1 or
-    more where it does not.
+    more where it does not. Each reading is taken at its best scale (``*_scale``, least squares): a path rounds
+    every weight by a common factor within its budget (a bf16 dL/dh reads up to a few tenths of a percent short),
+    and that factor, near 1, is told apart from the shape of the weights.
     """
 
     tokens: int                # tokens fitted
@@ -55,10 +59,13 @@ class UpstreamFit:
     own_residual: float        # w' against each token's own weight u_i
     own_scale: float           # the factor k of the best scale of the own weights, k u (1 for a correct path) ...
     scaled_residual: float     # ... and w' against it: what a scale (a divide missing or taken twice) leaves
-    first_residual: float      # w' against the first token's weight, for every token
-    sorted_residual: float     # sorted w' against the upstream's sorted values (the fitted tokens', or all tokens')
+    first_scale: float         # w' against the first token's weight for every token: the scale (applied / first) ...
+    first_residual: float      # ... and what is left (the applied weights' spread)
+    sorted_scale: float        # sorted w' against the upstream's sorted values (fitted tokens', or all tokens') ...
+    sorted_residual: float
     misplaced: float           # share of fitted tokens whose applied weight is not their own
-    transposed_residual: float | None  # w' against the upstream read transposed (2-D upstream only) ...
+    transposed_scale: float | None     # w' against the upstream read transposed (2-D upstream only) ...
+    transposed_residual: float | None
     transposed_read: str | None        # ... which of the two, e.g. "its [8,36] buffer read as [36,8]"
 
 
@@ -109,17 +116,29 @@ def fit_upstream(grad_fused: torch.Tensor | None, grad_ref: torch.Tensor | None,
     own = u[fitted]
     off = (w - own).abs()
     misplaced = (off > MISPLACED_SHARE * spread) & (off > MISPLACED_SIGMAS * se)
-    own_sq = float(own.square().sum())
-    scale = float((w * own).sum()) / own_sq if own_sq > 0 else 0.0
-    transposed, read = _transposed(w, raw, fitted, _upstream_shape(upstream, targets_shape), spread)
+    shape = _upstream_shape(upstream, targets_shape)
+    scaled, own_scale = _reading(w, own)
+    first_residual, first_scale = _reading(w, raw[0].expand_as(w))
+    ranked = w.sort().values  # a reordering: among the fitted tokens, or over all (masked positions included)
+    sorted_residual, sorted_scale = min(_reading(ranked, own.sort().values),
+                                        _reading(ranked, _quantiles(raw, w.numel())))
+    transposed_residual, transposed_scale, read = _transposed(w, raw, fitted, shape)
     return UpstreamFit(
-        tokens=int(w.numel()), shape=f"[{','.join(map(str, _upstream_shape(upstream, targets_shape)))}]", spread=spread,
-        first_weight=float(raw[0]), weight_mean=float(own.mean()), weight_spread=float(own.std(unbiased=False)),
-        applied_mean=float(w.mean()), applied_spread=float(w.std(unbiased=False)),
-        noise=_rms(se) / spread, own_residual=_rms(w - own) / spread, own_scale=scale,
-        scaled_residual=_rms(w - scale * own) / spread, first_residual=_rms(w - raw[0]) / spread,
-        sorted_residual=_sorted_residual(w, own, raw) / spread,
-        misplaced=float(misplaced.double().mean()), transposed_residual=transposed, transposed_read=read)
+        tokens=int(w.numel()), shape=f"[{','.join(map(str, shape))}]", spread=spread, first_weight=float(raw[0]),
+        weight_mean=float(own.mean()), weight_spread=float(own.std(unbiased=False)), applied_mean=float(w.mean()),
+        applied_spread=float(w.std(unbiased=False)), noise=_rms(se) / spread, own_residual=_rms(w - own) / spread,
+        own_scale=own_scale, scaled_residual=scaled / spread, first_scale=first_scale,
+        first_residual=first_residual / spread, sorted_scale=sorted_scale, sorted_residual=sorted_residual / spread,
+        misplaced=float(misplaced.double().mean()), transposed_scale=transposed_scale,
+        transposed_residual=None if transposed_residual is None else transposed_residual / spread,
+        transposed_read=read)
+
+
+def _reading(w: torch.Tensor, candidate: torch.Tensor) -> tuple[float, float]:
+    """(rms of ``w - s * candidate``, s) at the least-squares s; s = 1 for a candidate of zeros (nothing to scale)."""
+    sq = float(candidate.square().sum())
+    s = float((w * candidate).sum()) / sq if sq > 0 else 1.0
+    return _rms(w - s * candidate), s
 
 
 def _row_projections(f: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,25 +163,19 @@ def _upstream_shape(upstream: torch.Tensor, targets_shape: torch.Size) -> tuple[
     return tuple(upstream.shape)
 
 
-def _transposed(w: torch.Tensor, raw: torch.Tensor, fitted: torch.Tensor, shape: tuple[int, ...],
-                spread: float) -> tuple[float | None, str | None]:
-    """The better of the two transposed reads of a 2-D ``[a, b]`` upstream: its ``[b, a]`` transpose's memory read
-    as ``[a, b]``, or its memory read as a ``[b, a]`` buffer transposed; (residual, which). (None, None) otherwise."""
+def _transposed(w: torch.Tensor, raw: torch.Tensor, fitted: torch.Tensor,
+                shape: tuple[int, ...]) -> tuple[float | None, float | None, str | None]:
+    """The better of the two transposed reads of a 2-D ``[a, b]`` upstream, its ``[b, a]`` transpose's memory read
+    as ``[a, b]`` or its memory read as a ``[b, a]`` buffer transposed: (residual, scale, which); all None for
+    another shape."""
     if len(shape) != 2 or min(shape) < 2:
-        return None, None
+        return None, None, None
     a, b = shape
     reads = {f"its [{b},{a}] buffer read as [{a},{b}]": raw.reshape(a, b).T.reshape(-1),  # the weights in [b, a] order
              f"its [{a},{b}] buffer read as a [{b},{a}] one, transposed": raw.reshape(b, a).T.reshape(-1)}
-    residuals = {name: _rms(w - order[fitted]) / spread for name, order in reads.items()}
-    best = min(residuals, key=residuals.get)
-    return residuals[best], best
-
-
-def _sorted_residual(w: torch.Tensor, own: torch.Tensor, raw: torch.Tensor) -> float:
-    """rms of sorted ``w`` against the weights it may be a reordering of: the fitted tokens' own (an order among
-    them), or evenly spaced order statistics of every token's (an order over all, masked positions included)."""
-    ranked = w.sort().values
-    return min(_rms(ranked - own.sort().values), _rms(ranked - _quantiles(raw, w.numel())))
+    found = {name: _reading(w, order[fitted]) for name, order in reads.items()}
+    best = min(found, key=found.get)
+    return *found[best], best
 
 
 def _quantiles(values: torch.Tensor, m: int) -> torch.Tensor:

@@ -27,6 +27,8 @@ FAULTS = {None: "within_budget/clean", "upstream_first_token": "upstream_broadca
 # The applied weights' rms residual against the reading that is the fault, in units of the upstream's spread: the
 # fit reads the fused dL/dh's rounding (fp32 1e-7, bf16 3e-3 on the injection table's shapes).
 FIT_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# ... and the reading's scale off 1: the common factor by which a path rounds its dL/dh.
+SCALE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 def _inputs(dtype: torch.dtype, *, seed: int = 0, first_masked: bool = False):
@@ -78,8 +80,12 @@ def test_the_fit_reads_the_first_tokens_weight_on_every_token_in_float64():
     fit = fit_upstream(fused, ref, _token_weight(u, targets), u, targets.shape)
     assert fit.tokens == int((u != 0).sum()) and fit.first_weight == float(u[0, 0]) != 0
     assert abs(fit.applied_mean - fit.first_weight) < 1e-12 and fit.applied_spread < 1e-12
-    assert fit.first_residual < 1e-12 and fit.own_residual > 1.0 and fit.noise < 1e-12
-    visible = u[u != 0].double()
+    assert fit.first_residual < 1e-12 and abs(fit.first_scale - 1) < 1e-12 and fit.noise < 1e-12
+    visible, c = u[u != 0].double(), float(u[0, 0])
+    k = c * float(visible.sum() / visible.square().sum())  # the best scale of the own weights for a constant c
+    spread = float(u.double().std(unbiased=False))
+    assert abs(fit.own_scale - k) < 1e-12 and abs(fit.own_residual - float((c - visible).square().mean().sqrt()) / spread) < 1e-12
+    assert abs(fit.scaled_residual - float((c - k * visible).square().mean().sqrt()) / spread) < 1e-12
     assert abs(fit.weight_mean - float(visible.mean())) < 1e-12
     assert abs(fit.weight_spread - float(visible.std(unbiased=False))) < 1e-12
 
@@ -89,7 +95,8 @@ def test_the_fit_reads_a_transpose_and_counts_the_misplaced_tokens_in_float64():
     applied = u.mT.reshape(S, B)  # the [B,S] buffer's order read as [S,B]
     fused, ref, u, targets = _float64_grads(applied)
     fit = fit_upstream(fused, ref, _token_weight(u, targets), u, targets.shape)
-    assert fit.transposed_residual < 1e-12 and fit.transposed_read == f"its [{B},{S}] buffer read as [{S},{B}]"
+    assert fit.transposed_residual < 1e-12 and abs(fit.transposed_scale - 1) < 1e-12
+    assert fit.transposed_read == f"its [{B},{S}] buffer read as [{S},{B}]"
     fitted = u.reshape(-1) != 0
     off = (applied.reshape(-1) - u.reshape(-1)).abs()[fitted]
     assert fit.misplaced == float((off > MISPLACED_SHARE * float(u.std(unbiased=False))).double().mean()) > 0.8
@@ -101,7 +108,8 @@ def test_the_fit_reads_a_permutation_by_its_sorted_values_in_float64():
     applied = u.reshape(-1)[torch.randperm(S * B, generator=torch.Generator().manual_seed(3))].reshape(S, B)
     fused, ref, u, targets = _float64_grads(applied)
     fit = fit_upstream(fused, ref, _token_weight(u, targets), u, targets.shape)
-    assert fit.sorted_residual < 0.1 < 1.0 < min(fit.own_residual, fit.transposed_residual, fit.first_residual)
+    assert fit.sorted_residual < 0.1 and abs(fit.sorted_scale - 1) < 0.1
+    assert min(fit.own_residual, fit.scaled_residual, fit.transposed_residual, fit.first_residual) > 0.5
 
 
 def test_a_constant_or_scalar_upstream_is_not_fitted():
@@ -127,10 +135,12 @@ def test_one_rank_paths_are_named_or_clean(fault, dtype):
         assert fit is None and result.report.within_budget  # a clean check pays for no fit
         return
     assert d.fault_row == (16 if fault == "upstream_first_token" else 17)
-    reading = {"upstream_first_token": fit.first_residual, "upstream_permuted": fit.sorted_residual,
-               "upstream_transposed": fit.transposed_residual}[fault]
+    reading, scale = {"upstream_first_token": (fit.first_residual, fit.first_scale),
+                      "upstream_permuted": (fit.sorted_residual, fit.sorted_scale),
+                      "upstream_transposed": (fit.transposed_residual, fit.transposed_scale)}[fault]
     tolerance = 0.1 if fault == "upstream_permuted" else FIT_TOLERANCE[dtype]  # sorted values: sampling, not rounding
     assert reading < tolerance and fit.own_residual > 1.0, d.evidence
+    assert abs(scale - 1) < (0.1 if fault == "upstream_permuted" else SCALE_TOLERANCE[dtype]), d.evidence
     if fault == "upstream_first_token":
         assert abs(d.evidence["upstream_applied_mean"] - float(u[0, 0])) < FIT_TOLERANCE[dtype] * fit.spread
         assert d.evidence["upstream_first_weight"] == float(u[0, 0]) > 0
@@ -161,15 +171,15 @@ def test_a_constant_upstream_hides_a_broadcast_and_the_check_is_clean():
 
 def test_a_scale_of_the_weights_is_a_scale_not_a_broadcast_or_an_order():
     """The weights divided by the tokens in backward (a mean taken again), with a first weight as small as those:
-    every applied weight is near the first one, yet the tokens' own weights scaled explain them, and sorted they
-    fit no better than unsorted."""
+    every applied weight is near the first one, yet the tokens' own weights scaled explain them, and sorted they are
+    the upstream's only at that scale."""
     _, _, _, u = _inputs(torch.float32)
     u[0, 0] = float(u[u != 0].mean()) / (S * B)
     result, _ = _check("backward_scale", torch.float32, upstream=u)
     fit = result.report.upstream_fit
     assert result.diagnosis.variant == "backward_scale/pure_factor", result.diagnosis.summary
     assert fit.first_residual < 0.1 and fit.scaled_residual < 1e-6 and abs(fit.own_scale * S * B - 1) < 1e-6
-    assert fit.sorted_residual > 0.5 * fit.own_residual
+    assert fit.sorted_residual < 1e-6 and abs(fit.sorted_scale * S * B - 1) < 1e-6
 
 
 def test_the_fit_is_in_the_report_as_plain_json():
