@@ -38,7 +38,9 @@ class Injection:
         meshes: where it shows: a partition fault needs vocab slices, a normalisation owner several ranks.
         layer: :class:`~ce_guard.testing.FaultyFusedLinearCrossEntropy` implements it.
         broken_path: ``tests/broken_paths.py`` implements it.
-        contract: what the contract must declare for the fault to have something to break.
+        contract: what the contract must declare for the fault to have something to break. Under
+            ``reduction='none'`` tests/test_injections.py checks [S,B] per-token losses under random per-token
+            upstream weights (a mean taken outside the layer), so that the weights have an order to break.
         fault_scale: the factor k of ``grad_scale`` (the layer's ``fault_scale``, the broken path's ``scale``).
         chunks: the broken path's blocks of a bf16 running sum, where the default 8 is too few to show.
         causal_lm: architectures of ``ce_guard.demos.hf_models`` whose own loss code
