@@ -43,8 +43,8 @@ class UpstreamFit:
     Residuals are rms over the fitted tokens in units of ``spread``, the upstream's standard deviation over this
     rank's tokens (ignored ones included): 0 where the reading explains the applied weights exactly, about 1 or
     more where it does not. Each reading is taken at its best scale (``*_scale``, least squares): a path rounds
-    every weight by a common factor within its budget (a bf16 dL/dh reads up to a few tenths of a percent short),
-    and that factor, near 1, is told apart from the shape of the weights.
+    every weight by a common factor within its budget (Liger-Kernel's bf16 dL/dh reads 0.993-0.996 of the
+    reference's), and that factor, near 1, is told apart from the shape of the weights.
     """
 
     tokens: int                # tokens fitted
