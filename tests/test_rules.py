@@ -65,6 +65,12 @@ def test_every_drift_cause_has_its_heading_in_the_catalogue_and_every_heading_a_
     assert set(FAULT_ROW) == in_table
 
 
+def test_each_catalogue_heading_appears_once():
+    """A section pasted twice would still resolve every anchor; the catalogue must hold each row once."""
+    found = re.findall(r"^## (\d+)\. (\S+)$", CATALOGUE.read_text(), flags=re.MULTILINE)
+    assert len(found) == len(set(found)) == len({row for row, _ in found}), found
+
+
 def test_every_catalogue_anchor_resolves_to_a_heading():
     slugs = {re.sub(r"[^\w\- ]", "", line[3:].strip().lower()).replace(" ", "-")
              for line in CATALOGUE.read_text().splitlines() if line.startswith("## ")}
