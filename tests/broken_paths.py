@@ -213,6 +213,7 @@ def _applied_upstream(grad_output: torch.Tensor, fault: str | None) -> torch.Ten
         return grad_output.reshape(-1)[order].reshape(grad_output.shape)
     if fault == "upstream_transposed":  # Transformer Engine 2.8-2.10: the [S,B] view of a [B,S] buffer read as [S,B]
         if grad_output.dim() != 2:
-            raise ValueError(f"upstream_transposed needs a 2-D [S,B] per-token loss, got shape {tuple(grad_output.shape)}.")
+            raise ValueError("upstream_transposed needs a 2-D [S,B] per-token loss, got shape"
+                             f" {tuple(grad_output.shape)}.")
         return grad_output.mT.reshape(grad_output.shape)  # row-major order of the [B,S] transpose, read as [S,B]
     return grad_output

@@ -82,7 +82,7 @@ def _per_token_upstream(targets: torch.Tensor) -> torch.Tensor:
     """Per-token upstream weights, as a masked mean or RL weights taken outside the layer give them: uniform in
     [0, 2] times the padding mask; the same on every rank."""
     gen = torch.Generator().manual_seed(7)
-    return torch.rand(targets.shape, generator=gen) * 2 * (targets != IGNORE).to(targets.device)
+    return torch.rand(targets.shape, generator=gen).to(targets.device) * 2 * (targets != IGNORE)
 
 
 def _layer_outputs(switch: str, hidden, weight, targets, contract, fault_scale: float, upstream) -> SeamOutputs:
