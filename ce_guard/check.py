@@ -95,7 +95,7 @@ def check_seam(
                                     grad_hidden=None if grad is None else grad.reshape(-1, grad.shape[-1])[rows])
     budget = native_error_budget(record.hidden, record.weight, record.targets, contract,
                                  sample_tokens=budget_tokens, safety=safety, given_count=record.given_count)
-    report = compare(fused, reference, contract, budget=budget)
+    report = compare(fused, reference, contract, budget=budget, upstream=record.upstream)
     if _half_precision(record.hidden) or _over_budget_anywhere(report, contract, record.hidden.device):
         hidden, targets = record.hidden, record.targets
         if rows is not None:

@@ -22,6 +22,7 @@ from ce_guard.reference import ReferenceResult, count_nonfinite
 from ce_guard.signature import SignatureFit
 from ce_guard.step_weight import StepWeight
 from ce_guard.transform_fit import TransformFit
+from ce_guard.upstream_fit import UpstreamFit, fit_upstream
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class ParityReport:
     contract: dict[str, Any] = field(default_factory=dict)
     signature: SignatureFit | None = None       # dL/dh error on the faults' directions, fitted when over budget
     output_transform: TransformFit | None = None  # the contract's transform mistaken so as to match, when over budget
+    upstream_fit: UpstreamFit | None = None     # the per-token upstream weights dL/dh carries (reduction='none', per-token
+    #                                             upstream, dL/dh over budget)
     step_weight: StepWeight | None = None       # the micro-batch's weight in the step, against the training contract
     mutated_inputs: tuple[str, ...] = ()        # inputs the loss path wrote into (their checksums changed)
 
@@ -104,6 +107,7 @@ def compare(
     contract: CEContract,
     *,
     budget: ErrorBudget | None = None,
+    upstream: torch.Tensor | float | None = None,
 ) -> ParityReport:
     """Compare a fused result with the reference on the same inputs.
 
@@ -116,6 +120,9 @@ def compare(
         reference: :func:`reference_linear_cross_entropy` on the same inputs and contract.
         contract: the contract both were held to.
         budget: allowed errors; defaults to :meth:`ErrorBudget.for_dtype` of the fused gradient's dtype.
+        upstream: the upstream gradient training's backward delivered (the reference's ``grad_output``). A
+            per-token one (``reduction='none'``) is fitted, when dL/dh is over budget, for the weight each token's
+            dL/dh carries (:func:`ce_guard.upstream_fit.fit_upstream`).
     """
     dtype = fused.grad_hidden.dtype if fused.grad_hidden is not None else fused.loss.dtype
     budget = budget or ErrorBudget.for_dtype(dtype)
@@ -124,7 +131,9 @@ def compare(
     loss_f, loss_r = _scalar_loss(fused.loss, visible), _scalar_loss(reference.loss, visible)
     per_token_diff = None
     if contract.reduction == "none" and fused.loss.numel() == reference.loss.numel():
-        per_token_diff = _max_abs(fused.loss.detach().double() - reference.loss.double())
+        # flat: a per-token loss may come as (N,) where the reference's has the targets' shape (``F.cross_entropy``
+        # on ``logits.view(-1, V)``)
+        per_token_diff = _max_abs(fused.loss.detach().reshape(-1).double() - reference.loss.reshape(-1).double())
     offset_scale = reference.divisor / max(reference.n_visible, 1) if contract.reduction == "mean" else (
         1.0 / max(reference.n_visible, 1) if contract.reduction == "sum" else 1.0)
 
@@ -172,8 +181,20 @@ def compare(
         smoothing_local_offset=contract.label_smoothing * _masked_mean(
             (reference.mean_logit - reference.mean_logit_local).double(), vis_f),
         contract=contract.to_dict(),
+        upstream_fit=_upstream_fit(fused, reference, contract, upstream,
+                                   over_budget=(gh["rel_err"] or 0.0) > budget.grad_hidden_rel),
     )
     return judged(report)
+
+
+def _upstream_fit(fused: SeamOutputs, reference: ReferenceResult, contract: CEContract,
+                  upstream: torch.Tensor | float | None, *, over_budget: bool) -> UpstreamFit | None:
+    """The per-token upstream fit, only where it can say something: per-token losses under a per-token upstream,
+    and dL/dh over budget (a clean check pays nothing)."""
+    if not over_budget or contract.reduction != "none" or not torch.is_tensor(upstream) or upstream.numel() < 2:
+        return None
+    tokens_shape = reference.grad_hidden.shape[:-1] if reference.grad_hidden is not None else torch.Size()
+    return fit_upstream(fused.grad_hidden, reference.grad_hidden, reference.token_weight, upstream, tokens_shape)
 
 
 def _scalar_loss(loss: torch.Tensor, visible: torch.Tensor) -> float:

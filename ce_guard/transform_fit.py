@@ -55,7 +55,7 @@ def fit_output_transform(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         candidate = dataclasses.replace(contract, logit_multiplier=multiplier, softcap=softcap)
         ref = reference_linear_cross_entropy(hidden, weight, targets, candidate, grad_output=upstream,
                                              chunk_elements=chunk_elements, given_count=given_count)
-        loss_err = _rel(loss.double(), ref.loss.double())
+        loss_err = _rel(loss.reshape(-1).double(), ref.loss.reshape(-1).double())  # per-token losses may come flat
         grad_err = _rel(grad_hidden.double(), ref.grad_hidden.double())
         if loss_err <= budget.loss_rel and grad_err <= budget.grad_hidden_rel:
             return TransformFit(mistake, multiplier, softcap, loss_err, grad_err)

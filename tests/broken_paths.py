@@ -161,7 +161,7 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
     if fault == "nan":
         loss = loss + torch.tensor(math.nan)
     if contract.reduction == "none":
-        loss.backward(grad_output if grad_output is not None else torch.ones_like(loss))
+        loss.backward(_applied_upstream(grad_output if grad_output is not None else torch.ones_like(loss), fault))
     else:
         loss.backward()
     grad_h = h.grad
@@ -217,3 +217,18 @@ class _Bf16HiddenSumLinear(torch.autograd.Function):
         for cols in torch.arange(w.shape[0]).chunk(ctx.blocks):
             running = (running.float() + g[:, cols] @ w[cols].float()).bfloat16()
         return running.to(h.dtype), (g.T @ h.float()).to(w.dtype), None
+
+
+def _applied_upstream(grad_output: torch.Tensor, fault: str | None) -> torch.Tensor:
+    """The per-token upstream gradient the backward applies (``reduction='none'``): the given one, or a fault's."""
+    if fault == "upstream_first_token":  # Liger-Kernel <= 0.8.1: tl.load(grad_output_ptr), element 0, for every row
+        return torch.full_like(grad_output, float(grad_output.reshape(-1)[0]))
+    if fault == "upstream_permuted":  # each token gets another token's weight (a fixed shuffle)
+        order = torch.randperm(grad_output.numel(), generator=torch.Generator().manual_seed(0))
+        return grad_output.reshape(-1)[order].reshape(grad_output.shape)
+    if fault == "upstream_transposed":  # Transformer Engine 2.8-2.10: the [S,B] view of a [B,S] buffer read as [S,B]
+        if grad_output.dim() != 2:
+            raise ValueError("upstream_transposed needs a 2-D [S,B] per-token loss, got shape"
+                             f" {tuple(grad_output.shape)}.")
+        return grad_output.mT.reshape(grad_output.shape)  # row-major order of the [B,S] transpose, read as [S,B]
+    return grad_output

@@ -31,6 +31,7 @@ from ce_guard.testing.training_faults import TRAINING_FAULTS
 from ce_guard.testing.injections import switches
 
 N, D, V = 288, 32, 1024  # every 9th target ignored: 256 visible, so a mean's 1/count is exact in bf16
+S, B = 36, 8  # per-token losses (reduction='none') come as [S,B]
 IGNORE = -100
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,12 +80,19 @@ def _placed(mesh: str, dtype: torch.dtype, options: dict, rank: int = 0):
                                                      vocab_end=rows.stop, tp_group=dist.group.WORLD, **options)
 
 
-def _layer_outputs(switch: str, hidden, weight, targets, contract, fault_scale: float) -> SeamOutputs:
+def _per_token_upstream(targets: torch.Tensor) -> torch.Tensor:
+    """Per-token upstream weights, as a masked mean or RL weights taken outside the layer give them: uniform in
+    [0, 2] times the padding mask; the same on every rank."""
+    gen = torch.Generator().manual_seed(7)
+    return torch.rand(targets.shape, generator=gen).to(targets.device) * 2 * (targets != IGNORE)
+
+
+def _layer_outputs(switch: str, hidden, weight, targets, contract, fault_scale: float, upstream) -> SeamOutputs:
     layer = FaultyFusedLinearCrossEntropy(D, contract, weight=nn.Parameter(weight.clone()), fault=switch,
                                           fault_scale=fault_scale)
     h = hidden.clone().requires_grad_()
     loss = layer(h, targets)
-    loss.backward()
+    loss.backward(upstream if torch.is_tensor(upstream) else None)
     return SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=layer.weight.grad)
 
 
@@ -94,15 +102,19 @@ def _first_check(case, rank: int = 0, device: str = "cpu") -> tuple[str, str]:
     row = injection(switch)
     hidden, weight, targets, contract = _placed(mesh, getattr(torch, dtype), dict(row.contract), rank)
     hidden, weight, targets = hidden.to(device), weight.to(device), targets.to(device)
+    upstream = 1.0
+    if contract.reduction == "none":  # per-token losses of [S,B] tokens, under per-token upstream weights
+        hidden, targets = hidden.reshape(S, B, -1), targets.reshape(S, B)
+        upstream = _per_token_upstream(targets)
     scale = row.fault_scale or 2
     checksums, handed = InputChecksums.of(hidden=hidden, weight=weight), {}
     if impl == "layer":
-        fused = _layer_outputs(switch, hidden, weight, targets, contract, scale)
+        fused = _layer_outputs(switch, hidden, weight, targets, contract, scale, upstream)
     else:
         fused = broken_fused(hidden, weight, targets, contract, switch, scale=scale, chunks=row.chunks or 8,
-                             handed=handed)
+                             grad_output=upstream if torch.is_tensor(upstream) else None, handed=handed)
     checksums = checksums.measured_after(hidden=hidden, weight=weight).merged(handed.get("logits"))
-    record = SeamRecord(hidden=hidden, weight=weight, targets=targets, fused=fused, upstream=1.0,
+    record = SeamRecord(hidden=hidden, weight=weight, targets=targets, fused=fused, upstream=upstream,
                         input_checksums=checksums)
     diagnosis = check_seam(record, contract).diagnosis
     return diagnosis.variant, diagnosis.summary

@@ -12,7 +12,7 @@ import pytest
 
 from ce_guard import contract, diagnosis
 from ce_guard.diagnosis import FAULT_ROW, RULES, Cause, Thresholds, causes, rules, thresholds
-from ce_guard.diagnosis import gradients, offsets, outcomes, scales, signals, verdict
+from ce_guard.diagnosis import gradients, offsets, outcomes, scales, signals, upstream, verdict
 from ce_guard.parity import ParityReport
 
 CATALOGUE = Path(__file__).parents[1] / "docs" / "faults.md"
@@ -65,6 +65,12 @@ def test_every_drift_cause_has_its_heading_in_the_catalogue_and_every_heading_a_
     assert set(FAULT_ROW) == in_table
 
 
+def test_each_catalogue_heading_appears_once():
+    """A section pasted twice would still resolve every anchor; the catalogue must hold each row once."""
+    found = re.findall(r"^## (\d+)\. (\S+)$", CATALOGUE.read_text(), flags=re.MULTILINE)
+    assert len(found) == len(set(found)) == len({row for row, _ in found}), found
+
+
 def test_every_catalogue_anchor_resolves_to_a_heading():
     slugs = {re.sub(r"[^\w\- ]", "", line[3:].strip().lower()).replace(" ", "-")
              for line in CATALOGUE.read_text().splitlines() if line.startswith("## ")}
@@ -84,7 +90,7 @@ def test_each_causes_section_lists_its_variants():
 
 
 def test_no_diagnosis_function_is_longer_than_sixty_lines():
-    for module in (rules, outcomes, scales, offsets, gradients, signals, verdict, causes, thresholds):
+    for module in (rules, outcomes, scales, offsets, gradients, signals, verdict, causes, thresholds, upstream):
         for name, function in inspect.getmembers(module, inspect.isfunction):
             if function.__module__ == module.__name__:
                 assert len(inspect.getsourcelines(function)[0]) <= 60, f"{module.__name__}.{name}"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning_helpers import receipts, token_loader, trainer
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import ce_guard
 from ce_guard.callbacks import CEParityCallback
@@ -127,3 +128,77 @@ def test_a_lasting_drift_is_told_once_in_full_then_every_so_often_with_its_count
     summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("ce_guard: 25 checks"))
     assert "25 with drift, 0 missed" in summary and "first drift: step 0 (rank 0): normalization_scale" in summary
     assert f"ce-guard report {tmp_path}" in summary and "receipts.jsonl" in summary
+
+
+# --- per-token losses, the masked mean taken outside the layer (docs/faults.md rows 16-17) ---------------------------
+
+
+def per_token_cross_entropy(hidden, weight, targets):
+    return F.cross_entropy(F.linear(hidden, weight).view(-1, VOCAB), targets.view(-1), reduction="none")
+
+
+class _FirstTokenUpstream(torch.autograd.Function):
+    """The per-token losses unchanged; backward hands every token the first token's upstream gradient, as
+    Liger-Kernel's fused linear-CE up to 0.8.1 did (``grad_output[0]`` for every row)."""
+
+    @staticmethod
+    def forward(ctx, per_token):
+        return per_token.view_as(per_token)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.reshape(-1)[:1].expand_as(grad).clone()
+
+
+def first_token_cross_entropy(hidden, weight, targets):
+    return _FirstTokenUpstream.apply(per_token_cross_entropy(hidden, weight, targets))
+
+
+class MaskedMeanGPT(PlainGPT):
+    """Per-token losses from the declared line, and the masked mean taken outside it, as Megatron and RL losses do:
+    ``(per_token * mask).sum() / mask.sum()`` with a float mask (per-token weights times the padding mask)."""
+
+    def __init__(self, loss_fn=per_token_cross_entropy) -> None:
+        super().__init__(loss_fn=loss_fn, contract=CEContract(vocab_size=VOCAB, reduction="none"))
+
+    def training_step(self, batch, batch_idx):
+        tokens, targets, mask = batch
+        hidden = torch.tanh(self.mix(self.embed(tokens)))
+        per_token = ce_guard.seam(hidden, self.lm_head.weight, targets, self.loss_fn, self.contract)  # (B*S,)
+        mask = mask.reshape(-1)
+        return (per_token * mask).sum() / mask.sum()
+
+
+def weighted_loader(batches: int = 6, batch_size: int = 4, seq: int = 12, seed: int = 0) -> DataLoader:
+    """Tokens, targets right-padded with ignore_index (the last 1-4 positions), and per-token weights uniform in
+    [0, 2] times the padding mask: the first token is visible and its weight is not the others'."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (batches * batch_size, seq), generator=gen)
+    targets = torch.randint(0, VOCAB, (batches * batch_size, seq), generator=gen)
+    lengths = seq - torch.randint(1, 5, (batches * batch_size, 1), generator=gen)
+    targets[torch.arange(seq) >= lengths] = -100
+    mask = torch.rand(targets.shape, generator=gen) * 2 * (targets != -100)
+    return DataLoader(TensorDataset(tokens, targets, mask), batch_size=batch_size)
+
+
+def test_per_token_losses_with_the_masked_mean_outside_are_clean_at_every_check(tmp_path):
+    parity = CEParityCallback(every_n_steps=1)
+    t, _ = trainer(tmp_path, [parity], max_steps=4)
+    t.fit(MaskedMeanGPT(), weighted_loader())
+    assert [h["variant"] for h in parity.history] == ["within_budget/clean"] * 4 and not parity.missed
+    reports = [r["report"] for r in receipts(tmp_path)]
+    assert len(reports) == 4 and all(r["contract"]["reduction"] == "none" and r["upstream_fit"] is None
+                                     for r in reports)
+
+
+def test_a_head_that_applies_the_first_tokens_weight_to_all_is_named_at_the_first_check(tmp_path):
+    parity = CEParityCallback(every_n_steps=1)
+    t, _ = trainer(tmp_path, [parity], max_steps=1)
+    with pytest.warns(UserWarning, match="CE seam drift at step 0 .*upstream_broadcast"):
+        t.fit(MaskedMeanGPT(loss_fn=first_token_cross_entropy), weighted_loader())
+    assert parity.history[0]["variant"] == "upstream_broadcast/first_token" and not parity.missed
+    _, _, mask = next(iter(weighted_loader()))
+    first = float(mask[0, 0] / mask.sum())  # dTotal/dloss_0 of the masked mean: the weight applied to all
+    fit = receipts(tmp_path)[0]["report"]["upstream_fit"]
+    assert abs(fit["first_weight"] - first) <= 1e-7 * first and abs(fit["applied_mean"] - first) < 1e-5 * first
+    assert fit["first_residual"] < 1e-5 and fit["own_residual"] > 1.0 and fit["shape"] == "[4,12]"

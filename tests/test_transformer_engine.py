@@ -15,7 +15,6 @@ from dist_helpers import run_distributed
 from te_wheels import te_or_skip
 
 from ce_guard import SeamOutputs, SeamRecord, check_seam
-from ce_guard.diagnosis import Cause
 from ce_guard.te_adapter import TransformerEngineCrossEntropy
 
 FIXED = "2.20.2"
@@ -83,14 +82,6 @@ def te_check(version: str, *, dtype=torch.float32, reduction="none", upstream="o
     return diagnosis.variant, diagnosis.summary
 
 
-def _pending(cause: str, variant: str, named: str, summary: str) -> None:
-    """A cause another branch adds: its variant once it is in the table; until then, drift under some name."""
-    if cause in {c.value for c in Cause}:
-        assert named == variant, summary
-    else:
-        assert named != "within_budget/clean", summary
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_per_token_gradients_divided_by_the_tokens_are_named_on_2_4(dtype):
     """2.2-2.4 divided dL/dlogits by B*S under ``reduce_loss=False`` too; 2.5 divides only when reducing."""
@@ -103,7 +94,7 @@ def test_per_token_gradients_divided_by_the_tokens_are_named_on_2_4(dtype):
 def test_one_tokens_upstream_gradient_for_every_token_is_named_on_2_7():
     """To 2.7 the backward multiplied every row by ``grad_output[0]``; 2.8 reads one value per row (PR 2139)."""
     named, summary = te_check("2.7.0", upstream="tokens")
-    _pending("upstream_broadcast", "upstream_broadcast/first_token", named, summary)
+    assert named == "upstream_broadcast/first_token", summary
     assert te_check(FIXED, upstream="tokens")[0] == "within_budget/clean"
 
 
@@ -111,7 +102,7 @@ def test_a_non_contiguous_upstream_read_in_storage_order_is_named_on_2_8():
     """2.8-2.10 indexed a per-token ``grad_output`` by row with stride 1 whatever its strides; 2.11 makes it
     contiguous first (PR 2402)."""
     named, summary = te_check("2.8.0", upstream="transposed")
-    _pending("upstream_order", "upstream_order/transposed", named, summary)
+    assert named == "upstream_order/transposed", summary
     assert te_check("2.8.0", upstream="tokens")[0] == "input_mutation/logits"  # contiguous: read right (#18 aside)
     assert te_check(FIXED, upstream="transposed")[0] == "within_budget/clean"
 

@@ -24,6 +24,8 @@ class Cause(str, Enum):
     OUTPUT_TRANSFORM = "output_transform"
     LOSS_SCALED_OUTSIDE = "loss_scaled_outside"
     WINDOW_WEIGHTING = "window_weighting"
+    UPSTREAM_BROADCAST = "upstream_broadcast"
+    UPSTREAM_ORDER = "upstream_order"
     INPUT_MUTATION = "input_mutation"
     UNEXPLAINED = "unexplained"
 
@@ -34,10 +36,9 @@ FAULT_ROW = {
     Cause.TARGET_MASKING: 4, Cause.IGNORE_INDEX_LEAK: 5, Cause.LABEL_SMOOTHING_LOCAL_V: 6,
     Cause.LOG_TP_OFFSET: 7, Cause.Z_LOSS_BOUNDARY: 8, Cause.GRADIENT_APPROXIMATION: 9, Cause.NON_FINITE: 10,
     Cause.TP_GRAD_REDUCTION: 11, Cause.BACKWARD_SCALE: 12, Cause.OUTPUT_TRANSFORM: 13,
-    Cause.LOSS_SCALED_OUTSIDE: 14, Cause.WINDOW_WEIGHTING: 15,
+    Cause.LOSS_SCALED_OUTSIDE: 14, Cause.WINDOW_WEIGHTING: 15, Cause.UPSTREAM_BROADCAST: 16, Cause.UPSTREAM_ORDER: 17,
+    Cause.INPUT_MUTATION: 18,
 }
-# Rows 16-17 are taken by other branches' causes.
-FAULT_ROW[Cause.INPUT_MUTATION] = 18
 
 
 def catalogue_entry(cause: Cause) -> str | None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ce_guard.diagnosis import gradients, mutation, offsets, outcomes, scales, training
+from ce_guard.diagnosis import gradients, mutation, offsets, outcomes, scales, training, upstream
 from ce_guard.diagnosis.causes import Cause, Diagnosis, catalogue_entry
 from ce_guard.diagnosis.signals import core_evidence, headline
 from ce_guard.diagnosis.thresholds import Thresholds
@@ -39,6 +39,8 @@ HIDDEN_ALONE = ("loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err", "g
 STEP = ("step_weight",)
 ROUNDING_SIZED = ("grad_hidden_norm_ratio", "grad_hidden_cosine", "loss_rel_err", "grad_hidden_rel_err",
                   "grad_weight_rel_err", "loss_ratio", "budget")
+# The per-token upstream weights dL/dh carries (reduction='none'), read where dL/dh is over budget.
+UPSTREAM = ("upstream_fit", "loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err", "budget")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +98,11 @@ RULES: tuple[Rule, ...] = (
          signals=("grad_hidden_ignored_norm", "grad_hidden_norm_ref", "loss_rel_err", "budget", "contract"),
          match=outcomes.ignored_rows,
          after=("non_finite",)),
+    # Per-token upstream weights (reduction='none'): one token's weight for all, or the weights in another order.
+    Rule(name="upstream_first_token", variants=("upstream_broadcast/first_token",), signals=UPSTREAM,
+         match=upstream.first_token, after=("clean",)),
+    Rule(name="upstream_order", variants=("upstream_order/transposed", "upstream_order/permuted"), signals=UPSTREAM,
+         match=upstream.order, after=("clean",)),
     Rule(name="output_transform", variants=("output_transform/dropped", "output_transform/doubled",
                                             "output_transform/inverted", "output_transform/softcap_dropped"),
          signals=("output_transform", "contract"), match=scales.output_transform, after=("clean",)),

@@ -103,6 +103,19 @@ class Thresholds:
     # by up to ``narrow_rounding``).
     precision_ratio: float = 0.05
 
+    # -- Per-token upstream weights (reduction='none'; ce_guard/upstream_fit.py), residuals in units of the upstream's
+    # spread over the tokens (docs/faults.md, rows 16 and 17).
+    # A reading (one weight for every token, the weights in another order) explains the weights the fused path applied
+    # when its rms residual is within this share of the spread, at a scale within this share of 1 (a path rounds every
+    # weight by a common factor: Liger-Kernel's bf16 dL/dh reads 0.993-0.996 of the reference's). The reading that is
+    # the fault reads 0-0.003 (fp32, bf16); sorted values under a random permutation 0.04-0.07, a sampling error that
+    # shrinks as 1/sqrt(tokens) (82-256 tokens fitted, 1 in 7-9 masked); the other readings 1.3-1.9 off the tokens'
+    # own weights (tests/test_upstream.py, tests/test_injections.py).
+    upstream_agreement: float = 0.1
+    # ... and the tokens' own weights at their best scale, k u, must leave at least this many times the reading's
+    # residual: 1/tokens in backward brings every weight near a small first one, yet k u explains it exactly.
+    upstream_contrast: float = 4.0
+
     def __post_init__(self) -> None:
         for spec in fields(self):
             value = getattr(self, spec.name)

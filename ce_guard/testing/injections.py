@@ -38,7 +38,9 @@ class Injection:
         meshes: where it shows: a partition fault needs vocab slices, a normalisation owner several ranks.
         layer: :class:`~ce_guard.testing.FaultyFusedLinearCrossEntropy` implements it.
         broken_path: ``tests/broken_paths.py`` implements it.
-        contract: what the contract must declare for the fault to have something to break.
+        contract: what the contract must declare for the fault to have something to break. Under
+            ``reduction='none'`` tests/test_injections.py checks [S,B] per-token losses under random per-token
+            upstream weights (a mean taken outside the layer), so that the weights have an order to break.
         fault_scale: the factor k of ``grad_scale`` (the layer's ``fault_scale``, the broken path's ``scale``).
         chunks: the broken path's blocks of a bf16 running sum, where the default 8 is too few to show.
         causal_lm: architectures of ``ce_guard.demos.hf_models`` whose own loss code
@@ -55,7 +57,7 @@ class Injection:
     meshes: tuple[Mesh, ...]
     layer: bool = False
     broken_path: bool = False
-    contract: Mapping[str, float] = field(default_factory=dict)
+    contract: Mapping[str, float | str] = field(default_factory=dict)
     fault_scale: float | None = None
     chunks: int | None = None
     causal_lm: tuple[str, ...] = ()
@@ -164,6 +166,17 @@ INJECTIONS: tuple[Injection, ...] = (
               causal_lm=("falcon_h1",)),
     Injection(switch="dropped_softcap", what="the logits' softcap dropped", cause=Cause.OUTPUT_TRANSFORM,
               variants=_both("output_transform/softcap_dropped"), meshes=("TP=1",), causal_lm=("gemma2",)),
+    # Per-token upstream weights: per-token losses (reduction='none') under random per-token upstream gradients.
+    Injection(switch="upstream_first_token", what="the first token's upstream gradient applied to every token"
+              " (Liger-Kernel's fused linear-CE up to 0.8.1, Transformer Engine's parallel_cross_entropy up to 2.7)",
+              cause=Cause.UPSTREAM_BROADCAST, variants=_both("upstream_broadcast/first_token"),
+              meshes=("TP=1", "TP=2"), broken_path=True, contract={"reduction": "none"}),
+    Injection(switch="upstream_permuted", what="each token's upstream gradient applied to another token",
+              cause=Cause.UPSTREAM_ORDER, variants=_both("upstream_order/permuted"), meshes=("TP=1", "TP=2"),
+              broken_path=True, contract={"reduction": "none"}),
+    Injection(switch="upstream_transposed", what="an [S,B] view of a [B,S] upstream gradient read as contiguous"
+              " (Transformer Engine 2.8-2.10)", cause=Cause.UPSTREAM_ORDER, variants=_both("upstream_order/transposed"),
+              meshes=("TP=1", "TP=2"), broken_path=True, contract={"reduction": "none"}),
 )
 
 # docs/faults.md #18: loss paths that write into what they were handed (appended apart, for an easy merge).
