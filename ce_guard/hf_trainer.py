@@ -256,6 +256,10 @@ class CEParityTrainerCallback(TrainerCallback):
         if recording.error is None and recording.hidden is None and self._position >= self._micro_batches:
             problem = (f"the window had {self._micro_batches} micro-batches, and this check records micro-batch"
                        f" {self._position}")
+        elif recording.error is None and recording.hidden is None and isinstance(self._seam, CausalLMSeam):
+            problem = ("the model was called without labels: the Trainer computes the loss outside the model (a"
+                       " `compute_loss` override, or `compute_loss_func` with no `trainer=` given), a seam this"
+                       " callback does not record")
         # Agree before any collective: if one rank cannot check, none does (no rank waits for another).
         if _any_rank(problem is not None, self._args.device):
             self._miss(step, f"skipped: {problem or 'another rank could not record the seam'}")

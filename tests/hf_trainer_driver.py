@@ -40,14 +40,15 @@ class PaddedTokens(Dataset):
 
 
 def build(output_dir: str, *, model: Any = None, label_smoothing: float = 0.0, accumulate: int = 4, steps: int = 3,
-          pass_trainer: bool = True, **callback_args: Any) -> tuple[transformers.Trainer, CEParityTrainerCallback]:
-    """A Trainer over a tiny Llama (or ``model``) with the guard checking every step; ``train()`` runs it."""
+          pass_trainer: bool = True, trainer_class: type = transformers.Trainer,
+          **callback_args: Any) -> tuple[transformers.Trainer, CEParityTrainerCallback]:
+    """A ``trainer_class`` over a tiny Llama (or ``model``) with the guard checking every step; ``train()`` runs it."""
     args = transformers.TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=accumulate,
         max_steps=steps, learning_rate=1e-3, label_smoothing_factor=label_smoothing, report_to="none",
         save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0)
     model = model if model is not None else tiny_causal_lm("llama", vocab=VOCAB)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=PaddedTokens(2 * accumulate * steps))
+    trainer = trainer_class(model=model, args=args, train_dataset=PaddedTokens(2 * accumulate * steps))
     callback = CEParityTrainerCallback(every_n_steps=1, trainer=trainer if pass_trainer else None, **callback_args)
     trainer.add_callback(callback)
     return trainer, callback

@@ -167,3 +167,22 @@ def test_label_smoothing_without_the_trainer_is_refused_with_the_fix(tmp_path):
     with pytest.raises(SeamRefused, match=r"label_smoothing_factor=0.1.*pass it: `callback ="
                                           r" CEParityTrainerCallback\(trainer=trainer\)`"):
         trainer.train()
+
+
+def test_a_loss_computed_outside_the_model_is_a_missed_check_with_its_reason(tmp_path):
+    """A ``compute_loss`` override that calls the model without labels: nothing to record, and the reason says why."""
+
+    class OwnLoss(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            logits = model(**inputs).logits
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    trainer, parity = build(str(tmp_path), steps=1, trainer_class=OwnLoss)
+    with pytest.warns(UserWarning, match="the check at step 0 skipped: the model was called without labels"):
+        trainer.train()
+    assert parity.history == [] and [m["step"] for m in parity.missed] == [0]
+
+
+def test_the_readme_and_ci_install_the_pinned_release_alike():
+    assert INSTALL_PINS in (ROOT / "README.md").read_text() and INSTALL_PINS in (ROOT / ".ci" / "run").read_text()
