@@ -185,7 +185,7 @@ class CEParityTrainerCallback(TrainerCallback):
         model takes loss kwargs; over every device with ``average_tokens_across_devices``), else each micro-batch's
         mean over the window's micro-batches (the Trainer's ``/ current_gradient_accumulation_steps``)."""
         trainer = self.trainer
-        counted = getattr(trainer, "loss_is_scaled_for_ga", None)  # a subclass's own word (transformers >= 5.15)
+        counted = getattr(trainer, "loss_is_scaled_for_ga", None)  # a subclass's own word (transformers >= 5.19)
         if counted is None and trainer is not None:
             counted = bool(trainer.model_accepts_loss_kwargs)
         if counted is None:  # what the Trainer asks the model (transformers' trainer.py, "Model introspection")
