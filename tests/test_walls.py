@@ -3,7 +3,8 @@
 - The reference shares no code with any fused path: neither imports the other, directly or through another
   module, and the only modules both reach are plumbing with no loss math (process groups, the contract, the
   rule that splits a long fp32 reduction into blocks, the 16-bit product on CPU).
-- The core runs without Lightning and wandb: a plain script, a notebook or another framework's loop.
+- The core runs without Lightning and wandb: a plain script, a notebook or another framework's loop (the callback
+  for transformers' Trainer is held to the same wall).
 - Modules stay readable in one sitting: product modules under about 400 lines (diagnosis functions under about
   60: tests/test_rules.py), one callback per file of the callbacks package.
 """
@@ -29,7 +30,10 @@ FUSED_PATHS = ("ce_guard.fused", "ce_guard.fused_chunk", "ce_guard.fused_kernel"
 NEUTRAL = {"ce_guard", "ce_guard._dist", "ce_guard.contract", "ce_guard._matmul"}
 CORE = ("ce_guard.contract", "ce_guard.reference", "ce_guard.budget", "ce_guard.parity", "ce_guard.signature",
         "ce_guard.diagnosis", "ce_guard.check", "ce_guard.receipt", "ce_guard.bundle", "ce_guard.recording",
-        "ce_guard.seams", "ce_guard.fit_summary", "ce_guard.agreement", "ce_guard.spike", "ce_guard.step_weight")
+        "ce_guard.seams", "ce_guard.fit_summary", "ce_guard.agreement", "ce_guard.spike", "ce_guard.step_weight",
+        "ce_guard.drift", "ce_guard.evidence")
+# Callbacks for other trainers sit on the core, never on Lightning: transformers' Trainer's.
+OTHER_TRAINERS = ("ce_guard.hf_trainer",)
 
 
 def _module_name(path: Path) -> str:
@@ -140,7 +144,7 @@ def test_the_shared_product_of_wider_dtypes_is_their_own_gemm(dtype):
 
 def test_the_core_imports_neither_lightning_nor_wandb():
     """Imported in a fresh interpreter: nothing the core loads at import time pulls Lightning or wandb in."""
-    present = [m for m in CORE if m in MODULES]
+    present = [m for m in CORE + OTHER_TRAINERS if m in MODULES]
     code = (f"import sys; import {', '.join(present)}; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'wandb')); "
             "print(bad); sys.exit(1 if bad else 0)")
@@ -150,7 +154,7 @@ def test_the_core_imports_neither_lightning_nor_wandb():
 
 def test_no_core_module_imports_lightning_or_wandb_anywhere_in_its_file():
     """Also the imports inside functions, which a fresh import would not run."""
-    for name in (m for m in MODULES if any(m == c or m.startswith(c + ".") for c in CORE)):
+    for name in (m for m in MODULES if any(m == c or m.startswith(c + ".") for c in CORE + OTHER_TRAINERS)):
         for node in ast.walk(ast.parse(MODULES[name].read_text())):
             roots = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])

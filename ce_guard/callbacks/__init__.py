@@ -5,9 +5,9 @@ Each callback only adapts Trainer hooks: :mod:`ce_guard.seams` finds and records
 :mod:`ce_guard.spike` keeps the spike statistics.
 """
 
-from ce_guard.callbacks.drift import SeamDriftError
 from ce_guard.callbacks.health import SeamHealthCallback
 from ce_guard.callbacks.parity import CEParityCallback
+from ce_guard.drift import SeamDriftError
 from ce_guard.seams import find_guarded_module
 
 __all__ = ["CEParityCallback", "SeamDriftError", "SeamHealthCallback", "find_guarded_module"]

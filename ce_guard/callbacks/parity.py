@@ -20,12 +20,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ce_guard.agreement import Agreement, agree
-from ce_guard.callbacks.drift import POLICIES, Policy, SeamDriftError
-from ce_guard.callbacks.evidence import check_receipt, write_bundle
 from ce_guard.callbacks.loop import WindowSeen, group_sizes, samples_micro_batch, window_ends
 from ce_guard.check import CheckResult, SeamRecord, check_seam
 from ce_guard.contract import CEContract
 from ce_guard.diagnosis import Cause, Thresholds, catalogue_entry
+from ce_guard.drift import POLICIES, Policy, SeamDriftError
+from ce_guard.evidence import check_receipt, write_bundle
 from ce_guard.fit_summary import summary_lines
 from ce_guard.metrics import check_metrics, metric_key
 from ce_guard.receipt import append_receipt, drop_receipts_after
