@@ -48,7 +48,7 @@ def wheel_path(version: str) -> pathlib.Path:
 def te_or_skip(version: str) -> Callable[..., torch.Tensor]:
     """``parallel_cross_entropy`` of ``version``; the test is skipped when its wheel was not fetched."""
     if not wheel_path(version).exists():
-        pytest.skip(f"no {wheel_path(version).name}: pip download --no-deps -d .pins/wheels -r {PINS.relative_to(ROOT)}")
+        pytest.skip(f"no {wheel_path(version).name}: run the README's test command (tests/pins/install.sh)")
     return load(version).parallel_cross_entropy
 
 
