@@ -76,7 +76,7 @@ def test_eight_ranks_agree_on_the_first_drifting_rank_in_two_all_reduces_and_one
         assert (agreed.ranks, agreed.drifting_ranks) == (8, 2)  # replica 2's two TP ranks
         # Two vectors of fixed length and one broadcast of one verdict: nothing grows with the world.
         assert [kind for kind, _ in res["calls"]] == ["all_reduce", "all_reduce", "broadcast"]
-        assert [size for kind, size in res["calls"] if kind == "all_reduce"] == [8 * 11, 8 * 7]
+        assert [size for kind, size in res["calls"] if kind == "all_reduce"] == [8 * 12, 8 * 7]
     assert first.verdict["rank"] == 4 and first.verdict["drift"] and first.verdict["cause"] == "normalization_scale"
     assert first.verdict["variant"].startswith("normalization_scale/")  # the variant travels with the verdict
     mean = sum(res["loss_rel_err"] for res in results) / len(results)

@@ -32,6 +32,20 @@ def _check(hidden, weight, targets, contract, fused: SeamOutputs):
     return check_seam(record, contract)
 
 
+def _pytorchs_own(hidden, weight, targets, factor: float = 1.0) -> SeamOutputs:
+    """PyTorch's native bf16 path: ``F.linear`` forward, fp32 cross-entropy (times ``factor``), and the backward's
+    two bf16 GEMMs (``torch.mm``: exact products summed in fp32, rounded once) on the bf16 logit gradient autograd
+    hands ``F.linear``. dL/dh multiplies a column-major copy of the weight, which the CPU GEMM runs on every thread
+    where the layout ``F.linear``'s backward passes runs on one (2 s against 15-18 s at the test shape); only the
+    order of its fp32 sum differs."""
+    h = hidden.detach().requires_grad_()
+    z = torch.nn.functional.linear(h, weight).detach().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(z.float(), targets) * factor
+    (grad_z,) = torch.autograd.grad(loss, z)
+    return SeamOutputs(loss=loss.detach(), grad_hidden=torch.mm(grad_z, weight.t().contiguous().t()),
+                       grad_weight=torch.mm(grad_z.t(), hidden))
+
+
 def _layer_outputs(layer, hidden, targets) -> SeamOutputs:
     h = hidden.detach().requires_grad_()
     loss = layer(h, targets)
@@ -110,11 +124,8 @@ def test_pytorchs_own_bf16_path_scaled_on_confident_tokens_is_named_a_scale(spre
     offset, so the verdict names the scale, and not the mean's bf16 1/count (1/1946 rounded is 1.0022x)."""
     for seed in range(3):
         hidden, weight, targets = _inputs(seed, torch.bfloat16, spread=spread)
-        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-        loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), targets) * 1.002
-        loss.backward()
         result = _check(hidden, weight, targets, CEContract(vocab_size=V),
-                        SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=w.grad))
+                        _pytorchs_own(hidden, weight, targets, factor=1.002))
         assert result.diagnosis.cause == Cause.NORMALIZATION_SCALE, result.diagnosis.summary
         fit = result.report.signature
         assert fit.scale == pytest.approx(fit.pure_scale, abs=3 * fit.scale_se)
@@ -156,10 +167,9 @@ def test_the_native_path_the_fit_compares_against_is_pytorchs_own(spread):
     spread equal to its own emulation's: the yardstick is the native path, rounding for rounding."""
     hidden, weight, targets = _inputs(3, torch.bfloat16, spread=spread)
     contract = CEContract(vocab_size=V)
-    h = hidden.detach().requires_grad_()
-    torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, weight).float(), targets).backward()
+    native = _pytorchs_own(hidden, weight, targets)
     ref = reference_linear_cross_entropy(hidden, weight, targets, contract)
-    fit = fit_signatures(hidden, weight, targets, h.grad, ref.grad_hidden, ref.token_weight, contract)
+    fit = fit_signatures(hidden, weight, targets, native.grad_hidden, ref.grad_hidden, ref.token_weight, contract)
     assert fit.softmax_spread == pytest.approx(1.0, abs=0.02)
 
 
