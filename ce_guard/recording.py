@@ -27,6 +27,7 @@ import torch
 
 from ce_guard.check import SeamRecord
 from ce_guard.contract import CEContract
+from ce_guard.input_checksums import InputChecksums
 from ce_guard.parity import SeamOutputs
 
 # (hidden, weight, targets) -> loss: the seam's loss computed again on a weight copy, for dL/dW.
@@ -47,6 +48,7 @@ class SeamRecording:
         self.upstream: torch.Tensor | None = None
         self.autocast_dtype: torch.dtype | None = None
         self.replay: Replay | None = None
+        self.input_checksums: Callable[[], InputChecksums | None] | None = None  # read once the backward has run
         self.error: str | None = None
         self.finished_forward = False
         self.armed = True  # capture the next call; a window's other micro-batches are only counted
@@ -135,8 +137,9 @@ class SeamRecording:
         dtype = self.autocast_dtype or self.hidden.dtype  # what the seam's matmul actually consumed
         upstream = self.upstream if self.upstream.numel() > 1 else float(self.upstream)
         fused = SeamOutputs(loss=self.loss.float(), grad_hidden=self.grad_hidden, grad_weight=grad_weight)
+        checksums = self.input_checksums() if self.input_checksums is not None else None
         return SeamRecord(hidden=self.hidden.to(dtype), weight=self.weight.to(dtype), targets=self.targets,
-                          fused=fused, upstream=upstream, given_count=self.given_count)
+                          fused=fused, upstream=upstream, given_count=self.given_count, input_checksums=checksums)
 
     def _replayed_weight_grad(self) -> torch.Tensor:
         """dL/dW of the seam's own loss on the recorded inputs, under the autocast the forward ran in."""

@@ -54,9 +54,10 @@ class TransformerEngineCrossEntropy(nn.Module):
     smoothing is PyTorch's formula over the global V. Under TP each rank holds an equal ``[V/TP, D]`` slice in rank
     order, as TE requires, and dL/dh is summed over ``tp_group``.
 
-    Each call checksums the hidden states, the weight and the logits before TE's forward and again once its
-    backward has written dL/dlogits (``input_checksums``, which the seam's record carries to the check): TE up to
-    2.17 writes that gradient into the logits' storage (docs/faults.md #18).
+    A call made with ``checksum_inputs`` set (the guard sets it on the call it records) checksums the hidden
+    states, the weight and the logits before TE's forward and again once its backward has written dL/dlogits
+    (``input_checksums``, which the seam's record carries to the check): TE up to 2.17 writes that gradient into the
+    logits' storage (docs/faults.md #18). Other calls checksum nothing (a checksum reads every logit and syncs).
 
     Args:
         hidden_size: D.
@@ -94,6 +95,7 @@ class TransformerEngineCrossEntropy(nn.Module):
                                       label_smoothing=label_smoothing, accum_dtype=torch.float32,
                                       layout="[S,B,V/TP]" if tp > 1 else "[N,V]", vocab_start=start, vocab_end=end,
                                       tp_group=tp_group)
+        self.checksum_inputs = False  # set by the guard for the call it records
         self.input_checksums: InputChecksums | None = None
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -105,14 +107,15 @@ class TransformerEngineCrossEntropy(nn.Module):
         handed, handed_labels = logits, labels
         if self.transpose_logits:  # batch-first logits, handed sequence-first as a strided view
             handed, handed_labels = logits.transpose(0, 1), labels.transpose(0, 1)             # (S, B, V/TP), (S, B)
-        checks = InputChecksums.of(hidden=hidden, weight=self.weight, logits=handed)
+        checks = InputChecksums.of(hidden=hidden, weight=self.weight, logits=handed) if self.checksum_inputs else None
         args = [handed, handed_labels, contract.label_smoothing, contract.reduction == "mean", self.tp_group]
         if contract.ignore_index != -100:  # TE 2.4-2.5 take ignore_idx but return one gradient too few for it
             args.append(contract.ignore_index)
         loss = self.parallel_cross_entropy(*args)
-        self.input_checksums = checks.measured_after(hidden=hidden, weight=self.weight, logits=handed)
-        if handed.requires_grad:  # again once TE's backward has produced dL/dlogits
-            handed.register_hook(lambda grad: self._measure_after(checks, hidden, handed))
+        if checks is not None:
+            self.input_checksums = checks.measured_after(hidden=hidden, weight=self.weight, logits=handed)
+            if handed.requires_grad:  # again once TE's backward has produced dL/dlogits
+                handed.register_hook(lambda grad: self._measure_after(checks, hidden, handed))
         if contract.reduction == "none":
             loss = loss.transpose(0, 1) if self.transpose_logits else loss                    # (S, B) -> labels'
             return loss.reshape(targets.shape)

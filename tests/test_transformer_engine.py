@@ -64,6 +64,7 @@ def te_check(version: str, *, dtype=torch.float32, reduction="none", upstream="o
     weight = full_weight[contract.vocab_start:contract.vocab_end].clone()                 # (V/TP, D)
     with torch.no_grad():
         layer.weight.copy_(weight)
+    layer.checksum_inputs = True  # as the guard sets it on the call it records
     h = hidden.clone().requires_grad_()
     loss = layer(h, targets)
     if reduction == "mean":
@@ -143,3 +144,49 @@ def test_label_smoothing_over_the_local_shard_is_named_on_2_18_at_tp2():
     for rank, found in enumerate(run_distributed(_smoothing, 2, timeout=600)):
         assert found["2.18.0"][0].startswith("label_smoothing_local_v/"), (rank, found)
         assert found[FIXED][0] == "within_budget/clean", (rank, found)
+
+
+class _TELM(torch.nn.Module):
+    """Embedding -> TE's loss through the adapter: what a user's model around TE looks like to the guard."""
+
+    def __init__(self, pce) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(V, D)
+        self.output = TransformerEngineCrossEntropy(D, V, parallel_cross_entropy=pce)
+
+    def forward(self, tokens, targets):
+        return self.output(torch.tanh(self.embed(tokens)), targets)
+
+
+@pytest.mark.parametrize("version, named", [("2.17.1", "input_mutation/logits"), (FIXED, "within_budget/clean")])
+def test_the_callback_checksums_only_the_call_it_records_and_names_the_mutation(tmp_path, version, named):
+    """Under CEParityCallback the adapter checksums the recorded call alone (a checksum reads every logit and
+    syncs); 2.17's write into the logits is named at the first check, 2.20.2 is clean."""
+    import lightning.pytorch as pl
+    from lightning_helpers import trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ce_guard.callbacks import CEParityCallback
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _TELM(te_or_skip(version))
+            self.checksummed = []  # per forward: did the adapter take checksums?
+
+        def training_step(self, batch, batch_idx):
+            before = self.model.output.input_checksums
+            loss = self.model(*batch)
+            self.checksummed.append(self.model.output.input_checksums is not before)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, V, (8, S), generator=gen), torch.randint(0, V, (8, S), generator=gen))
+    parity, lit = CEParityCallback(every_n_steps=2, every_n_steps_while_drifting=None), Lit()
+    t, _ = trainer(tmp_path, [parity], max_steps=3)
+    t.fit(lit, DataLoader(data, batch_size=2))
+    assert [h["variant"] for h in parity.history] == [named, named], parity.history
+    assert lit.checksummed == [True, False, True] and lit.model.output.checksum_inputs is False

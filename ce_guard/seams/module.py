@@ -49,6 +49,9 @@ class ModuleSeam:
         def before(module, args, kwargs) -> None:
             if recording.wants_tensors:
                 state["weight"] = local_weight(self.weight).detach().clone()  # FSDP frees it after forward
+                if hasattr(module, "checksum_inputs"):  # a loss path that can say whether it wrote into its inputs
+                    module.checksum_inputs = True
+                    recording.input_checksums = lambda: module.input_checksums
 
         def after(module, args, kwargs, output) -> None:
             targets = args[1] if len(args) > 1 else kwargs.get("targets")
@@ -56,6 +59,8 @@ class ModuleSeam:
             if "weight" not in state:
                 return
             hidden = args[0] if args else kwargs.get("hidden")
+            if hasattr(module, "checksum_inputs"):
+                module.checksum_inputs = False
             recording.capture(hidden=hidden, weight=state.pop("weight"), targets=targets, loss=output,
                               contract=self.contract, replay=self._replay_or_none())
 
