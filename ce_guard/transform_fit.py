@@ -1,10 +1,12 @@
-"""Which output transform a seam applied, when the contract's does not explain it.
+"""Which output transform or penalty a seam applied, when the contract's does not explain it.
 
 A head that scales or softcaps its logits can drop the transform, apply it twice or invert it (a multiply where
 the config means a divide), and a fused path can lose the softcap a patch was meant to pass. None of those is a
-scale of the loss or the gradients: the softmax itself changes. So the reference runs again under each such
-mistake of the contract's own transform, and the first one that reproduces the seam's loss and dL/dh within
-their budgets names it. Run only on checks over budget whose contract has a transform.
+scale of the loss or the gradients: the softmax itself changes. A z-loss can be taken over another set of rows
+than the contract's (every row, ignored ones included, as transformers' Bamba does, or the counted tokens only),
+which puts a gradient on ignored rows or takes it away. So the reference runs again under each such mistake of
+the contract's own terms, and the first one that reproduces the seam's loss and dL/dh within their budgets names
+it. Run only on checks over budget whose contract has a transform or a z-loss.
 """
 
 from __future__ import annotations
@@ -24,21 +26,26 @@ class TransformFit:
     """The transform that reproduces the seam: the mistake, the multiplier and softcap it amounts to, and how
     closely the reference under it matches (relative errors of the loss and of dL/dh)."""
 
-    mistake: str  # "dropped", "doubled", "inverted" (the multiplier) or "softcap_dropped"
+    mistake: str  # "dropped", "doubled", "inverted" (the multiplier), "softcap_dropped", or "z_loss_over_<rows>"
     logit_multiplier: float
     softcap: float | None
+    z_loss_positions: str
     loss_rel_err: float
     grad_hidden_rel_err: float
 
 
-def candidate_transforms(contract: CEContract) -> list[tuple[str, float, float | None]]:
-    """The mistakes a head makes with the contract's transform: (name, multiplier, softcap)."""
+def candidate_transforms(contract: CEContract) -> list[tuple[str, dict[str, object]]]:
+    """The mistakes a seam makes with the contract's own terms: (name, the contract fields it amounts to)."""
     m, cap = contract.logit_multiplier, contract.softcap
-    candidates = []
+    candidates: list[tuple[str, dict[str, object]]] = []
     if m != 1:
-        candidates += [("dropped", 1.0, cap), ("doubled", m * m, cap), ("inverted", 1.0 / m, cap)]
+        candidates += [("dropped", {"logit_multiplier": 1.0}), ("doubled", {"logit_multiplier": m * m}),
+                       ("inverted", {"logit_multiplier": 1.0 / m})]
     if cap is not None:
-        candidates.append(("softcap_dropped", m, None))
+        candidates.append(("softcap_dropped", {"softcap": None}))
+    if contract.z_loss and contract.layout == "[N,V]" and contract.reduction != "none":
+        other = "all" if contract.z_loss_positions == "counted" else "counted"
+        candidates.append((f"z_loss_over_{other}", {"z_loss_positions": other}))
     return candidates
 
 
@@ -51,14 +58,15 @@ def fit_output_transform(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     collectives), with the same contract."""
     if grad_hidden is None:
         return None
-    for mistake, multiplier, softcap in candidate_transforms(contract):
-        candidate = dataclasses.replace(contract, logit_multiplier=multiplier, softcap=softcap)
+    for mistake, changes in candidate_transforms(contract):
+        candidate = dataclasses.replace(contract, **changes)
         ref = reference_linear_cross_entropy(hidden, weight, targets, candidate, grad_output=upstream,
                                              chunk_elements=chunk_elements, given_count=given_count)
         loss_err = _rel(loss.reshape(-1).double(), ref.loss.reshape(-1).double())  # per-token losses may come flat
         grad_err = _rel(grad_hidden.double(), ref.grad_hidden.double())
         if loss_err <= budget.loss_rel and grad_err <= budget.grad_hidden_rel:
-            return TransformFit(mistake, multiplier, softcap, loss_err, grad_err)
+            return TransformFit(mistake, candidate.logit_multiplier, candidate.softcap, candidate.z_loss_positions,
+                                loss_err, grad_err)
     return None
 
 

@@ -137,7 +137,9 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
     else:
         smooth = lse - _tp_sum(z.float().sum(dim=1), tp) / contract.vocab_size
     per_token = (1 - eps) * (lse - target_logit) + eps * smooth
-    if fault != "missing_z_loss":
+    # The z-loss per counted token (inside the mean), or over every row as one mean apart (transformers' Bamba).
+    z_over_all = (contract.z_loss_positions == "all") != (fault in ("z_loss_over_all_rows", "z_loss_over_counted_tokens"))
+    if fault != "missing_z_loss" and not z_over_all:
         per_token = per_token + contract.z_loss * lse.square()
     keep = visible | (fault == "ignored_as_class_zero")
     per_token = torch.where(keep, per_token, 0.0)
@@ -156,6 +158,8 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
         loss = per_token.sum()
     else:
         loss = per_token.sum() / max(count, 1)
+    if z_over_all and contract.reduction != "none":
+        loss = loss + contract.z_loss * lse.square().mean()
     if fault == "grad_scale":
         loss = loss * scale
     if fault == "nan":

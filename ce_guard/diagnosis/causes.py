@@ -27,6 +27,7 @@ class Cause(str, Enum):
     UPSTREAM_BROADCAST = "upstream_broadcast"
     UPSTREAM_ORDER = "upstream_order"
     INPUT_MUTATION = "input_mutation"
+    PENALTY_NORMALIZATION = "penalty_normalization"
     UNEXPLAINED = "unexplained"
 
 
@@ -37,7 +38,7 @@ FAULT_ROW = {
     Cause.LOG_TP_OFFSET: 7, Cause.Z_LOSS_BOUNDARY: 8, Cause.GRADIENT_APPROXIMATION: 9, Cause.NON_FINITE: 10,
     Cause.TP_GRAD_REDUCTION: 11, Cause.BACKWARD_SCALE: 12, Cause.OUTPUT_TRANSFORM: 13,
     Cause.LOSS_SCALED_OUTSIDE: 14, Cause.WINDOW_WEIGHTING: 15, Cause.UPSTREAM_BROADCAST: 16, Cause.UPSTREAM_ORDER: 17,
-    Cause.INPUT_MUTATION: 18,
+    Cause.INPUT_MUTATION: 18, Cause.PENALTY_NORMALIZATION: 19,
 }
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ce_guard.diagnosis.causes import Diagnosis
-from ce_guard.diagnosis.signals import close, core_evidence, z_loss_over_all_positions
+from ce_guard.diagnosis.signals import close, core_evidence, headline, z_loss_over_all_positions
 from ce_guard.diagnosis.thresholds import Thresholds
 
 if TYPE_CHECKING:
@@ -109,3 +109,19 @@ def _offset(r: ParityReport) -> float | None:
     """The loss offset per visible token when it is over the loss's budget; None when rounding explains it."""
     offset = r.loss_offset_per_token
     return None if abs(offset) <= r.budget.loss_rel * max(abs(r.loss_ref), 1e-12) else offset
+
+
+def penalty_normalization(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
+    """The z-loss taken over another set of rows than the contract's: the reference under the other set reproduces
+    the seam (fitted by :func:`ce_guard.transform_fit.fit_output_transform` on checks over budget)."""
+    fit = r.output_transform
+    if fit is None or not fit.mistake.startswith("z_loss_over_"):
+        return None
+    rows = {"all": "every row (ignored positions included, one mean apart from the tokens')",
+            "counted": "the counted tokens only (inside the tokens' mean)"}
+    return Diagnosis.of(f"penalty_normalization/{fit.mistake}", True,
+                        f"{headline(r)}: the z-loss is taken over {rows[fit.z_loss_positions]} where the contract"
+                        f" says {rows[r.contract.get('z_loss_positions', 'counted')]}; the reference under that set"
+                        f" matches the seam (loss rel err {fit.loss_rel_err:.2g}, dL/dh rel err"
+                        f" {fit.grad_hidden_rel_err:.2g}): the penalty is normalised over another token set than"
+                        " the loss", {**core_evidence(r), "fitted_z_loss_positions": fit.z_loss_positions})

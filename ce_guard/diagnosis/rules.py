@@ -94,10 +94,14 @@ RULES: tuple[Rule, ...] = (
          after=("loss_scaled_outside",)),
     Rule(name="narrow_softmax", variants=("accumulator_dtype/narrow_softmax",), signals=VERDICT,
          match=outcomes.narrow_softmax),
+    # A z-loss over every row puts a gradient on ignored rows, as a leak does: the fitted row set is tried first.
+    Rule(name="penalty_normalization", variants=("penalty_normalization/z_loss_over_all",
+                                                 "penalty_normalization/z_loss_over_counted"),
+         signals=("output_transform", "contract"), match=offsets.penalty_normalization, after=("clean",)),
     Rule(name="ignored_rows", variants=("ignore_index_leak/ignored_rows",),
          signals=("grad_hidden_ignored_norm", "grad_hidden_norm_ref", "loss_rel_err", "budget", "contract"),
          match=outcomes.ignored_rows,
-         after=("non_finite",)),
+         after=("non_finite", "penalty_normalization")),
     # Per-token upstream weights (reduction='none'): one token's weight for all, or the weights in another order.
     Rule(name="upstream_first_token", variants=("upstream_broadcast/first_token",), signals=UPSTREAM,
          match=upstream.first_token, after=("clean",)),

@@ -149,6 +149,14 @@ INJECTIONS: tuple[Injection, ...] = (
     Injection(switch="backward_scale", what="the logit gradient divided by the tokens in backward only (Transformer"
               " Engine 2.2-2.4's reduce_loss=False)", cause=Cause.BACKWARD_SCALE,
               variants=_both("backward_scale/pure_factor"), meshes=("TP=1",), broken_path=True),
+    Injection(switch="z_loss_over_all_rows", what="the z-loss as one mean over every row, ignored ones included,"
+              " where the contract puts it on the counted tokens", cause=Cause.PENALTY_NORMALIZATION,
+              variants=_both("penalty_normalization/z_loss_over_all"), meshes=("TP=1",), broken_path=True,
+              contract={"z_loss": 1e-2}),
+    Injection(switch="z_loss_over_counted_tokens", what="the z-loss on the counted tokens only where the contract"
+              " (transformers' Bamba) takes it over every row", cause=Cause.PENALTY_NORMALIZATION,
+              variants=_both("penalty_normalization/z_loss_over_counted"), meshes=("TP=1",), broken_path=True,
+              contract={"z_loss": 1e-2, "z_loss_positions": "all"}),
     Injection(switch="doubled_loss", what="the loss times 2 in training_step, outside the seam",
               cause=Cause.LOSS_SCALED_OUTSIDE, variants=_both("loss_scaled_outside/factor"), meshes=("TP=1",),
               training_step=True),
