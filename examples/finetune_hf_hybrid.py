@@ -2,7 +2,7 @@
 
     python examples/finetune_hf_hybrid.py                                    # Bamba, clean, ~2 min on 2 cores
     python examples/finetune_hf_hybrid.py --architecture falcon_h1 --fault dropped_logit_multiplier
-    python examples/finetune_hf_hybrid.py --fault ignore_in_denominator --fault-step 30
+    python examples/finetune_hf_hybrid.py --architecture zamba2 --fault ignore_in_denominator --fault-step 30
 
 The model is a transformers ``*ForCausalLM`` built from a config with random weights (nothing is downloaded;
 its Mamba layers take transformers' PyTorch fallback on CPU); the tokens are torch's C++ headers, as in
