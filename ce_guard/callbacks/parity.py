@@ -275,8 +275,8 @@ class CEParityCallback(Callback):
         contract = recording.contract
         sizes = {**group_sizes(trainer, contract), **self.extra_group_sizes}
         training = implied_training_contract(contract) if self.training_contract == "auto" else self.training_contract
-        window = None if training is None else self._window.counts(trainer, recording, sizes["DP"])
         try:
+            window = None if training is None else self._window.counts(trainer, recording, sizes["DP"])
             record = recording.to_record(self.replay_weight_grad)
             result = check_seam(record, contract, group_sizes=sizes, sample_tokens=self.sample_tokens,
                                 budget_tokens=self.budget_tokens, safety=self.safety, thresholds=self.thresholds,
