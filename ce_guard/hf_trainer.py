@@ -26,8 +26,9 @@ from transformers.utils import logging
 from ce_guard import _dist
 from ce_guard.agreement import agree
 from ce_guard.check import check_seam
+from ce_guard.check_options import check_options
 from ce_guard.diagnosis import Cause, Thresholds, catalogue_entry
-from ce_guard.drift import POLICIES, Policy, SeamDriftError
+from ce_guard.drift import Policy, SeamDriftError
 from ce_guard.evidence import check_receipt, write_bundle
 from ce_guard.fit_summary import summary_lines
 from ce_guard.metrics import check_metrics, metric_key
@@ -100,19 +101,10 @@ class CEParityTrainerCallback(TrainerCallback):
         thresholds: Thresholds | None = None,
         training_contract: TrainingContract | Literal["auto"] | None = "auto",
     ) -> None:
-        for name, value, optional in (("every_n_steps", every_n_steps, False),
-                                      ("every_n_steps_while_drifting", every_n_steps_while_drifting, True),
-                                      ("clean_checks_to_relax", clean_checks_to_relax, False),
-                                      ("sample_tokens", sample_tokens, True)):
-            if not ((optional and value is None) or (isinstance(value, int) and value >= 1)):
-                raise ValueError(f"`{name}` must be {'None or ' if optional else ''}an int >= 1, got {value!r}.")
-        if policy not in POLICIES:
-            raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
-        if not (training_contract in (None, "auto") or isinstance(training_contract, TrainingContract)):
-            raise ValueError("`training_contract` must be 'auto', None or a ce_guard.TrainingContract, got"
-                             f" {training_contract!r}.")
-        if thresholds is not None and not isinstance(thresholds, Thresholds):
-            raise ValueError(f"`thresholds` must be None or a ce_guard.Thresholds, got {type(thresholds).__name__}.")
+        check_options(policy=policy, thresholds=thresholds, training_contract=training_contract,
+                      counts={"every_n_steps": every_n_steps, "clean_checks_to_relax": clean_checks_to_relax},
+                      optional_counts={"every_n_steps_while_drifting": every_n_steps_while_drifting,
+                                       "sample_tokens": sample_tokens})
         self.every_n_steps = every_n_steps
         self.every_n_steps_while_drifting = every_n_steps_while_drifting
         self.clean_checks_to_relax = clean_checks_to_relax
@@ -307,14 +299,10 @@ class CEParityTrainerCallback(TrainerCallback):
 
     def _window(self, recording: SeamRecording) -> StepWindow:
         """The window's counts, its tokens summed over the world (a collective on every rank)."""
-        tokens = torch.tensor([float(recording.window_tokens())], dtype=torch.float64, device=recording.hidden.device)
-        world_tokens = _dist.all_reduce(tokens.clone(), dist.ReduceOp.SUM, dist.group.WORLD)
         scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)  # fp16 AMP's GradScaler
-        return StepWindow(micro_batches=self._micro_batches, accumulate=self._args.gradient_accumulation_steps,
-                          window_tokens=int(tokens.item()), global_tokens=round(float(world_tokens.item())),
-                          dp_size=_dist.group_size(dist.group.WORLD),
-                          loss_scale=float(scaler.get_scale()) if scaler is not None else 1.0,
-                          loss_dtype=recording.upstream.dtype)
+        return recording.window(micro_batches=self._micro_batches, accumulate=self._args.gradient_accumulation_steps,
+                                dp_size=_dist.group_size(dist.group.WORLD),
+                                loss_scale=float(scaler.get_scale()) if scaler is not None else 1.0)
 
     def _apply_policy(self, entry: dict[str, Any], control: TrainerControl, repeat: bool) -> None:
         step, rank, cause, summary = entry["step"], entry["rank"], entry["cause"], entry["summary"]

@@ -24,11 +24,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from ce_guard import _dist
 from ce_guard.check import SeamRecord
 from ce_guard.contract import CEContract
 from ce_guard.input_checksums import InputChecksums
 from ce_guard.parity import SeamOutputs
+from ce_guard.step_weight import StepWindow
 
 # (hidden, weight, targets) -> loss: the seam's loss computed again on a weight copy, for dL/dW.
 Replay = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -87,6 +90,20 @@ class SeamRecording:
     def window_tokens(self) -> int:
         """Counted tokens over every seam call while the recording was installed, on this rank."""
         return int(torch.stack(self._counts).sum()) if self._counts else 0
+
+    def window(self, *, micro_batches: int, accumulate: int, dp_size: int, loss_scale: float = 1.0) -> StepWindow:
+        """The accumulation window's counts around the recorded call: its counted tokens on this data-parallel rank
+        (the TP group's sequence shards summed under SP) and over every rank (TP ranks count alike). A collective on
+        every rank of the world, after the recording's backward."""
+        contract = self.contract
+        tokens = torch.tensor([float(self.window_tokens())], dtype=torch.float64, device=self.hidden.device)
+        if contract.sequence_parallel:
+            _dist.all_reduce(tokens, dist.ReduceOp.SUM, contract.tp_group)
+        world = _dist.all_reduce(tokens.clone(), dist.ReduceOp.SUM, dist.group.WORLD) / _dist.group_size(
+            contract.tp_group)
+        return StepWindow(micro_batches=micro_batches, accumulate=accumulate, window_tokens=int(tokens.item()),
+                          global_tokens=round(float(world.item())), dp_size=dp_size, loss_scale=loss_scale,
+                          loss_dtype=self.upstream.dtype)
 
     def capture(self, *, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor,
                 contract: CEContract, given_count: float | None = None, replay: Replay | None = None) -> None:

@@ -31,7 +31,7 @@ NEUTRAL = {"ce_guard", "ce_guard._dist", "ce_guard.contract", "ce_guard._matmul"
 CORE = ("ce_guard.contract", "ce_guard.reference", "ce_guard.budget", "ce_guard.parity", "ce_guard.signature",
         "ce_guard.diagnosis", "ce_guard.check", "ce_guard.receipt", "ce_guard.bundle", "ce_guard.recording",
         "ce_guard.seams", "ce_guard.fit_summary", "ce_guard.agreement", "ce_guard.spike", "ce_guard.step_weight",
-        "ce_guard.drift", "ce_guard.evidence")
+        "ce_guard.drift", "ce_guard.evidence", "ce_guard.check_options")
 # Callbacks for other trainers sit on the core, never on Lightning: transformers' Trainer's.
 OTHER_TRAINERS = ("ce_guard.hf_trainer",)
 

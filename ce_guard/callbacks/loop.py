@@ -8,8 +8,6 @@ import math
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
-import torch
-import torch.distributed as dist
 
 from ce_guard import _dist
 from ce_guard.contract import CEContract
@@ -32,19 +30,11 @@ class WindowSeen:
         self.loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
 
     def counts(self, trainer: pl.Trainer, recording: SeamRecording, dp_size: int) -> StepWindow | None:
-        """The window's counts, its tokens summed over the data-parallel group (a collective on every rank);
-        None where the check began mid-window."""
+        """The window's counts (a collective on every rank); None where the check began mid-window."""
         if not self.whole:
             return None
-        contract = recording.contract
-        tokens = torch.tensor([float(recording.window_tokens())], dtype=torch.float64, device=recording.hidden.device)
-        if contract.sequence_parallel:  # each TP rank saw a shard of the sequence
-            _dist.all_reduce(tokens, dist.ReduceOp.SUM, contract.tp_group)
-        tp = _dist.group_size(contract.tp_group)
-        global_tokens = trainer.strategy.reduce(tokens.clone(), reduce_op="sum") / tp  # TP ranks count alike
-        return StepWindow(micro_batches=self.micro_batches, accumulate=trainer.accumulate_grad_batches,
-                          window_tokens=int(tokens.item()), global_tokens=round(float(global_tokens.item())),
-                          dp_size=dp_size, loss_scale=self.loss_scale, loss_dtype=recording.upstream.dtype)
+        return recording.window(micro_batches=self.micro_batches, accumulate=trainer.accumulate_grad_batches,
+                                dp_size=dp_size, loss_scale=self.loss_scale)
 
 
 def window_ends(trainer: pl.Trainer, batch_idx: int) -> bool:

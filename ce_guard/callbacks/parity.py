@@ -22,9 +22,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from ce_guard.agreement import Agreement, agree
 from ce_guard.callbacks.loop import WindowSeen, group_sizes, samples_micro_batch, window_ends
 from ce_guard.check import CheckResult, SeamRecord, check_seam
+from ce_guard.check_options import check_options
 from ce_guard.contract import CEContract
 from ce_guard.diagnosis import Cause, Thresholds, catalogue_entry
-from ce_guard.drift import POLICIES, Policy, SeamDriftError
+from ce_guard.drift import Policy, SeamDriftError
 from ce_guard.evidence import check_receipt, write_bundle
 from ce_guard.fit_summary import summary_lines
 from ce_guard.metrics import check_metrics, metric_key
@@ -103,19 +104,11 @@ class CEParityCallback(Callback):
         remind_every: int = 10,
         training_contract: TrainingContract | Literal["auto"] | None = "auto",
     ) -> None:
-        for name, value, optional in (("every_n_steps", every_n_steps, False), ("remind_every", remind_every, False),
-                                      ("every_n_steps_while_drifting", every_n_steps_while_drifting, True),
-                                      ("clean_checks_to_relax", clean_checks_to_relax, False),
-                                      ("sample_tokens", sample_tokens, True)):
-            if not ((optional and value is None) or (isinstance(value, int) and value >= 1)):
-                raise ValueError(f"`{name}` must be {'None or ' if optional else ''}an int >= 1, got {value!r}.")
-        if policy not in POLICIES:
-            raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
-        if not (training_contract in (None, "auto") or isinstance(training_contract, TrainingContract)):
-            raise ValueError("`training_contract` must be 'auto', None or a ce_guard.TrainingContract, got"
-                             f" {training_contract!r}.")
-        if thresholds is not None and not isinstance(thresholds, Thresholds):
-            raise ValueError(f"`thresholds` must be None or a ce_guard.Thresholds, got {type(thresholds).__name__}.")
+        check_options(policy=policy, thresholds=thresholds, training_contract=training_contract,
+                      counts={"every_n_steps": every_n_steps, "remind_every": remind_every,
+                              "clean_checks_to_relax": clean_checks_to_relax},
+                      optional_counts={"every_n_steps_while_drifting": every_n_steps_while_drifting,
+                                       "sample_tokens": sample_tokens})
         self.every_n_steps = every_n_steps
         self.every_n_steps_while_drifting = every_n_steps_while_drifting
         self.clean_checks_to_relax = clean_checks_to_relax
