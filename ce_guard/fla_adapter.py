@@ -108,6 +108,9 @@ class FlaL2WarpCrossEntropy(nn.Module):
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         contract = self.ce_contract
         logits = hidden.reshape(-1, hidden.shape[-1]) @ self.weight.T                      # (N, V), input dtype
-        loss = F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=contract.ignore_index,
+        # fp32 from here, as the loss is: fla 0.5's l2_warp scatters the max logit into a tensor of the loss's dtype
+        # and fails on bf16 logits beside an fp32 loss. The upcast keeps the input dtype's values, ties included.
+        logits = logits.float()
+        loss = F.cross_entropy(logits, targets.reshape(-1), ignore_index=contract.ignore_index,
                                reduction=contract.reduction)
         return self.l2_warp_fn(loss, logits.unsqueeze(0), contract.l2_warp)              # logits as (1, N, V)

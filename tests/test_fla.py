@@ -58,3 +58,30 @@ def test_fused_linear_cross_entropy_without_l2_warp_is_clean_on_0_6(dtype):
 def test_fused_l2_warp_is_clean_on_0_6(dtype):
     named, summary = fla_check(fused(FIXED, dtype=dtype, l2_warp=FACTOR), dtype=dtype, upstream=0.25)
     assert named == "within_budget/clean", summary
+
+
+def unfused(version: str, *, dtype=torch.float32):
+    return FlaL2WarpCrossEntropy(D, V, l2_warp=FACTOR, l2_warp_fn=fla_or_skip(version).l2_warp, dtype=dtype)
+
+
+# 0.5.0's fused kernels return NaN for bf16 inputs in Triton 3.9's CPU interpreter (loss and every gradient, with
+# or without L2-warp; 0.6.0's kernels do not): the bf16 case needs a GPU.
+BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fla 0.5.0's fused bf16 kernels give NaN in Triton's CPU interpreter"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU], ids=str)
+def test_fused_l2_warp_over_the_counted_tokens_is_named_on_0_5(dtype):
+    """To 0.5.0 the fused path divided the penalty by the non-ignored tokens; fla's l2_warp divides by B*T."""
+    named, summary = fla_check(fused("0.5.0", dtype=dtype, l2_warp=FACTOR), dtype=dtype)
+    assert named == "penalty_normalization/l2_warp_over_counted", summary
+    assert fla_check(fused(FIXED, dtype=dtype, l2_warp=FACTOR), dtype=dtype)[0] == "within_budget/clean"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_l2_warp_that_drops_the_upstream_gradient_is_named_on_0_5(dtype):
+    """0.3.0-0.5.1's ``l2_warp`` backward returned the penalty's gradient unscaled by grad_output; visible only
+    with an upstream other than 1 (here 0.25, as gradient accumulation over 4 micro-batches hands it)."""
+    named, summary = fla_check(unfused("0.5.0", dtype=dtype), dtype=dtype, upstream=0.25)
+    assert named == "backward_scale/l2_warp_upstream_ignored", summary
+    assert fla_check(unfused(FIXED, dtype=dtype), dtype=dtype, upstream=0.25)[0] == "within_budget/clean"
