@@ -18,6 +18,7 @@ from ce_guard.fla_adapter import FlaFusedLinearCrossEntropy, FlaL2WarpCrossEntro
 FIXED = "0.6.0"
 B, T, D, V = 3, 16, 16, 97  # 48 rows, every 5th ignored
 FACTOR = 0.5
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # fla's kernels on the GPU where there is one
 
 
 def _inputs(seed: int, dtype: torch.dtype):
@@ -31,7 +32,8 @@ def _inputs(seed: int, dtype: torch.dtype):
 
 def fla_check(layer, *, dtype=torch.float32, upstream=1.0, seed=0):
     """One forward and backward of ``layer`` (its weight overwritten), held to its contract by ``check_seam``."""
-    hidden, weight, targets = _inputs(seed, dtype)
+    hidden, weight, targets = (t.to(DEVICE) for t in _inputs(seed, dtype))
+    layer = layer.to(DEVICE)
     with torch.no_grad():
         layer.weight.copy_(weight)
     h = hidden.clone().requires_grad_()
