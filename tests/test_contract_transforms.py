@@ -424,6 +424,26 @@ def test_hf_loss_and_hidden_gradient_match_the_reference(architecture, options, 
     assert (ignored_rows_gradient > 0) == (options.get("z_loss_positions") == "all")
 
 
+@pytest.mark.parametrize("positions, named", [("counted", "penalty_normalization/z_loss_over_all"),
+                                              ("all", "within_budget/clean")])
+def test_bambas_z_loss_over_every_row_is_named_as_such_under_a_per_token_contract(positions, named):
+    """transformers 5.25's Bamba averages its z-loss over every row, ignored ones included. A user who declares the
+    usual per-token z-loss is told that the penalty is normalised over another row set, not that padding leaks
+    into the loss; declared as Bamba computes it (what the Hugging Face seam reads from its config), it is clean."""
+    pytest.importorskip("transformers")
+    from ce_guard.demos.hf_models import tiny_causal_lm
+
+    model = tiny_causal_lm("bamba", vocab=512).float()
+    input_ids, labels = _tiny_batch(512)
+    loss, hidden, grad_hidden = _hf_seam(model, input_ids, labels)
+    weight = model.lm_head.weight.detach()
+    contract = CEContract(vocab_size=512, z_loss=model.config.z_loss_coefficient, z_loss_positions=positions)
+    record = SeamRecord(hidden=hidden, weight=weight, targets=_shifted(labels), upstream=1.0,
+                        fused=SeamOutputs(loss=loss, grad_hidden=grad_hidden, grad_weight=None))
+    diagnosis = check_seam(record, contract).diagnosis
+    assert diagnosis.variant == named, diagnosis.summary
+
+
 # -- the CUDA paths: the reference's compiled blocks and fp16 operands, the fused layer's kernel gate ---------------
 
 @pytest.mark.gpu
