@@ -15,7 +15,6 @@ import warnings
 
 import pytest
 import torch
-
 from dist_helpers import run_distributed
 
 pytest.importorskip("megatron.core", reason="needs the megatron extra: pip install 'ce_guard[megatron]'")
@@ -67,7 +66,9 @@ def _fit(dp, steps, fix=False, **options):
     rescaled = _pr3159() if fix else None
 
     class Kept(MegatronGPTLit):
-        masks: list = []
+        def __init__(self, **options):
+            super().__init__(**options)
+            self.masks = []
 
         def forward(self, tokens, labels, loss_mask):
             if rescaled is not None:
@@ -147,7 +148,6 @@ def term_upstream_case(rank, world):
     from ce_guard.adapters import megatron_tensor_parallel
     from ce_guard.demos.megatron_gpt import MegatronGPTLit
     from ce_guard.seams import find_seam
-    from ce_guard.step_weight import StepWindow
 
     multi_token_prediction.MTPLossLoggingHelper.save_loss_to_tracker = staticmethod(lambda *args, **kwargs: None)
     megatron_tensor_parallel(None)

@@ -131,8 +131,9 @@ class MegatronGPTLit(pl.LightningModule):
         mask = loss_mask.float()
         if self.options["per_token_loss"]:
             if self.trainer.accumulate_grad_batches != 1:
-                raise ValueError("per_token_loss divides by the step's token count over the data-parallel group,"
-                                 " which this module knows for one micro-batch per step: set accumulate_grad_batches=1.")
+                raise ValueError("per_token_loss divides by the step's token count over the data-parallel"
+                                 " group, which this module knows for one micro-batch per step: set"
+                                 " accumulate_grad_batches=1.")
             count = mask.sum()
             if group_size(self._dp_group()) > 1:
                 dist.all_reduce(count, group=self._dp_group())  # finalize_model_grads' num_tokens
