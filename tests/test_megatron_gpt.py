@@ -86,7 +86,8 @@ def test_megatron_gpt_names_what_megatron_computes(world):
 
 def mtp_case(rank, world):
     """Multi-token prediction, 1 depth. Megatron's MTP loss logger allocates on the CUDA device; it only logs, so on
-    CPU it is turned off. The MTP losses enter below the guarded seam (``MTPLossAutoScaler``)."""
+    CPU it is turned off. The MTP losses enter below the guarded seam (``MTPLossAutoScaler``); each depth is held to
+    the training contract beside it (tests/test_megatron_mtp.py), here a masked mean over its own tokens: clean."""
     from megatron.core.transformer import multi_token_prediction
 
     multi_token_prediction.MTPLossLoggingHelper.save_loss_to_tracker = staticmethod(lambda *args, **kwargs: None)

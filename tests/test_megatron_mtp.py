@@ -51,11 +51,12 @@ def _pr3159():
     return Rescaled
 
 
-def _fit(dp, steps, fix=False, **options):
+def _fit(dp, steps, fix=False, accumulate=1, unscaled=False, **options):
     """Fit ``MegatronGPTLit(mtp_num_layers=1, **options)`` on ``dp`` data-parallel gloo ranks (TP = 1), checking
-    every step; the verdicts and this rank's loss masks."""
+    every step; the verdicts and this rank's loss masks. ``unscaled``: a loop that never sets the MTP scale."""
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
+    from megatron.core.models.gpt import gpt_model
     from megatron.core.transformer import multi_token_prediction
 
     from ce_guard.callbacks import CEParityCallback
@@ -77,17 +78,24 @@ def _fit(dp, steps, fix=False, **options):
 
         def training_step(self, batch, batch_idx):
             self.masks.append(batch[2].clone())
-            return super().training_step(batch, batch_idx)
+            loss = super().training_step(batch, batch_idx)
+            if unscaled:
+                multi_token_prediction.MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+            return loss
 
     callback = CEParityCallback(every_n_steps=1, remind_every=10_000)
     trainer = pl.Trainer(strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=1),
                          accelerator="cpu", devices=dp, max_steps=steps, logger=False, callbacks=[callback],
+                         accumulate_grad_batches=accumulate,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tempfile.mkdtemp(prefix="ce_guard_mtp_"))
     module = Kept(mtp_num_layers=1, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, next_token_loader(batches=steps * dp))
+        try:
+            trainer.fit(module, next_token_loader(batches=steps * dp * accumulate))
+        finally:  # the next fit in this process runs megatron-core's own code again
+            gpt_model.MTPLossAutoScaler = multi_token_prediction.MTPLossAutoScaler
     return {"history": [(h["variant"], h["summary"]) for h in callback.history], "missed": callback.missed,
             "masks": [mask.tolist() for mask in module.masks]}  # lists: a tensor would not outlive the child
 
@@ -97,6 +105,9 @@ def mtp_cases(rank, world):
     cases = {"0.16.1 per-token": _fit(world, STEPS, per_token_loss=True),
              "0.16.1 mean": _fit(world, STEPS),
              "PR 3159 per-token": _fit(world, STEPS, fix=True, per_token_loss=True)}
+    if world == 1:  # Lightning divides the returned loss by the accumulation; the MTP term only by its scale
+        cases["0.16.1 mean, accumulation 2"] = _fit(world, STEPS, accumulate=2)
+        cases["mean, accumulation 2, MTP scale unset"] = _fit(world, STEPS, accumulate=2, unscaled=True)
     return cases, time.perf_counter() - started
 
 
@@ -118,6 +129,12 @@ def test_megatron_mtp_per_token_loss_is_named_with_its_factor(dp):
             print(f"  rank {rank} {name}: {case['history'][0]}")
             assert not case["missed"] and len(case["history"]) == STEPS, (name, case)
         assert all(v == "within_budget/clean" for v, _ in cases["0.16.1 mean"]["history"])
+        if dp == 1:  # the schedule's scale, 1/micro-batches, as the demo sets it: clean; never set: each MTP term
+            # weighs as a whole step
+            assert all(v == "within_budget/clean" for v, _ in cases["0.16.1 mean, accumulation 2"]["history"])
+            for variant, summary in cases["mean, accumulation 2, MTP scale unset"]["history"]:
+                assert variant == "loss_scaled_outside/accumulation", summary
+                assert summary.startswith("MTP depth 1's loss (weight 0.1, divided out) reached the optimizer 2x"), summary
     for step in range(STEPS):
         n, m = _counts(results, step)
         assert sum(m) < sum(n)
