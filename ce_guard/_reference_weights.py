@@ -1,5 +1,6 @@
 """Each row's weight in the reference's loss, as the contract states it: the count a mean divides by, the upstream
-gradient per token, and the z-loss's weight per row (per counted token, or spread over every row)."""
+gradient per token, the z-loss's weight per row (per counted token, or spread over every row), and the L2-warp
+penalty's."""
 
 from __future__ import annotations
 
@@ -52,3 +53,10 @@ def z_loss_per_row(grad_output, contract: CEContract, token_weight: torch.Tensor
         return token_weight * contract.z_loss
     rows = token_weight.numel()
     return torch.full_like(token_weight, float(grad_output) * contract.z_loss / max(rows, 1))
+
+
+def l2_warp_per_row(grad_output, contract: CEContract, n_rows: int, divisor: float) -> float:
+    """dLoss/d(max_v z_tv) / max_v z_tv, the same for every row: the upstream gradient times the L2-warp factor over
+    the rows it averages over (every row, or the mean's divisor); a scalar upstream (reduction mean or sum)."""
+    rows = n_rows if contract.l2_warp_rows == "all" else divisor
+    return float(grad_output) * contract.l2_warp / rows if rows > 0 else 0.0

@@ -22,8 +22,8 @@ from ce_guard._dist import all_gather_dim0, all_reduce, group_size, is_distribut
 from ce_guard.contract import CEContract, GradSync, NormalizeBy, Reduction
 from ce_guard.fused import make_output_weight
 
-__all__ = ["CutCrossEntropy", "LigerFusedLinearCrossEntropy", "LossParallelCrossEntropy",
-           "MegatronOutputLayer", "TorchLinearCrossEntropy", "TransformerEngineCrossEntropy",
+__all__ = ["CutCrossEntropy", "FlaFusedLinearCrossEntropy", "FlaL2WarpCrossEntropy", "LigerFusedLinearCrossEntropy",
+           "LossParallelCrossEntropy", "MegatronOutputLayer", "TorchLinearCrossEntropy", "TransformerEngineCrossEntropy",
            "megatron_tensor_parallel"]
 
 
@@ -347,3 +347,4 @@ class MegatronOutputLayer(nn.Module):
 
 
 from ce_guard.te_adapter import TransformerEngineCrossEntropy  # noqa: E402  (kept in its own module for length)
+from ce_guard.fla_adapter import FlaFusedLinearCrossEntropy, FlaL2WarpCrossEntropy  # noqa: E402  (own module, for length)

@@ -85,14 +85,16 @@ def native_error_budget(
     rank's vocab slice; the rounding it shows is the rounding a fused path may show. Each budget entry is
     ``safety * native_error + floor(dtype)``, with a lower floor for the loss.
 
-    Under ``z_loss_positions='all'`` the sample is drawn from every row, ignored ones included (they carry the
-    z-loss and its gradient), each weighted as in the loss: cross-entropy by 1/divisor (``given_count`` under
-    ``normalize_by='given_count'``, else this rank's non-ignored tokens), z-loss by 1/rows.
+    Under ``z_loss_positions='all'`` or an L2-warp the sample is drawn from every row, ignored ones included (they
+    carry the penalty's gradient), each weighted as in the loss: cross-entropy by 1/divisor (``given_count`` under
+    ``normalize_by='given_count'``, else this rank's non-ignored tokens), z-loss by 1/rows, L2-warp by 1/rows or
+    1/divisor per ``l2_warp_rows``.
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1) - contract.vocab_start
     visible = targets.reshape(-1) != contract.ignore_index
-    every_row = contract.z_loss_positions == "all" and contract.z_loss > 0  # layout [N,V]: every target inside
+    z_over_rows = contract.z_loss_positions == "all" and contract.z_loss > 0
+    every_row = z_over_rows or contract.l2_warp > 0  # layout [N,V]: every target inside
     inside = visible & (y >= 0) & (y < contract.vocab_slice_size)
     rows = (inside | every_row).nonzero().squeeze(1)
     loss_floor, grad_floor = _FLOORS.get(hidden.dtype, _FLOORS[torch.float32])
@@ -101,10 +103,13 @@ def native_error_budget(
     rows = rows[torch.linspace(0, rows.numel() - 1, min(sample_tokens, rows.numel())).long()]
     h_s, y_s, visible_s = h[rows].detach(), y[rows].clamp(min=0), visible[rows]
     n_visible = int(visible.sum())
-    # Each sampled row's share of the loss, up to one common factor: CE by 1/divisor and the z-loss by 1/rows
-    # under 'all'; one token's loss under 'counted'. Their mean over the averaged rows is the loss.
+    # Each sampled row's share of the loss, up to one common factor: CE by 1/divisor, the z-loss and the L2-warp
+    # by 1/rows or 1/divisor as the contract says, when a term reaches every row; else one token's loss. Their
+    # mean over the averaged rows is the loss.
     ce_weight = (h.shape[0] / (float(given_count) if given_count is not None else max(n_visible, 1))
                  if every_row else 1.0)
+    l2_warp_weight = ce_weight if contract.l2_warp_rows == "counted" else 1.0
+    penalized = {}  # each row's argmax as the native run's logits hold it, for both runs (a tie breaks one way)
 
     def run(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         h_in = h_s.to(dtype).detach().requires_grad_()
@@ -118,8 +123,13 @@ def native_error_budget(
             z = contract.softcap * torch.tanh(z / contract.softcap)
         z = z.float() if dtype != torch.float64 else z
         per_token = F.cross_entropy(z, y_s, reduction="none", label_smoothing=contract.label_smoothing)
-        per_token = torch.where(visible_s, per_token * ce_weight, 0.0)
-        per_token = per_token + contract.z_loss * torch.logsumexp(z, dim=1).square()
+        z_loss = contract.z_loss * torch.logsumexp(z, dim=1).square()
+        per_token = torch.where(visible_s, (per_token + (0 if z_over_rows else z_loss)) * ce_weight, 0.0)
+        per_token = per_token + (z_loss if z_over_rows else 0)
+        if contract.l2_warp:  # fla's penalty: nothing in value, its gradient at each row's argmax
+            top_index = penalized.setdefault("argmax", z.detach().argmax(dim=1, keepdim=True))
+            top = z.gather(1, top_index).squeeze(1).square() * (contract.l2_warp / 2 * l2_warp_weight)
+            per_token = per_token + (top - top.detach())
         per_token.mean().backward()
         return per_token.detach().double(), h_in.grad.double(), w_in.grad.double()
 

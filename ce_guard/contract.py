@@ -21,12 +21,14 @@ NormalizeBy = Literal["local_tokens", "global_tokens", "given_count"]
 GradSync = Literal["average", "sum"]
 Layout = Literal["[N,V]", "[S,B,V/TP]", "[S/SP,B,V/TP]"]
 ZLossPositions = Literal["counted", "all"]
+L2WarpRows = Literal["all", "counted"]
 
 REDUCTIONS = ("mean", "sum", "none")
 NORMALIZE_BY = ("local_tokens", "global_tokens", "given_count")
 GRAD_SYNC = ("average", "sum")
 LAYOUTS = ("[N,V]", "[S,B,V/TP]", "[S/SP,B,V/TP]")
 Z_LOSS_POSITIONS = ("counted", "all")
+L2_WARP_ROWS = ("all", "counted")
 ACCUM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -55,6 +57,14 @@ class CEContract:
             ``z_loss`` times the mean of ``lse**2`` over every row this rank holds, ignored targets included,
             added to the reduced loss and never divided by the mean's count; ignored rows then get a
             gradient. Only with layout ``[N,V]`` and reduction ``mean`` or ``sum``.
+        l2_warp: flash-linear-attention's L2-warp penalty factor c (``fla.modules.l2warp.l2_warp``): a gradient-only
+            term, the loss value unchanged. Each row t, ignored ones included, gets ``g * c * max_v z_tv / R`` added
+            to dL/dz at its argmax (g the upstream gradient of the loss, R per ``l2_warp_rows``): the gradient of
+            ``(c / 2) * mean_t max_v z_tv**2``, the max and argmax read from the logits in the input dtype (as
+            the model holds them; the first index on a tie). Only with layout ``[N,V]`` and reduction ``mean`` or ``sum``.
+        l2_warp_rows: the R the penalty averages over: ``all``, every row this rank holds (fla's ``l2_warp``,
+            ``B*T``); ``counted``, the mean's divisor (the non-ignored tokens under a local mean; 1 for ``sum``, fla
+            0.5.0's fused path).
         logit_multiplier: logits are ``logit_multiplier * (hidden @ weight.T)``, scaled before the softcap
             (Falcon-H1's ``lm_head_multiplier``, Cohere's ``logit_scale``, Granite's ``1/logits_scaling``).
         softcap: if set, logits become ``softcap * tanh(logits / softcap)`` before everything else but
@@ -81,6 +91,8 @@ class CEContract:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     z_loss_positions: ZLossPositions = "counted"  # PaLM's per-token z-loss; "all" is Bamba's mean over rows
+    l2_warp: float = 0.0  # 0: no penalty, as every model but fla's RWKV-style ones
+    l2_warp_rows: L2WarpRows = "all"  # fla's l2_warp divides by B*T
     logit_multiplier: float = 1.0  # 1: plain logits, as most models have
     softcap: float | None = None
     accum_dtype: torch.dtype = torch.float32
@@ -116,6 +128,13 @@ class CEContract:
                 f"`z_loss_positions='all'` needs layout '[N,V]' and reduction 'mean' or 'sum' (one mean over this"
                 f" rank's rows, added to a reduced loss), got layout {self.layout!r} and reduction"
                 f" {self.reduction!r}. Use z_loss_positions='counted' for a per-token z-loss.")
+        _expect(_finite_number(self.l2_warp) and self.l2_warp >= 0.0,
+                f"`l2_warp` must be a finite number >= 0, got {self.l2_warp!r}.")
+        _expect(self.l2_warp_rows in L2_WARP_ROWS,
+                f"`l2_warp_rows` must be one of {L2_WARP_ROWS}, got {self.l2_warp_rows!r}.")
+        _expect(not self.l2_warp or (self.layout == "[N,V]" and self.reduction != "none"),
+                f"`l2_warp` needs layout '[N,V]' (each row's argmax over the whole vocabulary) and reduction 'mean'"
+                f" or 'sum' (a scalar upstream), got layout {self.layout!r} and reduction {self.reduction!r}.")
         _expect(_finite_number(self.logit_multiplier) and self.logit_multiplier > 0,
                 f"`logit_multiplier` must be a finite number > 0, got {self.logit_multiplier!r}.")
         _expect(self.softcap is None or (_finite_number(self.softcap) and self.softcap > 0),
@@ -166,6 +185,8 @@ class CEContract:
         else:
             parts.append(f"z-loss {self.z_loss:g}*lse^2" if self.z_loss_positions == "counted"
                          else f"z-loss {self.z_loss:g}*mean lse^2 over all positions")
+        if self.l2_warp:
+            parts.append(f"L2-warp {self.l2_warp:g} over {'every row' if self.l2_warp_rows == 'all' else 'the divisor'}")
         if self.logit_multiplier != 1:
             parts.append(f"logits x {self.logit_multiplier:g}")
         parts.append(f"softcap {self.softcap:g}" if self.softcap else "no softcap")
@@ -189,6 +210,8 @@ class CEContract:
             "label_smoothing": self.label_smoothing,
             "z_loss": self.z_loss,
             "z_loss_positions": self.z_loss_positions,
+            "l2_warp": self.l2_warp,
+            "l2_warp_rows": self.l2_warp_rows,
             "logit_multiplier": self.logit_multiplier,
             "softcap": self.softcap,
             "accum_dtype": _dtype_name(self.accum_dtype),

@@ -92,7 +92,7 @@ class ChunkMath:
 
         Raises:
             ValueError: for the promises this layer does not implement: a mean over a count given with each step
-                (its forward takes no count) and a z-loss over all positions.
+                (its forward takes no count), a z-loss over all positions, and an L2-warp penalty.
         """
         if contract.normalize_by == "given_count":
             raise ValueError("ce_guard's fused layer counts a mean's tokens itself; its forward takes no count, so it"
@@ -101,6 +101,10 @@ class ChunkMath:
         if contract.z_loss_positions == "all" and contract.z_loss:
             raise ValueError("ce_guard's fused layer adds its z-loss per counted token only; it does not implement"
                              " z_loss_positions='all'. Declare z_loss_positions='counted'.")
+        if contract.l2_warp:
+            raise ValueError("ce_guard's fused layer has no L2-warp penalty, so it would train without the contract's"
+                             f" l2_warp={contract.l2_warp:g}. Declare l2_warp=0, or use flash-linear-attention's"
+                             " path under guard (ce_guard.fla_adapter).")
         global_mean = contract.reduction == "mean" and contract.normalize_by == "global_tokens"
         averaged = global_mean and contract.grad_sync == "average"
         return cls(

@@ -26,6 +26,7 @@ Two passes per call:
   2. gradients: recompute each logit block, form dL/dlogits, accumulate dL/dh and dL/dW in fp32, and
      all-reduce dL/dh over the TP group (each rank holds only its vocab slice's contribution). A z-loss over
      all positions gives ignored rows their own gradient; a logit multiplier scales both sums once at the end.
+     An L2-warp penalty (fla's) adds, on every row, a gradient-only term at its argmax (one more logits pass).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ce_guard._compile import compiled_on_cuda
 from ce_guard._exact_products import (FP16_EXPONENT, abs_max, add_product, ceil_log2, default_backward_dtype,
                                       exact_fp32_matmul, exact_mm, pow2)
 from ce_guard._reference_inputs import validate_reference_inputs
-from ce_guard._reference_weights import divisor as _divisor, upstream_per_token, z_loss_per_row
+from ce_guard._reference_weights import divisor as _divisor, l2_warp_per_row, upstream_per_token, z_loss_per_row
 from ce_guard.contract import CEContract
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 26  # 64M fp32 logits per block: 256 MiB, ~0.7 GB live in all at V = 152k
@@ -171,6 +172,9 @@ def reference_linear_cross_entropy(
             operands = backward_dtype or default_backward_dtype(weight)
             grad_h, grad_weight = _gradients(h, weight, y, lse, token_weight, z_weight, contract, token_chunk,
                                              vocab_chunk, operands)
+            if contract.l2_warp:  # layout [N,V]: each row's argmax is on this rank
+                l2_weight = l2_warp_per_row(grad_output, contract, n, divisor)
+                _add_l2_warp(h, weight, contract, l2_weight, grad_h, grad_weight, token_chunk, vocab_chunk)
             _dist.all_reduce(grad_h, dist.ReduceOp.SUM, tp)  # each rank held its vocab slice's share
             grad_hidden = _local_rows(grad_h, contract, local_shape, tp).reshape(hidden.shape)
 
@@ -309,6 +313,33 @@ def _gradients(h, weight, y, lse, token_weight, z_weight, contract, token_chunk,
         grad_h *= contract.logit_multiplier
         grad_w *= contract.logit_multiplier
     return grad_h, grad_w
+
+
+def _add_l2_warp(h, weight, contract, l2_weight, grad_h, grad_w, token_chunk, vocab_chunk) -> None:
+    """The L2-warp penalty's gradient, added in place: row t's dL/dz at its argmax a_t is ``l2_weight * z_ta``
+    (times the softcap's derivative there, and the multiplier for dL/draw), a rank-1 term per row:
+    ``dL/dh_t += c_t W[a_t]`` and ``dL/dW[a_t] += c_t h_t``, fp32. One more logits pass finds each row's max.
+
+    The max and argmax are read from the logits rounded to the input dtype, as the model holds them and fla's
+    penalty reads them (the first index on a tie): in bf16 two top logits tie often enough (1 row in 48 at V=97)
+    that an fp32 argmax would put that row's penalty on another class."""
+    n = h.shape[0]
+    row_max = torch.full((n,), -math.inf, dtype=torch.float32, device=h.device)
+    argmax = torch.zeros(n, dtype=torch.long, device=h.device)
+    for rows in _chunks(n, token_chunk):
+        for cols in _chunks(weight.shape[0], vocab_chunk):
+            z = _logits(exact_mm(h[rows], weight[cols].T), contract.logit_multiplier, contract.softcap)  # (T, Vb)
+            z = z.to(h.dtype).float()                                            # as the model's logits round
+            block_max, block_arg = z.max(dim=1)                                  # first index on a tie, as torch.max
+            better = block_max > row_max[rows]
+            row_max[rows] = torch.where(better, block_max, row_max[rows])
+            argmax[rows] = torch.where(better, block_arg + cols.start, argmax[rows])
+    coef = l2_weight * row_max                                                   # (N,) dL/dz at the argmax
+    if contract.softcap is not None:
+        coef = coef * (1.0 - (row_max / contract.softcap).square())             # d tanh-cap / d raw
+    coef = coef * contract.logit_multiplier                                      # dL/draw = m dL/dz
+    grad_h += coef[:, None] * weight[argmax].float()                             # (N, D)
+    grad_w.index_add_(0, argmax, coef[:, None] * h.float())                     # (V, D)
 
 
 def _block_statistics(raw, block_target, run_max, denom, logit_sum, target_logit, multiplier: float,

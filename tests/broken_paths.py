@@ -68,10 +68,11 @@ class _BackwardOnly(torch.autograd.Function):
 
 
 def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | None = None, *, scale: int = 2,
-                 chunks: int = 8, grad_output: torch.Tensor | None = None,
+                 chunks: int = 8, grad_output: torch.Tensor | float | None = None,
                  handed: dict[str, InputChecksums] | None = None) -> SeamOutputs:
     """Run the vocab-parallel CE with ``fault`` (one of ``FAULTS``) and return loss and autograd gradients.
 
+    ``grad_output``: the upstream gradient of the loss (per token under ``reduction='none'``; a number otherwise).
     ``handed``, when given, receives under ``"logits"`` the checksums of the logits this path hands its loss,
     before the loss and after backward (what a caller that computed the logits itself would measure).
     """
@@ -160,6 +161,11 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
         loss = per_token.sum() / max(count, 1)
     if z_over_all and contract.reduction != "none":
         loss = loss + contract.z_loss * lse.square().mean()
+    if contract.l2_warp:
+        other_rows = fault in ("l2_warp_over_counted", "l2_warp_over_all_rows")  # the set the contract does not say
+        divisor = count if contract.reduction == "mean" else 1
+        rows = yy.numel() if (contract.l2_warp_rows == "all") != other_rows else divisor
+        loss = loss + _l2_warp(z, contract.l2_warp, rows, 1.0 if fault != "l2_warp_upstream_ignored" else grad_output)
     if fault == "grad_scale":
         loss = loss * scale
     if fault == "nan":
@@ -167,7 +173,7 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
     if contract.reduction == "none":
         loss.backward(_applied_upstream(grad_output if grad_output is not None else torch.ones_like(loss), fault))
     else:
-        loss.backward()
+        loss.backward(torch.tensor(1.0 if grad_output is None else float(grad_output)))
     grad_h = h.grad
     if handed is not None:
         handed["logits"] = before.measured_after(logits=logits)
@@ -180,6 +186,14 @@ def broken_fused(hidden, weight, targets, contract: CEContract, fault: str | Non
             grad_h = grad_h.clone()
             _dist.all_reduce(grad_h, dist.ReduceOp.SUM, tp)
     return SeamOutputs(loss=loss.detach(), grad_hidden=grad_h, grad_weight=w.grad)
+
+
+def _l2_warp(z: torch.Tensor, factor: float, rows: float, upstream: float | None) -> torch.Tensor:
+    """fla's L2-warp: 0 in value, its gradient that of ``(factor / 2) * sum_t max_v z_tv**2 / rows`` (each row's
+    argmax, ignored rows included). Divided by ``upstream``, the gradient comes out unscaled by it, as fla's
+    ``l2_warp`` backward to 0.5.1 returns it."""
+    top = z.max(dim=1).values.square().sum() * (factor / 2 / max(rows, 1) / float(upstream or 1.0))
+    return top - top.detach()
 
 
 def _bf16_chunked_logits(h: torch.Tensor, w: torch.Tensor, chunks: int) -> torch.Tensor:

@@ -92,7 +92,7 @@ def _layer_outputs(switch: str, hidden, weight, targets, contract, fault_scale: 
                                           fault_scale=fault_scale)
     h = hidden.clone().requires_grad_()
     loss = layer(h, targets)
-    loss.backward(upstream if torch.is_tensor(upstream) else None)
+    loss.backward(upstream if torch.is_tensor(upstream) else torch.tensor(float(upstream)))
     return SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=layer.weight.grad)
 
 
@@ -102,7 +102,7 @@ def _first_check(case, rank: int = 0, device: str = "cpu") -> tuple[str, str]:
     row = injection(switch)
     hidden, weight, targets, contract = _placed(mesh, getattr(torch, dtype), dict(row.contract), rank)
     hidden, weight, targets = hidden.to(device), weight.to(device), targets.to(device)
-    upstream = 1.0
+    upstream = row.upstream
     if contract.reduction == "none":  # per-token losses of [S,B] tokens, under per-token upstream weights
         hidden, targets = hidden.reshape(S, B, -1), targets.reshape(S, B)
         upstream = _per_token_upstream(targets)
@@ -112,7 +112,7 @@ def _first_check(case, rank: int = 0, device: str = "cpu") -> tuple[str, str]:
         fused = _layer_outputs(switch, hidden, weight, targets, contract, scale, upstream)
     else:
         fused = broken_fused(hidden, weight, targets, contract, switch, scale=scale, chunks=row.chunks or 8,
-                             grad_output=upstream if torch.is_tensor(upstream) else None, handed=handed)
+                             grad_output=upstream, handed=handed)
     checksums = checksums.measured_after(hidden=hidden, weight=weight).merged(handed.get("logits"))
     record = SeamRecord(hidden=hidden, weight=weight, targets=targets, fused=fused, upstream=upstream,
                         input_checksums=checksums)

@@ -194,3 +194,47 @@ def test_megatron_adapter_without_the_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "megatron.core", None)
     with pytest.raises(ImportError, match=r"pip install 'ce_guard\[megatron\]'"):
         MegatronOutputLayer(32, 512)
+
+
+def handed_logits_cases(rank, world):
+    """A head that computes its logits itself, hands them to Megatron's loss and keeps them (as a trainer that also
+    reads log-probs or entropy from them does): checksums of the handed logits before the loss and after backward."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from ce_guard import CEContract
+    from ce_guard.adapters import megatron_tensor_parallel
+    from ce_guard.input_checksums import InputChecksums
+
+    megatron_tensor_parallel(None)
+    found = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden, weight, targets = _inputs(0, SHAPES[0], dtype, prior=False)
+        targets = targets.clamp(min=0)                       # Megatron's loss has no ignore index
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logits = h @ w.T                                     # (S, B, V): the caller's
+        kept = logits.detach().float().clone()
+        checks = InputChecksums.of(hidden=hidden, weight=weight, logits=logits)
+        loss = vocab_parallel_cross_entropy(logits, targets).mean()
+        loss.backward()
+        checks = checks.measured_after(hidden=hidden, weight=weight, logits=logits)
+        record = SeamRecord(hidden=hidden, weight=weight, targets=targets, upstream=1.0, input_checksums=checks,
+                            fused=SeamOutputs(loss=loss.detach(), grad_hidden=h.grad, grad_weight=w.grad))
+        diagnosis = check_seam(record, CEContract(vocab_size=weight.shape[0])).diagnosis
+        found[str(dtype)] = (diagnosis.variant, diagnosis.summary, float((logits.detach().float() - kept).abs().max()),
+                             float(logits.detach().float().sum(-1).abs().max()))
+    return found
+
+
+def test_fp32_logits_handed_to_vocab_parallel_cross_entropy_are_overwritten():
+    """megatron-core 0.16.1 (Megatron-LM PR 1594, open): ``vocab_parallel_cross_entropy`` subtracts the row max from
+    fp32 logits in place and exponentiates them into themselves (``exp(out=)``), then divides: the caller's logits
+    hold the softmax, and after backward the logit gradient (softmax - one-hot, times the upstream). bf16 logits are copied by ``.float()`` first and kept. Loss and gradients stay right, so only
+    the checksum shows it. When the fix lands (fp32 logits copied too), fp32 reads ``within_budget/clean`` as bf16
+    does, and the first assertion flips. A GPTModel's own logits have no reader after its loss, so the in-place
+    guard of tests/test_megatron_gpt.py does not checksum them."""
+    (found,) = run_distributed(handed_logits_cases, 1, timeout=300)
+    variant, summary, changed, row_sum = found["torch.float32"]
+    print(f"\nfp32: {variant}; logits changed by up to {changed:.3g}, each row then sums to {row_sum:.2g} at most")
+    assert variant == "input_mutation/logits" and changed > 0.5 and row_sum < 1e-6, found  # a gradient's rows: 0
+    variant, summary, changed, _ = found["torch.bfloat16"]
+    assert variant == "within_budget/clean" and changed == 0, found

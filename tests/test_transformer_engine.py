@@ -19,6 +19,9 @@ from ce_guard.te_adapter import TransformerEngineCrossEntropy
 
 FIXED = "2.20.2"
 S, B, D, V = 8, 4, 16, 128  # 32 tokens; the interpreter runs one program per token
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # TE's kernels on the GPU where there is one
+ON_CPU = pytest.mark.skipif(torch.cuda.is_available(), reason="gloo ranks or Lightning's CPU trainer: run where"
+                            " Triton's interpreter runs TE's kernels (the CPU suite)")
 
 
 def _inputs(seed: int, dtype: torch.dtype, *, pad: bool, batch_first: bool = False):
@@ -56,10 +59,10 @@ def te_check(version: str, *, dtype=torch.float32, reduction="none", upstream="o
     (transposed) tensor, as a caller that weighs the per-token losses batch-first hands it back.
     """
     pce = with_room(te_or_skip(version)) if transpose_logits else te_or_skip(version)
-    hidden, full_weight, targets = _inputs(seed, dtype, pad=pad, batch_first=transpose_logits)
+    hidden, full_weight, targets = (t.to(DEVICE) for t in _inputs(seed, dtype, pad=pad, batch_first=transpose_logits))
     layer = TransformerEngineCrossEntropy(D, V, reduction=reduction, label_smoothing=label_smoothing,
                                           tp_group=tp_group, transpose_logits=transpose_logits,
-                                          parallel_cross_entropy=pce, dtype=dtype)
+                                          parallel_cross_entropy=pce, device=DEVICE, dtype=dtype)
     contract = layer.ce_contract
     weight = full_weight[contract.vocab_start:contract.vocab_end].clone()                 # (V/TP, D)
     with torch.no_grad():
@@ -71,7 +74,7 @@ def te_check(version: str, *, dtype=torch.float32, reduction="none", upstream="o
         grad = 1.0
         loss.backward()
     else:
-        w = torch.rand(loss.shape, generator=torch.Generator().manual_seed(99)) + 0.5      # (S, B)
+        w = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(99)) + 0.5).to(DEVICE)  # (S, B)
         grad = torch.ones_like(loss) if upstream == "ones" else w
         if upstream == "transposed":
             grad = w.T.contiguous().T                                                      # (S, B), strides (1, S)
@@ -138,6 +141,7 @@ def _smoothing(rank: int, world: int) -> dict[str, tuple[str, str]]:
 
 
 @pytest.mark.distributed
+@ON_CPU
 def test_label_smoothing_over_the_local_shard_is_named_on_2_18_at_tp2():
     """To 2.18 each TP rank's smoothing term summed only its own vocab slice's logits; 2.19 all-gathers the sum."""
     te_or_skip("2.18.0"), te_or_skip(FIXED)
@@ -158,6 +162,7 @@ class _TELM(torch.nn.Module):
         return self.output(torch.tanh(self.embed(tokens)), targets)
 
 
+@ON_CPU
 @pytest.mark.parametrize("version, named", [("2.17.1", "input_mutation/logits"), (FIXED, "within_budget/clean")])
 def test_the_callback_checksums_only_the_call_it_records_and_names_the_mutation(tmp_path, version, named):
     """Under CEParityCallback the adapter checksums the recorded call alone (a checksum reads every logit and

@@ -28,7 +28,8 @@ from ce_guard.demos.parallelize import apply_compile, apply_cuda_graphs, apply_f
 from ce_guard.fused import FusedLinearCrossEntropy
 from ce_guard.testing import LAYER_FAULTS, fused_layer
 
-OUTPUT_LAYERS = ("ce_guard", "megatron")
+OUTPUT_LAYERS = ("ce_guard", "megatron", "transformer_engine", "fla")
+PEER_OUTPUT_LAYERS = OUTPUT_LAYERS[1:]  # another package's loss: no injected faults, no z-loss
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -51,8 +52,12 @@ class HybridLitModule(pl.LightningModule):
         sequence_parallel: under TP, split the residual stream along the sequence between blocks. The
             output layer still receives the full ``(B, S, D)`` hidden states (``apply_tp`` gathers them), so
             its layout is ``[S,B,V/TP]`` either way.
-        output_layer: ``"ce_guard"`` (its fused layer) or ``"megatron"`` (Megatron-core's ColumnParallelLinear
-            and vocab-parallel cross-entropy, under ``ModelParallelStrategy`` only; the ``megatron`` extra).
+        output_layer: ``"ce_guard"`` (its fused layer); ``"megatron"`` (Megatron-core's ColumnParallelLinear
+            and vocab-parallel cross-entropy, under ``ModelParallelStrategy`` only; the ``megatron`` extra);
+            ``"transformer_engine"`` (TE's ``parallel_cross_entropy`` over this rank's vocab slice, a mean over
+            each rank's tokens; the ``te`` extra, CUDA); ``"fla"`` (flash-linear-attention's fused linear-CE,
+            the whole vocabulary on each rank, no TP; fla-core, CUDA).
+        l2_warp: flash-linear-attention's L2-warp penalty factor, with ``output_layer="fla"`` only.
         fault: for demonstrations: a switch of ``ce_guard.testing.LAYER_FAULTS`` (e.g. ``"grad_scale"``); the
             output layer is then ``ce_guard.testing.FaultyFusedLinearCrossEntropy``, which computes that broken
             contract while declaring the honest one.
@@ -84,7 +89,8 @@ class HybridLitModule(pl.LightningModule):
         z_loss: float = 0.0,
         token_chunk: int | None = None,
         sequence_parallel: bool = False,
-        output_layer: Literal["ce_guard", "megatron"] = "ce_guard",
+        output_layer: Literal["ce_guard", "megatron", "transformer_engine", "fla"] = "ce_guard",
+        l2_warp: float = 0.0,
         fault: str | None = None,
         fault_scale: int = 2,
         compile: bool = False,
@@ -110,9 +116,13 @@ class HybridLitModule(pl.LightningModule):
         if cuda_graphs and compile and compile_mode == "reduce-overhead":
             raise ValueError("Expected `cuda_graphs=False` with compile_mode='reduce-overhead': both capture CUDA"
                              " graphs; `cuda_graphs` alone captures the whole block (compile_mode='default').")
-        if output_layer == "megatron" and fault is not None:
-            raise ValueError(f"Expected no `fault` with output_layer='megatron' (got {fault!r}): Megatron's layer"
-                             " runs Megatron's own code; the injected faults live in ce_guard's layer.")
+        if output_layer in PEER_OUTPUT_LAYERS and (fault is not None or z_loss):
+            raise ValueError(f"Expected no `fault` and no `z_loss` with output_layer={output_layer!r} (got"
+                             f" fault={fault!r}, z_loss={z_loss}): that layer runs its package's own code; the"
+                             " injected faults and the z-loss live in ce_guard's layer.")
+        if l2_warp and output_layer != "fla":
+            raise ValueError(f"Expected `l2_warp=0` with output_layer={output_layer!r}: the L2-warp penalty is"
+                             " flash-linear-attention's; use output_layer='fla'.")
         self.save_hyperparameters()
         self.config = config
         self.model: HybridLM | None = None  # built in configure_model, once the device mesh is known
@@ -128,7 +138,10 @@ class HybridLitModule(pl.LightningModule):
             if self.hparams.output_layer == "megatron":
                 raise ValueError("output_layer='megatron' needs a device mesh: train with Lightning's"
                                  " ModelParallelStrategy (e.g. configs/cpu_tp2_megatron.yaml).")
-            self.model = HybridLM(self.config, self._output(self._contract(), slice(0, self.config.vocab_size)))
+            whole = slice(0, self.config.vocab_size)
+            output = (self._peer_output(None, whole) if self.hparams.output_layer in PEER_OUTPUT_LAYERS
+                      else self._output(self._contract(), whole))
+            self.model = HybridLM(self.config, output)
             if self.hparams.compile:
                 apply_compile(self.model, mode=self.hparams.compile_mode)
             return
@@ -144,6 +157,8 @@ class HybridLitModule(pl.LightningModule):
         start = tp.get_local_rank() * rows
         if self.hparams.output_layer == "megatron":
             output = self._megatron_output(tp, dp, slice(start, start + rows))
+        elif self.hparams.output_layer in PEER_OUTPUT_LAYERS:
+            output = self._peer_output(tp, slice(start, start + rows))
         else:
             output = self._output(self._contract(
                 layout="[S,B,V/TP]" if tp.size() > 1 else "[N,V]", vocab_start=start, vocab_end=start + rows,
@@ -174,6 +189,24 @@ class HybridLitModule(pl.LightningModule):
         return MegatronOutputLayer(self.config.d_model, self.config.vocab_size, tp_group=tp.get_group(),
                                    weight=self._output_weight(rows), label_smoothing=self.hparams.label_smoothing,
                                    ignore_index=IGNORE_INDEX, normalize_by="global_tokens", token_group=dp.get_group())
+
+    def _peer_output(self, tp: DeviceMesh | None, rows: slice) -> nn.Module:
+        """Transformer Engine's or flash-linear-attention's loss behind ce_guard's adapter, each declaring the
+        contract it keeps (a mean over this rank's tokens); the same weight rows as ce_guard's layer would hold."""
+        d, v, weight = self.config.d_model, self.config.vocab_size, self._output_weight(rows)
+        if self.hparams.output_layer == "transformer_engine":
+            from ce_guard.adapters import TransformerEngineCrossEntropy
+
+            return TransformerEngineCrossEntropy(d, v, label_smoothing=self.hparams.label_smoothing,
+                                                 ignore_index=IGNORE_INDEX, weight=weight,
+                                                 tp_group=tp.get_group() if tp is not None and tp.size() > 1 else None)
+        if tp is not None and tp.size() > 1:
+            raise ValueError("output_layer='fla' holds the whole vocabulary on each rank: train it without tensor"
+                             " parallelism (tensor_parallel_size=1), or use output_layer='transformer_engine'.")
+        from ce_guard.fla_adapter import FlaFusedLinearCrossEntropy
+
+        return FlaFusedLinearCrossEntropy(d, v, weight=weight, ignore_index=IGNORE_INDEX,
+                                          label_smoothing=self.hparams.label_smoothing, l2_warp=self.hparams.l2_warp)
 
     def _output_weight(self, rows: slice) -> nn.Parameter:
         d = self.config.d_model

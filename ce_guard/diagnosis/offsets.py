@@ -112,9 +112,11 @@ def _offset(r: ParityReport) -> float | None:
 
 
 def penalty_normalization(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
-    """The z-loss taken over another set of rows than the contract's: the reference under the other set reproduces
-    the seam (fitted by :func:`ce_guard.transform_fit.fit_output_transform` on checks over budget)."""
+    """The z-loss or the L2-warp taken over another set of rows than the contract's: the reference under the other
+    set reproduces the seam (fitted by :func:`ce_guard.transform_fit.fit_output_transform` on checks over budget)."""
     fit = r.output_transform
+    if fit is not None and fit.mistake.startswith("l2_warp_over_"):
+        return _l2_warp_rows(r, fit)
     if fit is None or not fit.mistake.startswith("z_loss_over_"):
         return None
     rows = {"all": "every row (ignored positions included, one mean apart from the tokens')",
@@ -125,3 +127,30 @@ def penalty_normalization(r: ParityReport, sizes: Mapping[str, int], t: Threshol
                         f" matches the seam (loss rel err {fit.loss_rel_err:.2g}, dL/dh rel err"
                         f" {fit.grad_hidden_rel_err:.2g}): the penalty is normalised over another token set than"
                         " the loss", {**core_evidence(r), "fitted_z_loss_positions": fit.z_loss_positions})
+
+
+def _l2_warp_rows(r: ParityReport, fit) -> Diagnosis:
+    rows = {"all": f"every row ({r.n_tokens}, fla's l2_warp)",
+            "counted": f"the loss's divisor ({r.divisor:g}: the non-ignored tokens of a mean)"}
+    return Diagnosis.of(f"penalty_normalization/{fit.mistake}", True,
+                        f"{headline(r)}: the L2-warp penalty's gradient is averaged over {rows[fit.l2_warp_rows]}"
+                        f" where the contract says {rows[r.contract.get('l2_warp_rows', 'all')]}; the reference under"
+                        f" that set matches the seam (loss rel err {fit.loss_rel_err:.2g}, dL/dh rel err"
+                        f" {fit.grad_hidden_rel_err:.2g}): the penalty is normalised over another token set than"
+                        " the contract's", {**core_evidence(r), "fitted_l2_warp_rows": fit.l2_warp_rows})
+
+
+def l2_warp_upstream(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
+    """The L2-warp penalty's gradient not multiplied by the upstream gradient (fla 0.3.0-0.5.1's ``l2_warp``
+    backward): the reference with the factor divided by the upstream reproduces the seam (fitted by
+    :func:`ce_guard.transform_fit.fit_output_transform` on checks over budget)."""
+    fit = r.output_transform
+    if fit is None or fit.mistake != "l2_warp_upstream_ignored":
+        return None
+    declared = r.contract.get("l2_warp", 0.0)
+    return Diagnosis.of("backward_scale/l2_warp_upstream_ignored", True,
+                        f"{headline(r)}: the L2-warp penalty's gradient is not scaled by the upstream gradient"
+                        f" ({declared / fit.l2_warp:g}): the reference with factor {fit.l2_warp:g} in place of"
+                        f" {declared:g} matches the seam (loss rel err {fit.loss_rel_err:.2g}, dL/dh rel err"
+                        f" {fit.grad_hidden_rel_err:.2g}); the penalty's backward drops grad_output",
+                        {**core_evidence(r), "fitted_l2_warp": fit.l2_warp})

@@ -99,14 +99,20 @@ RULES: tuple[Rule, ...] = (
          after=("loss_scaled_outside",)),
     Rule(name="narrow_softmax", variants=("accumulator_dtype/narrow_softmax",), signals=VERDICT,
          match=outcomes.narrow_softmax),
-    # A z-loss over every row puts a gradient on ignored rows, as a leak does: the fitted row set is tried first.
+    # A z-loss over every row (or an L2-warp, on every row) puts a gradient on ignored rows, as a leak does: the
+    # fitted row set is tried first.
     Rule(name="penalty_normalization", variants=("penalty_normalization/z_loss_over_all",
-                                                 "penalty_normalization/z_loss_over_counted"),
+                                                 "penalty_normalization/z_loss_over_counted",
+                                                 "penalty_normalization/l2_warp_over_all",
+                                                 "penalty_normalization/l2_warp_over_counted"),
          signals=("output_transform", "contract"), match=offsets.penalty_normalization, after=("clean",)),
+    # fla's l2_warp backward that drops grad_output: only the penalty's share of dL/dh is off the upstream.
+    Rule(name="l2_warp_upstream", variants=("backward_scale/l2_warp_upstream_ignored",),
+         signals=("output_transform", "contract"), match=offsets.l2_warp_upstream, after=("clean",)),
     Rule(name="ignored_rows", variants=("ignore_index_leak/ignored_rows",),
          signals=("grad_hidden_ignored_norm", "grad_hidden_norm_ref", "loss_rel_err", "budget", "contract"),
          match=outcomes.ignored_rows,
-         after=("non_finite", "penalty_normalization")),
+         after=("non_finite", "penalty_normalization", "l2_warp_upstream")),
     # Per-token upstream weights (reduction='none'): one token's weight for all, or the weights in another order.
     Rule(name="upstream_first_token", variants=("upstream_broadcast/first_token",), signals=UPSTREAM,
          match=upstream.first_token, after=("clean",)),

@@ -289,7 +289,7 @@ def output_transform(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -
     """The reference under a mistaken form of the contract's own logit transform reproduces the seam (fitted by
     :func:`ce_guard.transform_fit.fit_output_transform` on checks over budget)."""
     fit = r.output_transform
-    if fit is None or fit.mistake.startswith("z_loss_over_"):
+    if fit is None or fit.mistake.startswith(("z_loss_over_", "l2_warp_")):  # a penalty's
         return None
     declared = r.contract.get("logit_multiplier", 1.0), r.contract.get("softcap")
     what = (f"logits multiplied by {fit.logit_multiplier:g} where the contract says {declared[0]:g}"

@@ -47,6 +47,8 @@ class Injection:
             ``ce_guard.testing.causal_lm_faults`` breaks this way.
         training_step: the training loop commits it on the loss that reaches backward
             (``ce_guard.testing.training_faults``; tests/test_step_weight.py drives it at accumulation 4).
+        upstream: the loss's upstream gradient in tests/test_injections.py, for a fault that shows only where it
+            is not 1 (0.25: what gradient accumulation over 4 micro-batches hands a mean).
     """
 
     switch: str
@@ -62,6 +64,7 @@ class Injection:
     chunks: int | None = None
     causal_lm: tuple[str, ...] = ()
     training_step: bool = False
+    upstream: float = 1.0
 
     def __post_init__(self) -> None:
         where = f"Injection {self.switch!r}"
@@ -157,6 +160,17 @@ INJECTIONS: tuple[Injection, ...] = (
               " (transformers' Bamba) takes it over every row", cause=Cause.PENALTY_NORMALIZATION,
               variants=_both("penalty_normalization/z_loss_over_counted"), meshes=("TP=1",), broken_path=True,
               contract={"z_loss": 1e-2, "z_loss_positions": "all"}),
+    Injection(switch="l2_warp_over_counted", what="the L2-warp penalty averaged over the counted tokens where the"
+              " contract (fla's l2_warp) averages it over every row", cause=Cause.PENALTY_NORMALIZATION,
+              variants=_both("penalty_normalization/l2_warp_over_counted"), meshes=("TP=1",), broken_path=True,
+              contract={"l2_warp": 0.5}),
+    Injection(switch="l2_warp_over_all_rows", what="the L2-warp penalty averaged over every row where the contract"
+              " averages it over the counted tokens", cause=Cause.PENALTY_NORMALIZATION,
+              variants=_both("penalty_normalization/l2_warp_over_all"), meshes=("TP=1",), broken_path=True,
+              contract={"l2_warp": 0.5, "l2_warp_rows": "counted"}),
+    Injection(switch="l2_warp_upstream_ignored", what="the L2-warp penalty's gradient not multiplied by the upstream"
+              " gradient", cause=Cause.BACKWARD_SCALE, variants=_both("backward_scale/l2_warp_upstream_ignored"),
+              meshes=("TP=1",), broken_path=True, contract={"l2_warp": 0.5}, upstream=0.25),
     Injection(switch="doubled_loss", what="the loss times 2 in training_step, outside the seam",
               cause=Cause.LOSS_SCALED_OUTSIDE, variants=_both("loss_scaled_outside/factor"), meshes=("TP=1",),
               training_step=True),
