@@ -4,9 +4,9 @@ Each MTP depth's per-token loss enters the graph below the seam (``MTPLossAutoSc
 upstream beside the seam and holds it to the model's training contract on the depth's own tokens (the loss mask
 rolled by the depth). In megatron-core 0.16.1 with ``calculate_per_token_loss=True`` the MTP term is summed and
 divided by the main loss's count N (``finalize_model_grads``), where its own M < N is due: named with M/N
-(Megatron-LM issue 2417). Megatron-LM PR 3159 (not in any megatron-core release on pip) rescales it by this rank's
-N/M: clean at DP = 1, named at DP = 2 with unequal counts (issue 7452, item 3). Nothing is injected: the 0.16.1
-cases run megatron-core's own code; the PR 3159 case wraps its ``MTPLossAutoScaler.apply`` with that PR's rescale.
+(Megatron-LM issue 2417). Megatron-LM PR 3159 (in megatron-core 0.19.2, pinned: ``megatron_pins``) rescales it
+by this rank's N/M: clean at DP = 1, named at DP = 2 with unequal counts (issue 7452, item 3). Nothing is injected:
+each version's cases run its own code.
 """
 
 import tempfile
@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 from dist_helpers import run_distributed
+from megatron_pins import megatron_core_for_spawned_ranks, mute_mtp_loss_logger
 
 pytest.importorskip("megatron.core", reason="needs the megatron extra: pip install 'ce_guard[megatron]'")
 pytestmark = pytest.mark.distributed
@@ -31,50 +32,22 @@ def _rolled(mask: torch.Tensor, depth: int = 1) -> torch.Tensor:
     return mask
 
 
-def _pr3159():
-    """Megatron-LM PR 3159's rescale, where 0.16.1 lets it in: each depth's summed loss times this micro-batch's
-    N/M (``original_num_tokens / num_tokens``, local counts) before ``MTPLossAutoScaler.apply``."""
-    from megatron.core.models.gpt import gpt_model
-    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
-
-    class Rescaled:
-        mask: torch.Tensor | None = None  # the micro-batch's loss mask, set by the module before its forward
-        depth = 0
-
-        @staticmethod
-        def apply(hidden, mtp_loss):
-            Rescaled.depth += 1
-            n, m = Rescaled.mask.sum(), _rolled(Rescaled.mask, Rescaled.depth).sum()
-            return MTPLossAutoScaler.apply(hidden, mtp_loss * (n / m.clamp(min=1)))
-
-    gpt_model.MTPLossAutoScaler = Rescaled
-    return Rescaled
-
-
-def _fit(dp, steps, fix=False, accumulate=1, unscaled=False, **options):
+def _fit(dp, steps, accumulate=1, unscaled=False, **options):
     """Fit ``MegatronGPTLit(mtp_num_layers=1, **options)`` on ``dp`` data-parallel gloo ranks (TP = 1), checking
     every step; the verdicts and this rank's loss masks. ``unscaled``: a loop that never sets the MTP scale."""
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from megatron.core.models.gpt import gpt_model
     from megatron.core.transformer import multi_token_prediction
 
     from ce_guard.callbacks import CEParityCallback
     from ce_guard.demos.megatron_gpt import MegatronGPTLit, next_token_loader
 
-    # Megatron's MTP loss logger allocates on the CUDA device; it only logs, so on CPU it is off.
-    multi_token_prediction.MTPLossLoggingHelper.save_loss_to_tracker = staticmethod(lambda *args, **kwargs: None)
-    rescaled = _pr3159() if fix else None
+    mute_mtp_loss_logger()
 
     class Kept(MegatronGPTLit):
         def __init__(self, **options):
             super().__init__(**options)
             self.masks = []
-
-        def forward(self, tokens, labels, loss_mask):
-            if rescaled is not None:
-                rescaled.mask, rescaled.depth = loss_mask.float(), 0
-            return super().forward(tokens, labels, loss_mask)
 
         def training_step(self, batch, batch_idx):
             self.masks.append(batch[2].clone())
@@ -92,81 +65,91 @@ def _fit(dp, steps, fix=False, accumulate=1, unscaled=False, **options):
     module = Kept(mtp_num_layers=1, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            trainer.fit(module, next_token_loader(batches=steps * dp * accumulate))
-        finally:  # the next fit in this process runs megatron-core's own code again
-            gpt_model.MTPLossAutoScaler = multi_token_prediction.MTPLossAutoScaler
+        trainer.fit(module, next_token_loader(batches=steps * dp * accumulate))
     return {"history": [(h["variant"], h["summary"]) for h in callback.history], "missed": callback.missed,
             "masks": [mask.tolist() for mask in module.masks]}  # lists: a tensor would not outlive the child
 
 
 def mtp_cases(rank, world):
+    """This rank's verdicts under megatron-core's own MTP code: the installed 0.16.1, or the pinned 0.19.2 with
+    PR 3159's rescale."""
+    import megatron.core
+    from megatron.core.transformer import multi_token_prediction
+
     started = time.perf_counter()
-    cases = {"0.16.1 per-token": _fit(world, STEPS, per_token_loss=True),
-             "0.16.1 mean": _fit(world, STEPS),
-             "PR 3159 per-token": _fit(world, STEPS, fix=True, per_token_loss=True)}
-    if world == 1:  # Lightning divides the returned loss by the accumulation; the MTP term only by its scale
-        cases["0.16.1 mean, accumulation 2"] = _fit(world, STEPS, accumulate=2)
+    rescales = hasattr(multi_token_prediction, "process_mtp_loss")  # PR 3159: the local N/M rescale
+    cases = {"per-token": _fit(world, STEPS, per_token_loss=True), "mean": _fit(world, STEPS)}
+    if world == 1 and not rescales:  # Lightning divides the returned loss by the accumulation; the MTP term only
+        # by its scale
+        cases["mean, accumulation 2"] = _fit(world, STEPS, accumulate=2)
         cases["mean, accumulation 2, MTP scale unset"] = _fit(world, STEPS, accumulate=2, unscaled=True)
-    return cases, time.perf_counter() - started
+    return cases, megatron.core.__version__, time.perf_counter() - started
 
 
 def _counts(results, step):
-    """N (main) and M (MTP depth 1) over the data-parallel group at ``step``, and each rank's, from the data."""
-    masks = [torch.tensor(cases["0.16.1 per-token"]["masks"][step], dtype=torch.float64) for cases, _ in results]
-    n = [int(mask.sum()) for mask in masks]
-    m = [int(_rolled(mask).sum()) for mask in masks]
-    return n, m
+    """N (main) and M (MTP depth 1) of each rank at ``step``, from the data."""
+    masks = [torch.tensor(cases["per-token"]["masks"][step], dtype=torch.float64) for cases, *_ in results]
+    return [int(mask.sum()) for mask in masks], [int(_rolled(mask).sum()) for mask in masks]
 
 
+def _assert_local_counts_named(variant, summary, n, m):
+    """Megatron-LM issue 7452 item 3: each rank rescales by its own N_r/M_r where the group's N/M is due."""
+    assert n[0] * m[1] != n[1] * m[0], (n, m)  # unequal ratios in the data
+    assert variant == "window_weighting/mtp_local_count", summary
+    first = next(r for r in range(len(n)) if abs(n[r] * sum(m) / (sum(n) * m[r]) - 1) > 1e-4)
+    factor = n[first] * sum(m) / (sum(n) * m[first])
+    assert f"{n[first]}/{m[first]} (main tokens over its own)" in summary, (summary, n, m)
+    assert f"{factor:.4g}x" in summary, (summary, factor)
+
+
+@pytest.mark.parametrize("version", [None, "0.19.2"], ids=["installed", "0.19.2"])
 @pytest.mark.parametrize("dp", [1, 2])
-def test_megatron_mtp_per_token_loss_is_named_with_its_factor(dp):
+def test_megatron_mtp_per_token_loss_is_named_with_its_factor(dp, version):
+    """0.16.1 (issue 2417): each MTP depth divided by the main count, named with M/N. 0.19.2 (PR 3159's rescale
+    by each rank's N/M): clean on one rank, named at DP = 2 with unequal counts (issue 7452 item 3)."""
     started = time.perf_counter()
-    results = run_distributed(mtp_cases, dp, timeout=300)
-    print(f"\nDP={dp}: {time.perf_counter() - started:.1f} s with spawning, fits {[round(s, 1) for _, s in results]} s")
-    for rank, (cases, _) in enumerate(results):
+    with megatron_core_for_spawned_ranks(version):
+        results = run_distributed(mtp_cases, dp, timeout=300)
+    found = results[0][1]
+    print(f"\nmegatron-core {found}, DP={dp}: {time.perf_counter() - started:.1f} s with spawning")
+    assert found.startswith(version or "0.16"), found  # the version the spawned ranks imported
+    for rank, (cases, *_) in enumerate(results):
         for name, case in cases.items():
             print(f"  rank {rank} {name}: {case['history'][0]}")
             assert not case["missed"] and len(case["history"]) == STEPS, (name, case)
-        assert all(v == "within_budget/clean" for v, _ in cases["0.16.1 mean"]["history"])
-        if dp == 1:  # the schedule's scale, 1/micro-batches, as the demo sets it: clean; never set: each MTP term
-            # weighs as a whole step
-            assert all(v == "within_budget/clean" for v, _ in cases["0.16.1 mean, accumulation 2"]["history"])
+        assert all(v == "within_budget/clean" for v, _ in cases["mean"]["history"])
+        if "mean, accumulation 2" in cases:  # the schedule's scale, 1/micro-batches, as the demo sets it: clean;
+            # never set: each MTP term weighs as a whole step
+            assert all(v == "within_budget/clean" for v, _ in cases["mean, accumulation 2"]["history"])
             for variant, summary in cases["mean, accumulation 2, MTP scale unset"]["history"]:
                 assert variant == "loss_scaled_outside/accumulation", summary
                 assert summary.startswith("MTP depth 1's loss (weight 0.1, divided out) reached the optimizer 2x"), summary
     for step in range(STEPS):
         n, m = _counts(results, step)
         assert sum(m) < sum(n)
-        for cases, _ in results:
-            variant, summary = cases["0.16.1 per-token"]["history"][step]
-            factor = sum(m) / sum(n)  # float64: each MTP token weighs w/N where w/M is due
-            assert variant == "window_weighting/mtp_main_count", summary
-            assert f"{sum(m)}/{sum(n)} = {factor:.4g}x" in summary, (summary, n, m)
-            assert "MTP depth 1's loss (weight 0.1, divided out)" in summary
-            variant, summary = cases["PR 3159 per-token"]["history"][step]
-            if dp == 1:  # N/M on one rank is the group's: the fix holds
+        for cases, *_ in results:
+            variant, summary = cases["per-token"]["history"][step]
+            if version is None:  # 0.16.1: each MTP token weighs w/N where w/M is due
+                factor = sum(m) / sum(n)
+                assert variant == "window_weighting/mtp_main_count", summary
+                assert f"{sum(m)}/{sum(n)} = {factor:.4g}x" in summary, (summary, n, m)
+                assert "MTP depth 1's loss (weight 0.1, divided out)" in summary
+            elif dp == 1:  # N/M on one rank is the group's: the rescale holds
                 assert variant == "within_budget/clean", summary
-            else:  # each rank's N/M is not the group's (7452 item 3): rank r weighs N_r/N against M_r/M
-                assert n[0] * m[1] != n[1] * m[0], (n, m)  # unequal ratios in the data
-                assert variant == "window_weighting/mtp_local_count", summary
-                first = next(r for r in range(dp) if abs(n[r] * sum(m) / (sum(n) * m[r]) - 1) > 1e-4)
-                factor = n[first] * sum(m) / (sum(n) * m[first])
-                assert f"{n[first]}/{m[first]} (main tokens over its own)" in summary, (summary, n, m)
-                assert f"{factor:.4g}x" in summary, (summary, factor)
+            else:
+                _assert_local_counts_named(variant, summary, n, m)
 
 
 def term_upstream_case(rank, world):
     """One forward and backward of a bare per-token GPTModel, recorded: the MTP depth's upstream against a float64
     hand computation (w * rolled mask / N), and its step weight's factor M/N."""
-    from megatron.core.transformer import multi_token_prediction
     from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
     from ce_guard.adapters import megatron_tensor_parallel
     from ce_guard.demos.megatron_gpt import MegatronGPTLit
     from ce_guard.seams import find_seam
 
-    multi_token_prediction.MTPLossLoggingHelper.save_loss_to_tracker = staticmethod(lambda *args, **kwargs: None)
+    mute_mtp_loss_logger()
     megatron_tensor_parallel(None)
     lit = MegatronGPTLit(mtp_num_layers=2, per_token_loss=True)
     lit.configure_model()
