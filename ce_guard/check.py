@@ -33,7 +33,9 @@ class SeamRecord:
     outside the seam does not read as drift. ``given_count`` is the count a ``normalize_by='given_count'``
     mean divided by on this step (transformers' ``num_items_in_batch``); None for every other contract.
     ``input_checksums`` are those of the inputs the loss path was handed (hidden, weight, logits), before its
-    forward and after its backward; None where nobody measured them.
+    forward and after its backward; None where nobody measured them. ``counted`` marks the tokens the training loop
+    counts where it counts by a mask of its own (Megatron's ``loss_mask``), the targets' shape; None: the targets
+    not ignored.
     """
 
     hidden: torch.Tensor
@@ -43,6 +45,7 @@ class SeamRecord:
     upstream: torch.Tensor | float
     given_count: float | torch.Tensor | None = None
     input_checksums: InputChecksums | None = None
+    counted: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -120,15 +123,34 @@ def _step_weight(record: SeamRecord, reference: ReferenceResult, contract: CECon
                  training: TrainingContract) -> StepWeight:
     """The recorded micro-batch's summed token weights (what its mean loss is multiplied by in the step) against
     the training contract. Per-token upstreams are summed over the counted tokens of this rank's view."""
+    tokens = reference.n_visible
     if contract.reduction == "none":
         visible = reference.targets.reshape(-1) != contract.ignore_index
+        if record.counted is not None:  # the training loop's own mask: its tokens are the ones counted
+            visible = visible & (record.counted.reshape(-1).to(visible.device) != 0)
+            tokens = int(_dist.all_reduce(visible.sum().double(), dist.ReduceOp.SUM,
+                                          contract.tp_group if contract.sequence_parallel else None))
         upstream = torch.as_tensor(record.upstream, device=visible.device).reshape(-1).double()
         found = _dist.all_reduce(upstream[visible].sum(), dist.ReduceOp.SUM,
                                  contract.tp_group if contract.sequence_parallel else None)
         found = float(found)
     else:
         found = float(record.upstream) * reference.n_visible / reference.divisor if reference.divisor else 0.0
-    return step_weight(found, reference.n_visible, window, training)
+    return step_weight(found, tokens, window, training)
+
+
+def with_terms(result: CheckResult, weights: list[StepWeight], *, group_sizes: Mapping[str, int] | None = None,
+               thresholds: Thresholds | None = None) -> CheckResult:
+    """The seam's check with the loss terms beside it (Megatron's MTP depths) held to the training contract too:
+    where the seam and its own weight read clean, the first term off names the cause (its weight in the report)."""
+    if result.diagnosis.drift:
+        return result
+    for weight in weights:
+        if weight.off:
+            report = dataclasses.replace(result.report, step_weight=weight)
+            return CheckResult(report, diagnose(report, group_sizes=group_sizes, thresholds=thresholds or Thresholds()),
+                               result.sampled_tokens)
+    return result
 
 
 def _half_precision(hidden: torch.Tensor) -> bool:

@@ -6,6 +6,11 @@ while installed is :meth:`~SeamRecording.count`-ed, so an accumulation window's 
 then hooks those tensors for what the real backward delivers (dL/dhidden and the upstream gradient); dL/dW is
 replayed on the recorded inputs when the source can replay, so training's ``.grad`` is never read or touched.
 
+A loss term that enters the graph beside the seam (a Megatron MTP depth) is a :class:`TermRecording` in the
+recording's ``terms``: its counts and its per-token upstream, held to the training contract on its own counted tokens
+(:meth:`SeamRecording.term_weights`). Where the training loop counts tokens by a mask of its own (Megatron's
+``loss_mask``) rather than by the ignore index, ``counted`` holds it.
+
 Every hook runs through :meth:`SeamRecording.guard`: an exception inside one becomes the recording's
 ``error`` (the callback reports a missed check), never an exception in the model's forward or backward.
 
@@ -31,7 +36,7 @@ from ce_guard.check import SeamRecord
 from ce_guard.contract import CEContract
 from ce_guard.input_checksums import InputChecksums
 from ce_guard.parity import SeamOutputs
-from ce_guard.step_weight import StepWindow
+from ce_guard.step_weight import LossTerm, StepWeight, StepWindow, TrainingContract, step_weight
 
 # (hidden, weight, targets) -> loss: the seam's loss computed again on a weight copy, for dL/dW.
 Replay = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -52,6 +57,9 @@ class SeamRecording:
         self.autocast_dtype: torch.dtype | None = None
         self.replay: Replay | None = None
         self.input_checksums: Callable[[], InputChecksums | None] | None = None  # read once the backward has run
+        self.counted: torch.Tensor | None = None  # the tokens the training loop counts, where not the ignore index's
+        self.terms: list[TermRecording] = []       # loss terms beside the seam, held to the training contract too
+        self.training: TrainingContract | None = None  # the training contract the seam's own code implies, if any
         self.error: str | None = None
         self.finished_forward = False
         self.armed = True  # capture the next call; a window's other micro-batches are only counted
@@ -87,6 +95,10 @@ class SeamRecording:
         """Add one seam call's counted tokens (targets not ignored) to the window's; no host sync."""
         self._counts.append((targets.detach() != ignore_index).sum())
 
+    def count_mask(self, mask: torch.Tensor) -> None:
+        """Add one seam call's counted tokens where the training loop counts by a mask (nonzero: counted)."""
+        self._counts.append((mask.detach() != 0).sum())
+
     def window_tokens(self) -> int:
         """Counted tokens over every seam call while the recording was installed, on this rank."""
         return int(torch.stack(self._counts).sum()) if self._counts else 0
@@ -95,15 +107,49 @@ class SeamRecording:
         """The accumulation window's counts around the recorded call: its counted tokens on this data-parallel rank
         (the TP group's sequence shards summed under SP) and over every rank (TP ranks count alike). A collective on
         every rank of the world, after the recording's backward."""
+        tokens, world = self._group_counts([self.window_tokens()])
+        return StepWindow(micro_batches=micro_batches, accumulate=accumulate, window_tokens=tokens[0],
+                          global_tokens=world[0], dp_size=dp_size, loss_scale=loss_scale,
+                          loss_dtype=self.upstream.dtype)
+
+    def term_weights(self, window: StepWindow, training: TrainingContract) -> list[StepWeight]:
+        """Each loss term's weight in the step against ``training``, on its own counts beside the seam's ``window``:
+        one collective on every rank of the world (all terms at once), after the recording's backward.
+
+        Raises:
+            ValueError: a term that was not recorded or got no backward (after the collective, so no rank waits).
+        """
+        if not self.terms:
+            return []
+        counts = [term.window_tokens() for term in self.terms]
+        found = [float(term.upstream.double().sum()) if term.upstream is not None else 0.0 for term in self.terms]
+        tokens, world = self._group_counts(counts, found if self.contract.sequence_parallel else None)
+        weights = []
+        for term, mine, group, total in zip(self.terms, tokens, world, found):
+            if term.problem() is not None:
+                raise ValueError(f"{term.name}: {term.problem()}")
+            sized = StepWindow(micro_batches=window.micro_batches, accumulate=window.accumulate, window_tokens=mine,
+                               global_tokens=group, dp_size=window.dp_size, loss_scale=window.loss_scale,
+                               loss_dtype=term.upstream.dtype,
+                               term=LossTerm(term.name, term.weight, term.main_tokens, window.window_tokens,
+                                             window.global_tokens))
+            weights.append(step_weight(total, term.tokens, sized, training))
+        return weights
+
+    def _group_counts(self, counts: list[int], found: list[float] | None = None) -> tuple[list[int], list[int]]:
+        """Token counts on this data-parallel rank (the TP group's sequence shards summed under SP) and over every
+        rank (TP ranks count alike); under SP ``found`` is summed over the TP group in place, in the same call."""
         contract = self.contract
-        tokens = torch.tensor([float(self.window_tokens())], dtype=torch.float64, device=self.hidden.device)
+        tokens = torch.tensor([float(c) for c in counts] + list(found or []), dtype=torch.float64,
+                              device=self.hidden.device)
         if contract.sequence_parallel:
             _dist.all_reduce(tokens, dist.ReduceOp.SUM, contract.tp_group)
         world = _dist.all_reduce(tokens.clone(), dist.ReduceOp.SUM, dist.group.WORLD) / _dist.group_size(
             contract.tp_group)
-        return StepWindow(micro_batches=micro_batches, accumulate=accumulate, window_tokens=int(tokens.item()),
-                          global_tokens=round(float(world.item())), dp_size=dp_size, loss_scale=loss_scale,
-                          loss_dtype=self.upstream.dtype)
+        if found is not None:
+            found[:] = tokens[len(counts):].tolist()
+        n = len(counts)
+        return [int(t) for t in tokens[:n].tolist()], [round(float(t)) for t in world[:n].tolist()]
 
     def capture(self, *, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor,
                 contract: CEContract, given_count: float | None = None, replay: Replay | None = None) -> None:
@@ -156,7 +202,8 @@ class SeamRecording:
         fused = SeamOutputs(loss=self.loss.float(), grad_hidden=self.grad_hidden, grad_weight=grad_weight)
         checksums = self.input_checksums() if self.input_checksums is not None else None
         return SeamRecord(hidden=self.hidden.to(dtype), weight=self.weight.to(dtype), targets=self.targets,
-                          fused=fused, upstream=upstream, given_count=self.given_count, input_checksums=checksums)
+                          fused=fused, upstream=upstream, given_count=self.given_count, input_checksums=checksums,
+                          counted=self.counted)
 
     def _replayed_weight_grad(self) -> torch.Tensor:
         """dL/dW of the seam's own loss on the recorded inputs, under the autocast the forward ran in."""
@@ -167,6 +214,51 @@ class SeamRecording:
             loss = self.replay(self.hidden, weight, self.targets)
             (grad_weight,) = torch.autograd.grad(loss, [weight], grad_outputs=self.upstream.to(loss.dtype).expand_as(loss))
         return grad_weight
+
+
+class TermRecording:
+    """A loss term beside the seam, sharing none of its tensors (a Megatron MTP depth): the tokens it counts on every
+    call of the window, and on the recorded call the upstream gradient its per-token loss got. Its hooks run under
+    the seam recording's ``guard``.
+
+    Args:
+        name: how a diagnosis calls it (``"MTP depth 1"``).
+        weight: its declared weight in the step's loss (Megatron: ``mtp_loss_scaling_factor / mtp_num_layers``).
+    """
+
+    def __init__(self, name: str, weight: float) -> None:
+        self.name, self.weight = name, weight
+        self.upstream: torch.Tensor | None = None
+        self.tokens = 0       # counted tokens of the recorded call
+        self.main_tokens = 0  # the main loss's counted tokens in the same call
+        self._counts: list[torch.Tensor] = []
+
+    def count(self, mask: torch.Tensor) -> None:
+        """One call's counted tokens (``mask`` nonzero); no host sync."""
+        self._counts.append((mask.detach() != 0).sum())
+
+    def window_tokens(self) -> int:
+        return int(torch.stack(self._counts).sum()) if self._counts else 0
+
+    def capture(self, loss: torch.Tensor, mask: torch.Tensor, main_mask: torch.Tensor,
+                guard: Callable[[Callable[..., Any]], Callable[..., None]]) -> Any:
+        """The recorded call: its counts now, its per-token loss's upstream when the backward reaches it; returns
+        the hook's handle (None where the loss needs no gradient)."""
+        self.tokens, self.main_tokens = int((mask != 0).sum()), int((main_mask != 0).sum())
+        if not loss.requires_grad:
+            return None
+
+        def upstream(grad: torch.Tensor) -> None:
+            self.upstream = grad.detach().clone()
+
+        return loss.register_hook(guard(upstream))
+
+    def problem(self) -> str | None:
+        if not self._counts:
+            return "the term did not run while the seam was recorded"
+        if self.upstream is None:
+            return "no backward reached its per-token loss"
+        return None
 
 
 def local_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,9 @@ counts of the accumulation window the guard saw, and reports the recorded micro-
 The weight of a micro-batch is what its mean loss per counted token is multiplied by in the step's gradient,
 before the data-parallel reduction: the sum of its tokens' weights (dLoss/dtoken loss times the upstream), with an
 AMP loss scale divided out.
+
+A loss term beside the seam (:class:`LossTerm`: a Megatron MTP depth, whose per-token loss enters the graph below
+the seam) is held to the same contract on its own counted tokens, its declared weight divided out.
 """
 
 from __future__ import annotations
@@ -78,6 +81,28 @@ def implied_training_contract(contract: CEContract) -> TrainingContract:
 
 
 @dataclass(frozen=True)
+class LossTerm:
+    """A term of the step's loss beside the seam, held to the training contract as its per-token loss averaged over
+    its own counted tokens, times ``weight`` (a Megatron MTP depth: ``mtp_loss_scaling_factor / mtp_num_layers``
+    over the loss mask rolled by its depth). The main loss's counts are kept because a term divided by them, not
+    by its own, is a fault the diagnosis names.
+
+    Args:
+        name: how the diagnosis calls the term (``"MTP depth 1"``).
+        weight: the term's declared weight in the step's loss.
+        main_tokens: the main loss's counted tokens in the recorded micro-batch.
+        main_window_tokens: the main loss's counted tokens in the window, on this rank.
+        main_global_tokens: the main loss's counted tokens over the data-parallel group.
+    """
+
+    name: str
+    weight: float
+    main_tokens: int
+    main_window_tokens: int
+    main_global_tokens: int
+
+
+@dataclass(frozen=True)
 class StepWindow:
     """What the training loop did around the recorded micro-batch: its accumulation window, on this rank.
 
@@ -89,6 +114,7 @@ class StepWindow:
         dp_size: ranks the data-parallel reduction combines.
         loss_scale: the AMP loss scale the upstream carries (1 without one).
         loss_dtype: the dtype of the loss the upstream reached; its rounding sets the tolerance.
+        term: the loss term these counts are of; None for the seam's own loss.
     """
 
     micro_batches: int
@@ -98,6 +124,7 @@ class StepWindow:
     dp_size: int = 1
     loss_scale: float = 1.0
     loss_dtype: torch.dtype = torch.float32
+    term: LossTerm | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +142,7 @@ class StepWeight:
     micro_batches: int
     accumulate: int
     dp_size: int
+    term: LossTerm | None = None  # the loss term weighed; None for the seam's own loss
 
     @property
     def off(self) -> bool:
@@ -129,7 +157,8 @@ def step_weight(found: float, tokens: int, window: StepWindow, contract: Trainin
     """Hold ``found`` (the recorded micro-batch's summed token weights, with the loss scale) to ``contract``.
 
     Args:
-        found: the sum of dTotal/dtoken loss over the micro-batch's counted tokens, as the backward delivered it.
+        found: the sum of dTotal/dtoken loss over the micro-batch's counted tokens, as the backward delivered it
+            (a term's declared weight still in it).
         tokens: the micro-batch's counted tokens on this data-parallel rank.
         window: the accumulation window's counts.
         contract: the training contract.
@@ -145,10 +174,10 @@ def step_weight(found: float, tokens: int, window: StepWindow, contract: Trainin
         expected = tokens * window.dp_size / max(window.global_tokens, 1)
     if contract.data_parallel == "sum":
         expected /= window.dp_size
-    found /= window.loss_scale
+    found /= window.loss_scale * (window.term.weight if window.term is not None else 1.0)
     tolerance = _TOLERANCE.get(window.loss_dtype, _TOLERANCE_16_BIT)
     factor = found / expected if expected > 0 else (1.0 if found == 0 else float("inf"))
     return StepWeight(weighting=contract.weighting, found=found, expected=expected, factor=factor,
                       tolerance=tolerance, tokens=tokens, window_tokens=window.window_tokens,
                       global_tokens=window.global_tokens, micro_batches=window.micro_batches,
-                      accumulate=window.accumulate, dp_size=window.dp_size)
+                      accumulate=window.accumulate, dp_size=window.dp_size, term=window.term)

@@ -12,8 +12,8 @@ from collections import Counter
 
 import pytest
 import torch
-
 from dist_helpers import run_distributed
+from megatron_pins import mute_mtp_loss_logger
 
 pytest.importorskip("megatron.core", reason="needs the megatron extra: pip install 'ce_guard[megatron]'")
 pytestmark = pytest.mark.distributed
@@ -85,11 +85,9 @@ def test_megatron_gpt_names_what_megatron_computes(world):
 
 
 def mtp_case(rank, world):
-    """Multi-token prediction, 1 depth. Megatron's MTP loss logger allocates on the CUDA device; it only logs, so on
-    CPU it is turned off. The MTP losses enter below the guarded seam (``MTPLossAutoScaler``)."""
-    from megatron.core.transformer import multi_token_prediction
-
-    multi_token_prediction.MTPLossLoggingHelper.save_loss_to_tracker = staticmethod(lambda *args, **kwargs: None)
+    """Multi-token prediction, 1 depth (its CUDA-only loss logger muted). The MTP losses enter below the guarded seam (``MTPLossAutoScaler``); each depth is held to
+    the training contract beside it (tests/test_megatron_mtp.py), here a masked mean over its own tokens: clean."""
+    mute_mtp_loss_logger()
     return _fit(world, 10, mtp_num_layers=1)
 
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ce_guard import CEContract, SeamOutputs, SeamRecord, TrainingContract, check_seam
 from ce_guard.callbacks import CEParityCallback
 from ce_guard.demos.inject import InjectTrainingFault
-from ce_guard.step_weight import StepWindow, implied_training_contract, step_weight
+from ce_guard.step_weight import LossTerm, StepWindow, implied_training_contract, step_weight
 from ce_guard.testing import INJECTIONS
 from tests.lightning_helpers import TinyLM, trainer
 
@@ -182,6 +182,13 @@ STEP_CASES = [
     ("global_tokens", StepWindow(1, 1, 48, 100, dp_size=2), 2 * 0.96, "loss_scaled_outside/world_size"),
     ("micro_batch_mean", StepWindow(1, 1, 48, 48, loss_scale=1024.0), 1024.0, "within_budget/clean"),
     ("micro_batch_mean", StepWindow(1, 1, 48, 48, loss_scale=1024.0), 3 * 1024.0, "loss_scaled_outside/factor"),
+    # An MTP depth of weight 0.1 counting 48 tokens where the main loss counts 50 (tests/test_megatron_mtp.py in a fit)
+    ("global_tokens", StepWindow(1, 1, 48, 48, term=LossTerm("MTP depth 1", 0.1, 50, 50, 50)), 0.1,
+     "within_budget/clean"),
+    ("global_tokens", StepWindow(1, 1, 48, 48, term=LossTerm("MTP depth 1", 0.1, 50, 50, 50)), 0.1 * 48 / 50,
+     "window_weighting/mtp_main_count"),
+    ("global_tokens", StepWindow(1, 1, 48, 100, dp_size=2, term=LossTerm("MTP depth 1", 0.1, 50, 50, 110)),
+     0.1 * 2 * 50 / 110, "window_weighting/mtp_local_count"),
 ]
 
 

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ce_guard.agreement import Agreement, agree
 from ce_guard.callbacks.loop import WindowSeen, group_sizes, samples_micro_batch, window_ends
-from ce_guard.check import CheckResult, SeamRecord, check_seam
+from ce_guard.check import CheckResult, SeamRecord, check_seam, with_terms
 from ce_guard.check_options import check_options
 from ce_guard.contract import CEContract
 from ce_guard.diagnosis import Cause, Thresholds, catalogue_entry
@@ -80,7 +80,9 @@ class CEParityCallback(Callback):
         training_contract: the weight each micro-batch's loss must carry in the optimizer step
             (:class:`ce_guard.TrainingContract`). ``auto``: the one the seam's contract implies, a mean of the
             window's micro-batch means (Lightning's divide) unless it normalizes over global tokens or a given
-            count. None checks the seam alone (e.g. per-token weights of your own).
+            count; a megatron-core model's own ``calculate_per_token_loss=True`` says ``global_tokens`` summed
+            over data parallelism. Loss terms beside the seam (Megatron's MTP depths) are held to it too, each on
+            its own counted tokens. None checks the seam alone (e.g. per-token weights of your own).
 
     Example:
         >>> trainer = Trainer(callbacks=[CEParityCallback(every_n_steps=100)])  # doctest: +SKIP
@@ -267,13 +269,18 @@ class CEParityCallback(Callback):
             return None
         contract = recording.contract
         sizes = {**group_sizes(trainer, contract), **self.extra_group_sizes}
-        training = implied_training_contract(contract) if self.training_contract == "auto" else self.training_contract
+        training = self.training_contract
+        if training == "auto":  # the seam's own code may say (Megatron's calculate_per_token_loss), else its contract
+            training = recording.training or implied_training_contract(contract)
         try:
             window = None if training is None else self._window.counts(trainer, recording, sizes["DP"])
             record = recording.to_record(self.replay_weight_grad)
             result = check_seam(record, contract, group_sizes=sizes, sample_tokens=self.sample_tokens,
                                 budget_tokens=self.budget_tokens, safety=self.safety, thresholds=self.thresholds,
                                 window=window, training=training)
+            if window is not None and recording.terms:  # loss terms beside the seam (Megatron's MTP depths)
+                result = with_terms(result, recording.term_weights(window, training), group_sizes=sizes,
+                                    thresholds=self.thresholds)
             error = None
         except Exception as err:  # under `warn` a failed check must never end training
             if self.policy != "warn":

@@ -1,9 +1,13 @@
 """A megatron-core ``GPTModel`` trained by Lightning and guarded in place: no output layer swapped, no loss rewritten.
 
 ``configure_model`` initialises Megatron's ``parallel_state`` on the strategy's ``tensor_parallel`` mesh dim
-(``ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=tp)``) and builds a ``GPTModel`` from the local
-layer spec; ``training_step`` takes the masked mean of the per-token losses the model returns, as Megatron's
-training loop does. ``CEParityCallback`` finds the model by itself (:mod:`ce_guard.seams.megatron`).
+(``ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp)``) and builds a ``GPTModel`` from the local
+layer spec; ``training_step`` reduces the per-token losses the model returns as Megatron's training loop does: a
+masked mean per micro-batch, gradients averaged over data-parallel ranks, or with ``per_token_loss``
+(``calculate_per_token_loss=True``) the masked sum, gradients summed over ranks and divided by the group's token count
+(``finalize_model_grads``' divide, moved into the loss). Either way it sets ``MTPLossAutoScaler``'s scale as Megatron's
+schedule does, so multi-token prediction's losses get the same divide. ``CEParityCallback`` finds the model by itself
+(:mod:`ce_guard.seams.megatron`).
 
 On CPU (gloo ranks) two of Megatron's CUDA-only pieces are avoided, not patched: the local spec's
 ``DotProductAttention`` takes its scores buffer on the current CUDA device, so :class:`CPUCoreAttention` (the same
@@ -16,15 +20,18 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.data import DataLoader, TensorDataset
 
+from ce_guard._dist import group_size
 from ce_guard.adapters import megatron_tensor_parallel
 
 
@@ -69,6 +76,8 @@ class MegatronGPTLit(pl.LightningModule):
         mtp_num_layers: multi-token prediction depths (None: off).
         tie_embeddings: ``share_embeddings_and_output_weights``.
         cross_entropy_fusion: ``cross_entropy_loss_fusion`` with Megatron's ``native`` implementation.
+        per_token_loss: ``calculate_per_token_loss``: every token of the data-parallel group weighs alike (one
+            micro-batch per step: the divide needs the step's whole count).
         lr: SGD learning rate.
         seed: the weights' seed, the same on every rank.
     """
@@ -76,12 +85,12 @@ class MegatronGPTLit(pl.LightningModule):
     def __init__(self, vocab_size: int = 256, hidden_size: int = 32, num_heads: int = 4, num_layers: int = 2,
                  seq_length: int = 16, dtype: torch.dtype = torch.float32, label_smoothing: float = 0.0,
                  mtp_num_layers: int | None = None, tie_embeddings: bool = False, cross_entropy_fusion: bool = False,
-                 lr: float = 0.05, seed: int = 0) -> None:
+                 per_token_loss: bool = False, lr: float = 0.05, seed: int = 0) -> None:
         super().__init__()
         self.options = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_heads=num_heads,
                             num_layers=num_layers, seq_length=seq_length, dtype=dtype, label_smoothing=label_smoothing,
                             mtp_num_layers=mtp_num_layers, tie_embeddings=tie_embeddings,
-                            cross_entropy_fusion=cross_entropy_fusion, seed=seed)
+                            cross_entropy_fusion=cross_entropy_fusion, per_token_loss=per_token_loss, seed=seed)
         self.lr = lr
         self.model: GPTModel | Float16Module | None = None
 
@@ -96,7 +105,7 @@ class MegatronGPTLit(pl.LightningModule):
             hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, params_dtype=o["dtype"],
             bf16=o["dtype"] == torch.bfloat16, tensor_model_parallel_size=mesh["tensor_parallel"].size() if mesh else 1,
             mtp_num_layers=o["mtp_num_layers"], cross_entropy_loss_fusion=o["cross_entropy_fusion"],
-            cross_entropy_fusion_impl="native")
+            cross_entropy_fusion_impl="native", calculate_per_token_loss=o["per_token_loss"])
         spec = get_gpt_layer_local_spec()
         spec.submodules.self_attention.submodules.core_attention = CPUCoreAttention
         extra = {}
@@ -119,9 +128,37 @@ class MegatronGPTLit(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         tokens, labels, loss_mask = batch
+        mask = loss_mask.float()
+        if self.options["per_token_loss"]:
+            if self.trainer.accumulate_grad_batches != 1:
+                raise ValueError("per_token_loss divides by the step's token count over the data-parallel"
+                                 " group, which this module knows for one micro-batch per step: set"
+                                 " accumulate_grad_batches=1.")
+            count = mask.sum()
+            if group_size(self._dp_group()) > 1:
+                dist.all_reduce(count, group=self._dp_group())  # finalize_model_grads' num_tokens
+            scale = 1.0 / count.clamp(min=1)
+            MTPLossAutoScaler.set_loss_scale(scale)  # the schedule's scale (no fp16 scaler: 1), the divide folded in
+            return (self(tokens, labels, loss_mask) * mask).sum() * scale
+        MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0 / self.trainer.accumulate_grad_batches))  # 1 / micro-batches
         losses = self(tokens, labels, loss_mask)
-        mask = loss_mask.to(losses.dtype)
         return (losses * mask).sum() / mask.sum()  # Megatron's masked mean over this micro-batch's tokens
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Megatron's data-parallel gradient reduction: summed with ``calculate_per_token_loss``, else averaged."""
+        group = self._dp_group()
+        ranks = group_size(group)
+        if ranks == 1:
+            return
+        for param in self.model.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad, group=group)
+                if not self.options["per_token_loss"]:
+                    param.grad /= ranks
+
+    def _dp_group(self) -> dist.ProcessGroup | None:
+        mesh = self.device_mesh
+        return mesh["data_parallel"].get_group() if mesh is not None else None
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.model.parameters(), lr=self.lr)

@@ -81,6 +81,11 @@ RULES: tuple[Rule, ...] = (
     Rule(name="empty", variants=("no_visible_tokens/empty",), signals=("n_visible_global", "n_tokens", "contract"),
          match=outcomes.empty, after=("all_ignored",)),
     # The training loop's weight, before "clean": a seam that computes its loss right can reach the optimizer wrong.
+    # A loss term beside the seam (an MTP depth) first: its own two signatures need its counts.
+    Rule(name="mtp_main_count", variants=("window_weighting/mtp_main_count",), signals=STEP,
+         match=training.mtp_main_count, after=("empty",)),
+    Rule(name="mtp_local_count", variants=("window_weighting/mtp_local_count",), signals=STEP,
+         match=training.mtp_local_count, after=("mtp_main_count",)),
     Rule(name="partial_window", variants=("window_weighting/partial_window",), signals=STEP,
          match=training.partial_window, after=("empty",)),
     Rule(name="micro_batch_mean", variants=("window_weighting/micro_batch_mean",), signals=STEP,

@@ -1,7 +1,9 @@
 """Rules for the gradient between the seam's loss and the optimizer step: the training contract's weight missed.
 
 Each reads the report's :class:`~ce_guard.step_weight.StepWeight` (the recorded micro-batch's weight found and
-expected); a seam that computes its loss right can still reach the optimizer at the wrong weight.
+expected); a seam that computes its loss right can still reach the optimizer at the wrong weight. A loss term
+beside the seam (a Megatron MTP depth, :class:`~ce_guard.step_weight.LossTerm`) is read the same way, and two rules
+are its own: divided by the main loss's token count, or rescaled by one rank's counts where the group's are due.
 """
 
 from __future__ import annotations
@@ -16,6 +18,44 @@ from ce_guard.diagnosis.thresholds import Thresholds
 if TYPE_CHECKING:
     from ce_guard.parity import ParityReport
     from ce_guard.step_weight import StepWeight
+
+
+def mtp_main_count(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
+    """A loss term (an MTP depth) averaged over the main loss's token count where its own is due."""
+    s = _off(r)
+    if s is None or s.term is None:
+        return None
+    own, main, where = _term_counts(s)
+    if own == main or not s.close(s.expected * own / max(main, 1)):
+        return None
+    w = f"{s.term.weight:.4g}"
+    return Diagnosis.of("window_weighting/mtp_main_count", True,
+                        f"{_head(s)}: {s.term.name} counts {own} tokens {where} (the loss mask rolled by its depth)"
+                        f" but its per-token losses were divided by the main loss's {main}, so each weighs {w}/{main}"
+                        f" where the training contract ({s.weighting}) says {w}/{own}: {own}/{main} ="
+                        f" {s.factor:.4g}x (megatron-core to 0.16.1 with calculate_per_token_loss=True sums the MTP"
+                        " loss and leaves it to finalize_model_grads' divide by the main count: Megatron-LM issue"
+                        f" 2417); divide the term by its own {own} tokens (Megatron-LM PR 3159 rescales by N/M, with"
+                        " each rank's own counts)", _evidence(r))
+
+
+def mtp_local_count(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
+    """A loss term rescaled from the main count to its own with this micro-batch's counts, where the data-parallel
+    group's (or the window's) are due: right only where every rank's ratio is the group's."""
+    s = _off(r)
+    if s is None or s.term is None or s.weighting == "micro_batch_mean" or s.tokens == 0:
+        return None
+    own, main, where = _term_counts(s)
+    local = s.term.main_tokens / s.tokens
+    if not s.close(s.expected * local * own / max(main, 1)):
+        return None
+    return Diagnosis.of("window_weighting/mtp_local_count", True,
+                        f"{_head(s)}: {s.term.name}'s losses were rescaled by this micro-batch's own ratio,"
+                        f" {s.term.main_tokens}/{s.tokens} (main tokens over its own), then divided by the main loss's"
+                        f" {main} tokens {where}; that is the training contract's ({s.weighting}) weight only where"
+                        f" every rank's ratio is the group's {main}/{own}, so this rank's weighs {s.factor:.4g}x"
+                        " (Megatron-LM PR 3159's local N/M rescale under data parallelism with unequal counts:"
+                        f" issue 7452); rescale by the counts {where}, all-reduced ({main}/{own})", _evidence(r))
 
 
 def partial_window(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
@@ -82,9 +122,19 @@ def _off(r: ParityReport) -> StepWeight | None:
     return s if s is not None and s.off else None
 
 
+def _term_counts(s: StepWeight) -> tuple[int, int, str]:
+    """A term's counted tokens and the main loss's, where the training contract counts them, and where that is."""
+    if s.weighting == "global_tokens":
+        return s.global_tokens, s.term.main_global_tokens, "over the data-parallel group"
+    if s.weighting == "window_tokens":
+        return s.window_tokens, s.term.main_window_tokens, "in the window"
+    return s.tokens, s.term.main_tokens, "in its micro-batch"
+
+
 def _head(s: StepWeight) -> str:
     way = "heavier" if s.factor > 1 else "lighter"
-    return (f"the loss reached the optimizer {s.factor:.4g}x {way} than the training contract ({s.weighting}) says:"
+    who = "the loss" if s.term is None else f"{s.term.name}'s loss (weight {s.term.weight:.4g}, divided out)"
+    return (f"{who} reached the optimizer {s.factor:.4g}x {way} than the training contract ({s.weighting}) says:"
             f" expected {s.expected:.4g} per micro-batch ({s.micro_batches} of {s.accumulate} accumulated,"
             f" {s.tokens} of {s.window_tokens} tokens), found {s.found:.4g}")
 
@@ -94,4 +144,6 @@ def _evidence(r: ParityReport) -> dict[str, float | int | str]:
     return {**core_evidence(r), "step_weight_found": s.found, "step_weight_expected": s.expected, "step_weight_factor": s.factor,
             "weighting": s.weighting, "tokens": s.tokens, "window_tokens": s.window_tokens,
             "global_tokens": s.global_tokens, "micro_batches": s.micro_batches, "accumulate": s.accumulate,
-            "dp_size": s.dp_size}
+            "dp_size": s.dp_size, **({} if s.term is None else {
+                "term": s.term.name, "term_weight": s.term.weight, "main_tokens": s.term.main_tokens,
+                "main_window_tokens": s.term.main_window_tokens, "main_global_tokens": s.term.main_global_tokens})}

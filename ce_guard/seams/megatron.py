@@ -10,7 +10,15 @@ as a zero upstream gradient (``(losses * loss_mask).sum() / loss_mask.sum()`` ha
 The per-token upstream is what the reference is run with; the loss is compared token by token.
 
 With multi-token prediction the output layer runs once per MTP depth before the main call; the main call (the
-last one) is the seam, and the MTP losses enter the graph below it (``MTPLossAutoScaler``), outside the guard.
+last one) is the seam. The MTP losses enter the graph below it (``MTPLossAutoScaler``, whose backward hands each
+depth's per-token loss a gradient of its own), so each depth is a :class:`~ce_guard.recording.TermRecording` beside
+the seam: the upstream of its per-token loss (``compute_language_model_loss``'s output, wrapped on the instance while
+the recording is installed) and its counted tokens (the loss mask rolled by its depth, as ``roll_tensor`` rolls it
+without context parallelism or packed sequences; with either, the depths are not held). Each is held to the training
+contract as a mean over its own tokens times ``mtp_loss_scaling_factor / mtp_num_layers``. The contract is the
+model's: ``calculate_per_token_loss=True`` means every token of the data-parallel group weighs alike and ranks are
+summed (``finalize_model_grads`` divides by the main loss's global count), else a masked mean per micro-batch.
+Tokens are counted by the ``loss_mask`` the model is given, as Megatron's loop counts them.
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ from torch import nn
 
 from ce_guard._dist import group_size
 from ce_guard.contract import CEContract
-from ce_guard.recording import SeamRecording, local_weight
+from ce_guard.recording import SeamRecording, TermRecording, local_weight
 from ce_guard.seams.refusal import ONE_LINE, SeamRefused
+from ce_guard.step_weight import TrainingContract
 
 try:
     from megatron.core import parallel_state
@@ -80,6 +89,13 @@ def megatron_contract(model: LanguageModule) -> CEContract:
                       vocab_end=(rank + 1) * rows, tp_group=tp_group if tp > 1 else None)
 
 
+def megatron_training_contract(config: Any) -> TrainingContract | None:
+    """The weighting Megatron's loop gives the losses: with ``calculate_per_token_loss`` every token of the
+    data-parallel group alike (the loss summed, gradients summed over ranks, then divided by the group's count);
+    otherwise None, the seam contract's own (a masked mean per micro-batch, gradients averaged)."""
+    return TrainingContract("global_tokens", data_parallel="sum") if config.calculate_per_token_loss else None
+
+
 def _output_weight(model: LanguageModule) -> torch.Tensor:
     if model.share_embeddings_and_output_weights:
         return model.shared_embedding_or_output_weight()
@@ -112,6 +128,11 @@ class MegatronSeam:
 
     def record(self) -> SeamRecording:
         recording, call = _SequenceFirstRecording(), {}
+        config = self.model.config
+        recording.training = megatron_training_contract(config)
+        depths = config.mtp_num_layers or 0
+        recording.terms = [TermRecording(f"MTP depth {d}", config.mtp_loss_scaling_factor / depths)
+                           for d in range(1, depths + 1)]
 
         def before_model(module, args, kwargs) -> None:
             call.clear()
@@ -121,6 +142,11 @@ class MegatronSeam:
             if bound.get("runtime_gather_output") and group_size(self.contract.tp_group) > 1:
                 raise ValueError("runtime_gather_output=True gathers the logits before a vocab-parallel loss")
             call["targets"] = bound["labels"].transpose(0, 1)       # [b, s] -> (S, B), as the logits are
+            mask = bound.get("loss_mask")
+            call["mask"] = call["rolled"] = mask if mask is not None else torch.ones_like(bound["labels"])  # [b, s]
+            call["depth"] = 0
+            if bound.get("packed_seq_params") is not None or group_size(getattr(self.model, "cp_group", None)) > 1:
+                recording.terms.clear()  # roll_tensor's boundaries are not this seam's to redo: depths not held
 
         def before_output(module, args, kwargs) -> None:
             if call and recording.wants_tensors:  # the last call before the model returns is the main one
@@ -128,10 +154,25 @@ class MegatronSeam:
                 weight = kwargs.get("weight")
                 call["weight"] = module.weight if weight is None else weight
 
+        def mtp_loss(losses: torch.Tensor) -> None:
+            """An MTP depth's per-token loss [b, s]: the calls before the main one, in depth order."""
+            if not call or call["depth"] >= len(recording.terms):
+                return
+            term = recording.terms[call["depth"]]
+            call["depth"] += 1
+            rolled = torch.roll(call["rolled"], shifts=-1, dims=-1)
+            rolled[..., -1] = 0                                    # as roll_tensor does on one CP rank
+            call["rolled"] = rolled
+            term.count(rolled)
+            if recording.wants_tensors:
+                handle = term.capture(losses, rolled, call["mask"], recording.guard)
+                if handle is not None:
+                    recording.keep(handle)
+
         def after_model(module, args, kwargs, output) -> None:
             if not call:
                 return
-            recording.count(call["targets"], self.contract.ignore_index)
+            recording.count_mask(call["mask"])
             if not recording.wants_tensors:
                 return
             if "hidden" not in call:
@@ -139,6 +180,7 @@ class MegatronSeam:
             if not torch.is_tensor(output) or output.shape != call["targets"].transpose(0, 1).shape:
                 raise TypeError(f"the model returned {type(output).__name__} {getattr(output, 'shape', '')},"
                                 " not the per-token loss [b, s]")
+            recording.counted = call["mask"].detach().transpose(0, 1)  # (S, B)
             recording.capture(hidden=call["hidden"], weight=local_weight(call["weight"]).detach().clone(),
                               targets=call["targets"], loss=output, contract=self.contract, replay=self._replay)
 
@@ -146,6 +188,8 @@ class MegatronSeam:
         recording.keep(self.model.output_layer.register_forward_pre_hook(recording.guard(before_output),
                                                                          with_kwargs=True))
         recording.keep(self.model.register_forward_hook(recording.guard(after_model), with_kwargs=True))
+        if recording.terms:
+            recording.keep(_LossWatch(self.model, recording.guard(mtp_loss)))
         return recording
 
     def _replay(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -153,3 +197,21 @@ class MegatronSeam:
         argument, as it does for a shared embedding); ``forward`` directly, so no module hook runs again."""
         logits, _ = self.model.output_layer.forward(hidden, weight=weight)          # (S, B, V/TP)
         return self.model.compute_language_model_loss(targets.transpose(0, 1), logits).transpose(0, 1)  # (S, B)
+
+
+class _LossWatch:
+    """``compute_language_model_loss`` wrapped on the model instance (the class is untouched): the same losses
+    returned, each shown to ``watch`` first; ``remove`` drops the wrapper. MTP's losses pass here and nowhere else."""
+
+    def __init__(self, model: LanguageModule, watch: Any) -> None:
+        self.model, original = model, model.compute_language_model_loss
+
+        def compute_language_model_loss(labels, logits, *args, **kwargs):
+            losses = original(labels, logits, *args, **kwargs)
+            watch(losses)
+            return losses
+
+        model.__dict__["compute_language_model_loss"] = compute_language_model_loss
+
+    def remove(self) -> None:
+        self.model.__dict__.pop("compute_language_model_loss", None)
