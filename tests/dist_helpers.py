@@ -12,6 +12,17 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# Ranks fork from a server that has imported torch, Lightning and ce_guard once (a fresh interpreter importing them
+# takes 11-15 s for two ranks on two cores; a fork, 0.1 s). Like spawned ranks, they share no state with this
+# process; unlike them, they see its environment as it was when the first ranks started (tests/conftest.py sets it
+# at import). megatron-core is not preloaded: tests/megatron_pins.py points ranks at another version of it.
+_PRELOAD = ["torch", "torch.distributed", "lightning.pytorch", "ce_guard", "ce_guard.callbacks", "dist_helpers"]
+if "forkserver" in mp.get_all_start_methods():
+    _CONTEXT = mp.get_context("forkserver")
+    _CONTEXT.set_forkserver_preload(_PRELOAD)
+else:
+    _CONTEXT = mp.get_context("spawn")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,7 +50,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     ``fn`` must be importable (module level). A child that raises fails the caller with its traceback;
     a child that hangs past ``timeout`` is killed, so a deadlock fails the test instead of stalling CI.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _CONTEXT
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]

@@ -13,7 +13,6 @@ from collections import Counter
 import pytest
 import torch
 from dist_helpers import run_distributed
-from megatron_pins import mute_mtp_loss_logger
 
 pytest.importorskip("megatron.core", reason="needs the megatron extra: pip install 'ce_guard[megatron]'")
 pytestmark = pytest.mark.distributed
@@ -82,19 +81,6 @@ def test_megatron_gpt_names_what_megatron_computes(world):
                 assert "local vocab slice" in cases[name]["first"][1], cases[name]
         # megatron-core's native fused CE rounds the logit gradient to bf16 whatever the logits' dtype
         assert set(cases["fused native fp32"]["causes"]) == {"accumulator_dtype"}, cases["fused native fp32"]
-
-
-def mtp_case(rank, world):
-    """Multi-token prediction, 1 depth (its CUDA-only loss logger muted). The MTP losses enter below the guarded seam (``MTPLossAutoScaler``); each depth is held to
-    the training contract beside it (tests/test_megatron_mtp.py), here a masked mean over its own tokens: clean."""
-    mute_mtp_loss_logger()
-    return _fit(world, 10, mtp_num_layers=1)
-
-
-def test_megatron_gpt_with_multi_token_prediction_guards_the_main_seam():
-    (case,) = run_distributed(mtp_case, 1, timeout=300)
-    print(f"\nMTP TP=1: fit {case['seconds']:.1f} s, {dict(case['causes'])}; {case['first']}")
-    assert case["causes"] == Counter(within_budget=10), case
 
 
 def seam_cases(rank, world):
