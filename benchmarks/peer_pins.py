@@ -22,8 +22,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported, as tests/conftest.py does
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
-import test_fla as fla  # noqa: E402
-import test_transformer_engine as te  # noqa: E402
+import test_fla as fla
+import test_transformer_engine as te
 
 BF16 = torch.bfloat16
 FIXED_TE, FIXED_FLA = te.FIXED, fla.FIXED
@@ -73,7 +73,7 @@ def main() -> None:
         started = time.perf_counter()
         try:
             named, summary = check()
-        except Exception as error:  # a version that cannot run the case: say so, go on
+        except Exception as error:  # noqa: BLE001 - a version that cannot run the case is reported; the table goes on
             named, summary = "error", f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         print(f"| {package} | {version} | {case} | `{named}` | {summary[:220]} | {time.perf_counter() - started:.2f} |",
               flush=True)

@@ -346,5 +346,6 @@ class MegatronOutputLayer(nn.Module):
         return masked.sum() / count.clamp(min=1.0)
 
 
-from ce_guard.te_adapter import TransformerEngineCrossEntropy  # noqa: E402  (kept in its own module for length)
-from ce_guard.fla_adapter import FlaFusedLinearCrossEntropy, FlaL2WarpCrossEntropy  # noqa: E402  (own module, for length)
+# Adapters kept in modules of their own, for length (imported last: they import this module's neighbours only).
+from ce_guard.fla_adapter import FlaFusedLinearCrossEntropy, FlaL2WarpCrossEntropy
+from ce_guard.te_adapter import TransformerEngineCrossEntropy

@@ -360,7 +360,7 @@ def test_the_faulty_layer_keeps_the_multiplier_and_breaks_only_its_fault():
 @pytest.mark.parametrize("options, message", [
     (dict(normalize_by="given_count"), "cannot keep normalize_by='given_count'"),
     (dict(z_loss=0.01, z_loss_positions="all"), "does not implement z_loss_positions='all'"),
-    (dict(l2_warp=1e-4), "has no L2-warp penalty"),
+    ({"l2_warp": 1e-4}, "has no L2-warp penalty"),
 ])
 def test_the_fused_layer_refuses_what_it_does_not_implement(options, message):
     with pytest.raises(ValueError, match=message):

@@ -68,9 +68,9 @@ def test_the_example_trains_on_another_packages_loss_and_reads_clean(tmp_path, i
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(output_layer="fla", fault="grad_scale"), "no `fault` and no `z_loss`"),
-    (dict(output_layer="transformer_engine", z_loss=1e-4), "no `fault` and no `z_loss`"),
-    (dict(output_layer="transformer_engine", l2_warp=1e-4), "L2-warp penalty is flash-linear-attention's"),
+    ({"output_layer": "fla", "fault": "grad_scale"}, "no `fault` and no `z_loss`"),
+    ({"output_layer": "transformer_engine", "z_loss": 1e-4}, "no `fault` and no `z_loss`"),
+    ({"output_layer": "transformer_engine", "l2_warp": 1e-4}, "L2-warp penalty is flash-linear-attention's"),
 ])
 def test_what_another_packages_loss_cannot_do_is_refused_with_the_fix(options, message):
     with pytest.raises(ValueError, match=message):

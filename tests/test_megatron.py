@@ -233,8 +233,8 @@ def test_fp32_logits_handed_to_vocab_parallel_cross_entropy_are_overwritten():
     does, and the first assertion flips. A GPTModel's own logits have no reader after its loss, so the in-place
     guard of tests/test_megatron_gpt.py does not checksum them."""
     (found,) = run_distributed(handed_logits_cases, 1, timeout=300)
-    variant, summary, changed, row_sum = found["torch.float32"]
+    variant, _, changed, row_sum = found["torch.float32"]
     print(f"\nfp32: {variant}; logits changed by up to {changed:.3g}, each row then sums to {row_sum:.2g} at most")
     assert variant == "input_mutation/logits" and changed > 0.5 and row_sum < 1e-6, found  # a gradient's rows: 0
-    variant, summary, changed, _ = found["torch.bfloat16"]
+    variant, _, changed, _ = found["torch.bfloat16"]
     assert variant == "within_budget/clean" and changed == 0, found
