@@ -115,29 +115,22 @@ def penalty_normalization(r: ParityReport, sizes: Mapping[str, int], t: Threshol
     """The z-loss or the L2-warp taken over another set of rows than the contract's: the reference under the other
     set reproduces the seam (fitted by :func:`ce_guard.transform_fit.fit_output_transform` on checks over budget)."""
     fit = r.output_transform
-    if fit is not None and fit.mistake.startswith("l2_warp_over_"):
-        return _l2_warp_rows(r, fit)
-    if fit is None or not fit.mistake.startswith("z_loss_over_"):
+    if fit is None or not fit.mistake.startswith(("z_loss_over_", "l2_warp_over_")):
         return None
-    rows = {"all": "every row (ignored positions included, one mean apart from the tokens')",
-            "counted": "the counted tokens only (inside the tokens' mean)"}
+    if fit.mistake.startswith("z_loss_over_"):
+        what, field, default, fitted = "the z-loss is taken", "z_loss_positions", "counted", fit.z_loss_positions
+        rows = {"all": "every row (ignored positions included, one mean apart from the tokens')",
+                "counted": "the counted tokens only (inside the tokens' mean)"}
+    else:
+        what, field, default, fitted = "the L2-warp penalty's gradient is averaged", "l2_warp_rows", "all", fit.l2_warp_rows
+        rows = {"all": f"every row ({r.n_tokens}, fla's l2_warp)",
+                "counted": f"the loss's divisor ({r.divisor:g}: the non-ignored tokens of a mean)"}
     return Diagnosis.of(f"penalty_normalization/{fit.mistake}", True,
-                        f"{headline(r)}: the z-loss is taken over {rows[fit.z_loss_positions]} where the contract"
-                        f" says {rows[r.contract.get('z_loss_positions', 'counted')]}; the reference under that set"
-                        f" matches the seam (loss rel err {fit.loss_rel_err:.2g}, dL/dh rel err"
-                        f" {fit.grad_hidden_rel_err:.2g}): the penalty is normalised over another token set than"
-                        " the loss", {**core_evidence(r), "fitted_z_loss_positions": fit.z_loss_positions})
-
-
-def _l2_warp_rows(r: ParityReport, fit) -> Diagnosis:
-    rows = {"all": f"every row ({r.n_tokens}, fla's l2_warp)",
-            "counted": f"the loss's divisor ({r.divisor:g}: the non-ignored tokens of a mean)"}
-    return Diagnosis.of(f"penalty_normalization/{fit.mistake}", True,
-                        f"{headline(r)}: the L2-warp penalty's gradient is averaged over {rows[fit.l2_warp_rows]}"
-                        f" where the contract says {rows[r.contract.get('l2_warp_rows', 'all')]}; the reference under"
-                        f" that set matches the seam (loss rel err {fit.loss_rel_err:.2g}, dL/dh rel err"
-                        f" {fit.grad_hidden_rel_err:.2g}): the penalty is normalised over another token set than"
-                        " the contract's", {**core_evidence(r), "fitted_l2_warp_rows": fit.l2_warp_rows})
+                        f"{headline(r)}: {what} over {rows[fitted]} where the contract says"
+                        f" {rows[r.contract.get(field, default)]}; the reference under that set matches the seam"
+                        f" (loss rel err {fit.loss_rel_err:.2g}, dL/dh rel err {fit.grad_hidden_rel_err:.2g}): the"
+                        " penalty is normalised over another token set than the contract's",
+                        {**core_evidence(r), f"fitted_{field}": fitted})
 
 
 def l2_warp_upstream(r: ParityReport, sizes: Mapping[str, int], t: Thresholds) -> Diagnosis | None:
