@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from ce_guard import SeamOutputs, SeamRecord, check_seam
 from dist_helpers import run_distributed
+from megatron_pins import megatron_core_for_spawned_ranks
 
 pytest.importorskip("megatron.core", reason="needs the megatron extra: pip install 'ce_guard[megatron]'")
 pytestmark = pytest.mark.distributed
@@ -225,14 +226,16 @@ def handed_logits_cases(rank, world):
     return found
 
 
-def test_fp32_logits_handed_to_vocab_parallel_cross_entropy_are_overwritten():
-    """megatron-core 0.16.1 (Megatron-LM PR 1594, open): ``vocab_parallel_cross_entropy`` subtracts the row max from
+@pytest.mark.parametrize("version", [None, "0.19.2"], ids=["installed", "0.19.2"])
+def test_fp32_logits_handed_to_vocab_parallel_cross_entropy_are_overwritten(version):
+    """megatron-core 0.16.1 and 0.19.2 (Megatron-LM PR 1594, open): ``vocab_parallel_cross_entropy`` subtracts the row max from
     fp32 logits in place and exponentiates them into themselves (``exp(out=)``), then divides: the caller's logits
     hold the softmax, and after backward the logit gradient (softmax - one-hot, times the upstream). bf16 logits are copied by ``.float()`` first and kept. Loss and gradients stay right, so only
     the checksum shows it. When the fix lands (fp32 logits copied too), fp32 reads ``within_budget/clean`` as bf16
     does, and the first assertion flips. A GPTModel's own logits have no reader after its loss, so the in-place
     guard of tests/test_megatron_gpt.py does not checksum them."""
-    (found,) = run_distributed(handed_logits_cases, 1, timeout=300)
+    with megatron_core_for_spawned_ranks(version):
+        (found,) = run_distributed(handed_logits_cases, 1, timeout=300)
     variant, _, changed, row_sum = found["torch.float32"]
     print(f"\nfp32: {variant}; logits changed by up to {changed:.3g}, each row then sums to {row_sum:.2g} at most")
     assert variant == "input_mutation/logits" and changed > 0.5 and row_sum < 1e-6, found  # a gradient's rows: 0

@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 import torch
 from dist_helpers import run_distributed
+from megatron_pins import megatron_core_for_spawned_ranks
 
 pytest.importorskip("megatron.core", reason="needs the megatron extra: pip install 'ce_guard[megatron]'")
 pytestmark = pytest.mark.distributed
@@ -66,9 +67,14 @@ def named_cases(rank, world):
             "fused native fp32": _fit(world, 10, cross_entropy_fusion=True)}
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_megatron_gpt_names_what_megatron_computes(world):
-    for rank, cases in enumerate(run_distributed(named_cases, world, timeout=600)):
+@pytest.mark.parametrize("world, version", [(1, None), (2, None), (2, "0.19.2")],
+                         ids=["TP1-installed", "TP2-installed", "TP2-0.19.2"])
+def test_megatron_gpt_names_what_megatron_computes(world, version):
+    """On the installed 0.16.1 and, at TP = 2, on the pinned 0.19.2: both still smooth over the local slice and
+    round the native fused CE's logit gradient to bf16."""
+    with megatron_core_for_spawned_ranks(version):
+        results = run_distributed(named_cases, world, timeout=600)
+    for rank, cases in enumerate(results):
         for name, case in cases.items():
             print(f"\nTP={world} rank {rank} {name}: fit {case['seconds']:.1f} s, {dict(case['causes'])}; {case['first']}")
             assert not case["missed"], case
