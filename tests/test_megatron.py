@@ -119,7 +119,7 @@ def fused_native_case(rank, world):
     return out
 
 
-@pytest.mark.parametrize("world,n_seeds", [(2, 60), (4, 50)])
+@pytest.mark.parametrize("world,n_seeds", [(2, 60), (4, 20)])  # 4 ranks on 2 cores: fewer seeds, same shapes
 def test_megatron_output_layer_is_clean_without_smoothing(world, n_seeds):
     results = run_distributed(clean_cases, world, n_seeds, timeout=600)
     assert len(results[0]) == 2 * n_seeds
