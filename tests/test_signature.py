@@ -122,7 +122,7 @@ def test_pytorchs_own_bf16_path_scaled_on_confident_tokens_is_named_a_scale(spre
     bf16 rounding, which on peaked softmaxes moves the fitted scale off the loss's factor by a roundoff (read
     0.0013 to 0.0019 here). The fit's pure scale, its native path run at the loss's factor, reads the same
     offset, so the verdict names the scale, and not the mean's bf16 1/count (1/1946 rounded is 1.0022x)."""
-    for seed in range(3):
+    for seed in range(2):
         hidden, weight, targets = _inputs(seed, torch.bfloat16, spread=spread)
         result = _check(hidden, weight, targets, CEContract(vocab_size=V),
                         _pytorchs_own(hidden, weight, targets, factor=1.002))
