@@ -63,7 +63,7 @@ class SeamRecording:
         self.error: str | None = None
         self.finished_forward = False
         self.armed = True  # capture the next call; a window's other micro-batches are only counted
-        self._counts: list[torch.Tensor] = []
+        self._window = _TokenTally()
         self._handles: list[Any] = []
 
     def guard(self, hook: Callable[..., Any]) -> Callable[..., None]:
@@ -93,15 +93,15 @@ class SeamRecording:
 
     def count(self, targets: torch.Tensor, ignore_index: int) -> None:
         """Add one seam call's counted tokens (targets not ignored) to the window's; no host sync."""
-        self._counts.append((targets.detach() != ignore_index).sum())
+        self._window.add(targets != ignore_index)
 
     def count_mask(self, mask: torch.Tensor) -> None:
         """Add one seam call's counted tokens where the training loop counts by a mask (nonzero: counted)."""
-        self._counts.append((mask.detach() != 0).sum())
+        self._window.add(mask != 0)
 
     def window_tokens(self) -> int:
         """Counted tokens over every seam call while the recording was installed, on this rank."""
-        return int(torch.stack(self._counts).sum()) if self._counts else 0
+        return self._window.total()
 
     def window(self, *, micro_batches: int, accumulate: int, dp_size: int, loss_scale: float = 1.0) -> StepWindow:
         """The accumulation window's counts around the recorded call: its counted tokens on this data-parallel rank
@@ -231,14 +231,14 @@ class TermRecording:
         self.upstream: torch.Tensor | None = None
         self.tokens = 0       # counted tokens of the recorded call
         self.main_tokens = 0  # the main loss's counted tokens in the same call
-        self._counts: list[torch.Tensor] = []
+        self._window = _TokenTally()
 
     def count(self, mask: torch.Tensor) -> None:
         """One call's counted tokens (``mask`` nonzero); no host sync."""
-        self._counts.append((mask.detach() != 0).sum())
+        self._window.add(mask != 0)
 
     def window_tokens(self) -> int:
-        return int(torch.stack(self._counts).sum()) if self._counts else 0
+        return self._window.total()
 
     def capture(self, loss: torch.Tensor, mask: torch.Tensor, main_mask: torch.Tensor,
                 guard: Callable[[Callable[..., Any]], Callable[..., None]]) -> Any:
@@ -254,11 +254,28 @@ class TermRecording:
         return loss.register_hook(guard(upstream))
 
     def problem(self) -> str | None:
-        if not self._counts:
+        if not self._window.calls:
             return "the term did not run while the seam was recorded"
         if self.upstream is None:
             return "no backward reached its per-token loss"
         return None
+
+
+class _TokenTally:
+    """Counted tokens per call, kept as device tensors and summed once asked: no host sync per call."""
+
+    def __init__(self) -> None:
+        self._per_call: list[torch.Tensor] = []
+
+    @property
+    def calls(self) -> int:
+        return len(self._per_call)
+
+    def add(self, counted: torch.Tensor) -> None:
+        self._per_call.append(counted.detach().sum())
+
+    def total(self) -> int:
+        return int(torch.stack(self._per_call).sum()) if self._per_call else 0
 
 
 def local_weight(weight: torch.Tensor) -> torch.Tensor:
