@@ -8,7 +8,9 @@
 ``false-alarms`` runs ``check_seam`` on correct fused paths over a grid of dtype, shape (N tokens, D, V) and
 token chunk, with fresh random inputs per check, and counts drift verdicts (the target is zero). Paths:
 ce_guard's fused layer (vocab-parallel, layout ``[S,B,V/TP]``, when launched on 2 ranks), Liger's FLCE with
-fp32 accumulation (CUDA, when ``liger_kernel`` imports) and ``F.linear_cross_entropy`` (torch >= 2.13). Per
+fp32 accumulation (CUDA, when ``liger_kernel`` imports), ``F.linear_cross_entropy`` (torch >= 2.13) and, on
+request (``--paths``, CUDA), flash-linear-attention's fused linear-CE (with and without its L2-warp) and
+Transformer Engine's ``parallel_cross_entropy``. Per
 grid key it keeps the budget itself and how close each error came to it (``err / budget``): that is the
 table of how the budget scales with dtype, V, N and chunk count.
 
@@ -32,6 +34,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -238,7 +241,31 @@ def correct_paths(d: int, contract: CEContract, weight: nn.Parameter, token_chun
         from ce_guard.adapters import TorchLinearCrossEntropy
 
         out["F.linear_cross_entropy"] = TorchLinearCrossEntropy(d, v, weight=weight)
+    if "fla" in wanted and weight.is_cuda and importlib.util.find_spec("fla") is not None:
+        from ce_guard.fla_adapter import FlaFusedLinearCrossEntropy
+
+        out["fla FLCE"] = FlaFusedLinearCrossEntropy(d, v, weight=weight)
+        # fla's hybrid models' factor: the penalty's gradient then sits in the budget beside the loss's
+        out["fla FLCE + L2-warp 1e-4"] = FlaFusedLinearCrossEntropy(d, v, weight=weight, l2_warp=1e-4)
+    if "te" in wanted and weight.is_cuda:
+        from ce_guard.te_adapter import TransformerEngineCrossEntropy
+
+        out["TE parallel_cross_entropy"] = TransformerEngineCrossEntropy(
+            d, v, weight=weight, parallel_cross_entropy=te_parallel_cross_entropy())
     return out
+
+
+def te_parallel_cross_entropy():
+    """Transformer Engine's installed ``parallel_cross_entropy``, else the newest pinned wheel's (TE's Triton
+    files need only torch and triton; the full package needs its CUDA libraries)."""
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return None  # the adapter imports it
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import te_wheels
+
+    return te_wheels.load(te_wheels.pinned_versions()[-1]).parallel_cross_entropy
 
 
 def grid_shapes(args) -> list[tuple[int, int, int]]:
@@ -641,7 +668,9 @@ def main() -> None:
     parser.add_argument("--token-chunk", nargs="+", default=["auto"],
                         help="ce_guard fused layer's token_chunk values ('auto' = the layer's own choice)")
     parser.add_argument("--paths", nargs="+", default=["ce_guard", "liger", "torch"],
-                        choices=["ce_guard", "liger", "torch"])
+                        choices=["ce_guard", "liger", "torch", "fla", "te"],
+                        help="peers run on CUDA only; fla and te (Transformer Engine, from the pinned wheels when"
+                             " not installed) on request")
     parser.add_argument("--inputs", choices=["random", "example"], default="random",
                         help="N(0, 1) draws over the grid, or the example model's hidden states, output weight and"
                              " targets after --example-steps of training (its shape replaces the grid; power: TP = 1)")

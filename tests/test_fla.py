@@ -67,7 +67,7 @@ def unfused(version: str, *, dtype=torch.float32):
 
 
 # 0.5.0's fused kernels return NaN for bf16 inputs in Triton 3.9's CPU interpreter (loss and every gradient, with
-# or without L2-warp; 0.6.0's kernels do not): the bf16 case needs a GPU.
+# or without L2-warp; 0.6.0's kernels do not; on an H100 it is named as in fp32): the bf16 case needs a GPU.
 BF16_ON_GPU = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="fla 0.5.0's fused bf16 kernels give NaN in Triton's CPU interpreter"))
 
