@@ -26,20 +26,12 @@ import sys
 import types
 import zipfile
 
-import pytest
 import torch
+from pinned_files import PINNED, pinned_or_skip
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-PINS = ROOT / "tests" / "pins" / "fla.txt"
-WHEELS = ROOT / ".pins" / "fla"
+WHEELS = PINNED / "fla"
 STUBS = ("fla", "fla.modules", "fla.ops", "fla.ops.utils")
 _loaded: dict[str, types.SimpleNamespace] = {}
-
-
-def pinned_versions() -> list[str]:
-    """The fla-core versions in the pins file, in its order (``fla-core==X`` lines)."""
-    lines = [line.split("#")[0].strip() for line in PINS.read_text().splitlines()]
-    return [line.split("==")[1] for line in lines if line]
 
 
 def wheel_path(version: str) -> pathlib.Path:
@@ -48,8 +40,7 @@ def wheel_path(version: str) -> pathlib.Path:
 
 def fla_or_skip(version: str) -> types.SimpleNamespace:
     """``FusedLinearCrossEntropyLoss`` and ``l2_warp`` of ``version``; the test is skipped without its wheel."""
-    if not wheel_path(version).exists():
-        pytest.skip(f"no {wheel_path(version).name}: run tests/pins/install.sh")
+    pinned_or_skip(wheel_path(version))
     return load(version)
 
 

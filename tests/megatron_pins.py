@@ -10,12 +10,9 @@ megatron-core it already imported.
 from __future__ import annotations
 
 import contextlib
-import pathlib
 import sys
 
-import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from pinned_files import PINNED, pinned_or_skip
 
 
 @contextlib.contextmanager
@@ -24,9 +21,8 @@ def megatron_core_for_spawned_ranks(version: str | None):
     if version is None:
         yield
         return
-    folder = ROOT / ".pins" / f"megatron-core-{version}"
-    if not (folder / "megatron" / "core").is_dir():
-        pytest.skip(f"no {folder}: run the README's test command (tests/pins/install.sh)")
+    folder = PINNED / f"megatron-core-{version}"
+    pinned_or_skip(folder / "megatron" / "core")
     sys.path.insert(0, str(folder))
     try:
         yield

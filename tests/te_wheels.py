@@ -22,12 +22,11 @@ import types
 import zipfile
 from collections.abc import Callable
 
-import pytest
 import torch
+from pinned_files import PINNED, ROOT, pinned_or_skip
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PINS = ROOT / "tests" / "pins" / "transformer-engine.txt"
-WHEELS = ROOT / ".pins" / "wheels"
+WHEELS = PINNED / "wheels"
 FILES = ("transformer_engine/common/triton/cross_entropy.py",    # 2.10 on: the kernels
          "transformer_engine/pytorch/triton/cross_entropy.py",   # the launchers (and, to 2.9, the kernels)
          "transformer_engine/pytorch/cross_entropy.py")          # the autograd function and parallel_cross_entropy
@@ -47,8 +46,7 @@ def wheel_path(version: str) -> pathlib.Path:
 
 def te_or_skip(version: str) -> Callable[..., torch.Tensor]:
     """``parallel_cross_entropy`` of ``version``; the test is skipped when its wheel was not fetched."""
-    if not wheel_path(version).exists():
-        pytest.skip(f"no {wheel_path(version).name}: run the README's test command (tests/pins/install.sh)")
+    pinned_or_skip(wheel_path(version))
     return load(version).parallel_cross_entropy
 
 
