@@ -35,6 +35,12 @@ class Agreement:
     drifting_ranks: int
     metrics: dict[str, float]
 
+    def history_entry(self, step: int) -> dict[str, Any]:
+        """What a callback's ``history`` keeps of this check: alike on every rank, JSON-ready."""
+        v = self.verdict
+        return {"step": step, "drift": self.drifting_ranks > 0, "cause": v["cause"], "variant": v["variant"],
+                "summary": v["summary"], "rank": v["rank"]}
+
 
 def agree(verdict: Mapping[str, Any], means: Mapping[str, float | None], maxima: Mapping[str, float | None],
           device: torch.device) -> Agreement:

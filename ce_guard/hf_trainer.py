@@ -27,8 +27,9 @@ from ce_guard import _dist
 from ce_guard.agreement import agree
 from ce_guard.check import check_seam
 from ce_guard.check_options import check_options
-from ce_guard.diagnosis import Cause, Thresholds, catalogue_entry
-from ce_guard.drift import Policy, SeamDriftError
+from ce_guard.check_rate import CheckRate
+from ce_guard.diagnosis import Thresholds
+from ce_guard.drift import Policy, SeamDriftError, drift_warning
 from ce_guard.evidence import check_receipt, write_bundle
 from ce_guard.fit_summary import summary_lines
 from ce_guard.metrics import check_metrics, metric_key
@@ -105,9 +106,7 @@ class CEParityTrainerCallback(TrainerCallback):
                       counts={"every_n_steps": every_n_steps, "clean_checks_to_relax": clean_checks_to_relax},
                       optional_counts={"every_n_steps_while_drifting": every_n_steps_while_drifting,
                                        "sample_tokens": sample_tokens})
-        self.every_n_steps = every_n_steps
-        self.every_n_steps_while_drifting = every_n_steps_while_drifting
-        self.clean_checks_to_relax = clean_checks_to_relax
+        self.rate = CheckRate(every_n_steps, every_n_steps_while_drifting, clean_checks_to_relax)
         self.policy = policy
         self.trainer = trainer
         self.sample_tokens = sample_tokens
@@ -119,7 +118,6 @@ class CEParityTrainerCallback(TrainerCallback):
         self.training_contract = training_contract
         self.history: list[dict[str, Any]] = []  # one agreed verdict per check, alike on every rank
         self.missed: list[dict[str, Any]] = []   # check steps without a verdict: {"step", "reason"}
-        self.clean_checks_owed: int | None = None
         self._seam: CausalLMSeam | LabelSmootherSeam | None = None
         self._training: TrainingContract | None = None
         self._recording: SeamRecording | None = None
@@ -148,7 +146,7 @@ class CEParityTrainerCallback(TrainerCallback):
         if self.trainer is None:
             logger.info(f"CEParityTrainerCallback: checks go to the receipts ({self._receipts_path()}) only; pass the"
                         f" Trainer for them in its logs too: {_PASS_TRAINER}.")
-        logger.info(f"CEParityTrainerCallback: guarding {self._seam.describe()} every {self.every_n_steps} steps"
+        logger.info(f"CEParityTrainerCallback: guarding {self._seam.describe()} every {self.rate.every_n_steps} steps"
                     f" under {self._seam.contract}; training contract {self._training}.")
 
     def _find_seam(self, args: TrainingArguments, model: Any) -> CausalLMSeam | LabelSmootherSeam:
@@ -199,8 +197,7 @@ class CEParityTrainerCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------ the window
     def is_check_step(self, step: int) -> bool:
         """The same answer on every rank, from counters and agreed verdicts alone."""
-        every = self.every_n_steps if self.clean_checks_owed is None else self.every_n_steps_while_drifting
-        return self._seam is not None and step % every == 0
+        return self._seam is not None and step % self.rate.every == 0
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         """Before the window's first micro-batch: install the recording on a check step and arm it on the first
@@ -280,12 +277,11 @@ class CEParityTrainerCallback(TrainerCallback):
         metrics.update({metric_key("drift"): float(agreed.drifting_ranks > 0),
                         metric_key("check_seconds"): time.perf_counter() - started})
         self._to_log = {key: metrics[key] for key in map(metric_key, TRAINER_LOGS) if key in metrics}
-        first = agreed.verdict
-        entry = {"step": step, "drift": agreed.drifting_ranks > 0, "cause": first["cause"],
-                 "variant": first["variant"], "summary": first["summary"], "rank": first["rank"]}
+        entry = agreed.history_entry(step)
         previous = self.history[-1] if self.history else None
         self.history.append(entry)
-        self._set_rate(entry["drift"], step)
+        if self.policy == "warn" and (message := self.rate.after_check(entry["drift"], step)):
+            logger.info(f"CEParityTrainerCallback: {message}")
         # A drift that goes on with the same cause (checked every step while it does) keeps its first bundle.
         repeat = entry["drift"] and previous is not None and previous["drift"] and previous["cause"] == entry["cause"]
         if not (repeat and self._streak_bundle is not None):
@@ -311,24 +307,7 @@ class CEParityTrainerCallback(TrainerCallback):
         if self.policy == "stop":
             control.should_training_stop = True
         if not repeat and _dist.group_rank(dist.group.WORLD) == 0:
-            catalogue = catalogue_entry(Cause(cause))
-            warnings.warn(f"CE seam drift at step {step} (rank {rank}): {cause}: {summary}."
-                          f"{f' See {catalogue}.' if catalogue else ''} Repro bundle: {self._streak_bundle}",
-                          stacklevel=2)
-
-    def _set_rate(self, drifting: bool, step: int) -> None:
-        """Under ``warn``, check every ``every_n_steps_while_drifting`` steps from a drift verdict until
-        ``clean_checks_to_relax`` clean checks in a row."""
-        if self.policy != "warn" or self.every_n_steps_while_drifting is None:
-            return
-        if drifting:
-            self.clean_checks_owed = self.clean_checks_to_relax
-        elif self.clean_checks_owed is not None:
-            self.clean_checks_owed -= 1
-            if self.clean_checks_owed == 0:
-                self.clean_checks_owed = None
-                logger.info(f"CEParityTrainerCallback: {self.clean_checks_to_relax} clean checks in a row by step"
-                            f" {step}: back to every {self.every_n_steps} steps.")
+            warnings.warn(drift_warning(step, rank, cause, summary, self._streak_bundle), stacklevel=2)
 
     def _miss(self, step: int, reason: str) -> None:
         """A check step without a verdict: warned, kept in ``missed``, logged as ``ce_parity/missed``."""

@@ -345,13 +345,13 @@ def test_a_drift_verdict_raises_the_check_rate_until_clean_checks_in_a_row(tmp_p
     t, _ = trainer(tmp_path, [InjectSeamFault(step=3, fault="grad_scale"), parity], max_steps=8)
     with pytest.warns(UserWarning, match="CE seam drift at step 4"):
         t.fit(TinyLM(), token_loader())
-    assert [h["step"] for h in parity.history] == [0, 4, 5, 6, 7] and parity.clean_checks_owed == 2
+    assert [h["step"] for h in parity.history] == [0, 4, 5, 6, 7] and parity.rate.clean_checks_owed == 2
     # One bundle for the drift going on: the checks after the first point to it.
     assert [r["bundle"] for r in receipts(tmp_path)][1:] == [receipts(tmp_path)[1]["bundle"]] * 4
     assert len(list((tmp_path / "ce_guard" / "bundles").iterdir())) == 1
     for drifting in (False, True, False, False):  # the rate relaxes only after two clean checks in a row
-        parity._set_rate(drifting, step=0)
-    assert parity.clean_checks_owed is None
+        parity.rate.after_check(drifting, step=0)
+    assert parity.rate.clean_checks_owed is None
 
 
 class IntermittentLM(TinyLM):

@@ -24,8 +24,9 @@ from ce_guard.callbacks.loop import WindowSeen, group_sizes, samples_micro_batch
 from ce_guard.check import CheckResult, SeamRecord, check_seam, with_terms
 from ce_guard.check_options import check_options
 from ce_guard.contract import CEContract
-from ce_guard.diagnosis import Cause, Thresholds, catalogue_entry
-from ce_guard.drift import Policy, SeamDriftError
+from ce_guard.check_rate import CheckRate
+from ce_guard.diagnosis import Thresholds
+from ce_guard.drift import Policy, SeamDriftError, drift_warning
 from ce_guard.evidence import check_receipt, write_bundle
 from ce_guard.fit_summary import summary_lines
 from ce_guard.metrics import check_metrics, metric_key
@@ -111,9 +112,7 @@ class CEParityCallback(Callback):
                               "clean_checks_to_relax": clean_checks_to_relax},
                       optional_counts={"every_n_steps_while_drifting": every_n_steps_while_drifting,
                                        "sample_tokens": sample_tokens})
-        self.every_n_steps = every_n_steps
-        self.every_n_steps_while_drifting = every_n_steps_while_drifting
-        self.clean_checks_to_relax = clean_checks_to_relax
+        self.rate = CheckRate(every_n_steps, every_n_steps_while_drifting, clean_checks_to_relax)
         self.module_path = module_path
         self.policy = policy
         self.sample_tokens = sample_tokens
@@ -129,7 +128,6 @@ class CEParityCallback(Callback):
         self.last_checked_step = -1
         self.history: list[dict[str, Any]] = []
         self.missed: list[dict[str, Any]] = []  # check steps whose check did not run: {"step", "reason"}
-        self.clean_checks_owed: int | None = None  # clean checks still owed before the rate relaxes; None: relaxed
         self._scheduled_step = -1
         self._listeners: list[Listener] = []
         self._seam: Seam | None = None
@@ -165,7 +163,7 @@ class CEParityCallback(Callback):
             rank_zero_info("CEParityCallback: manual optimisation: checking the first backward after each"
                            " check step's first forward of the guarded module.")
         contract = self._seam.contract
-        rank_zero_info(f"CEParityCallback: guarding {self._seam.describe()} every {self.every_n_steps} steps"
+        rank_zero_info(f"CEParityCallback: guarding {self._seam.describe()} every {self.rate.every_n_steps} steps"
                        f"{f' under {contract}' if contract is not None else ''}")
 
     def _refuse(self, reason: str) -> None:
@@ -181,8 +179,7 @@ class CEParityCallback(Callback):
         step = trainer.global_step
         if self._seam is None or step == self.last_checked_step:
             return False
-        every = self.every_n_steps if self.clean_checks_owed is None else self.every_n_steps_while_drifting
-        return step % every == 0 or step == self._scheduled_step
+        return step % self.rate.every == 0 or step == self._scheduled_step
 
     def schedule_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
         """Make the current optimizer step a check step, recording from micro-batch ``batch_idx`` if it is the
@@ -320,11 +317,11 @@ class CEParityCallback(Callback):
 
     def _remember(self, trainer: pl.Trainer, outcome: _Outcome) -> dict[str, Any]:
         """Append the agreed verdict to ``history``, set the check rate from it, and tell the listeners."""
-        first, step = outcome.agreement.verdict, outcome.step
-        entry = {"step": step, "drift": outcome.agreement.drifting_ranks > 0, "cause": first["cause"],
-                 "variant": first["variant"], "summary": first["summary"], "rank": first["rank"]}
+        step = outcome.step
+        entry = outcome.agreement.history_entry(step)
         self.history.append(entry)
-        self._set_rate(entry["drift"], step)
+        if self.policy == "warn" and (message := self.rate.after_check(entry["drift"], step)):
+            rank_zero_info(f"CEParityCallback: {message}")
         self._notify(trainer, step, entry, "")
         return entry
 
@@ -355,29 +352,9 @@ class CEParityCallback(Callback):
                 rank_zero_info(f"CE seam still drifting at step {step}: {cause}, {self._streak} checks in a row"
                                f" (bundle: {bundle}).")
             return
-        catalogue = catalogue_entry(Cause(cause))
-        rank_zero_warn(f"CE seam drift at step {step} (rank {rank}): {cause}: {summary}."
-                       f"{f' See {catalogue}.' if catalogue else ''} Repro bundle: {bundle}")
+        rank_zero_warn(drift_warning(step, rank, cause, summary, bundle))
         if self.policy == "stop":
             trainer.should_stop = True
-
-    def _set_rate(self, drifting: bool, step: int) -> None:
-        """Under ``warn``, check every ``every_n_steps_while_drifting`` steps from a drift verdict until
-        ``clean_checks_to_relax`` clean checks in a row."""
-        if self.policy != "warn" or self.every_n_steps_while_drifting is None:
-            return
-        if drifting:
-            if self.clean_checks_owed is None:
-                rank_zero_info(f"CEParityCallback: drift at step {step}: checking every"
-                               f" {self.every_n_steps_while_drifting} steps until {self.clean_checks_to_relax} clean"
-                               " checks in a row.")
-            self.clean_checks_owed = self.clean_checks_to_relax
-        elif self.clean_checks_owed is not None:
-            self.clean_checks_owed -= 1
-            if self.clean_checks_owed == 0:
-                self.clean_checks_owed = None
-                rank_zero_info(f"CEParityCallback: {self.clean_checks_to_relax} clean checks in a row by step {step}:"
-                               f" back to every {self.every_n_steps} steps.")
 
     def _miss(self, trainer: pl.Trainer, step: int, reason: str) -> None:
         """A check step without a verdict: warned, kept in ``missed``, logged as ``ce_parity/missed`` (a gap
@@ -405,13 +382,13 @@ class CEParityCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_checked_step": self.last_checked_step, "history": [dict(h) for h in self.history],
-                "missed": [dict(m) for m in self.missed], "clean_checks_owed": self.clean_checks_owed}
+                "missed": [dict(m) for m in self.missed], "clean_checks_owed": self.rate.clean_checks_owed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_checked_step = int(state_dict["last_checked_step"])
         self.history = [dict(h) for h in state_dict["history"]]
         self.missed = [dict(m) for m in state_dict.get("missed", [])]
-        self.clean_checks_owed = state_dict.get("clean_checks_owed")
+        self.rate.clean_checks_owed = state_dict.get("clean_checks_owed")
         self._resumed = True
 
 
