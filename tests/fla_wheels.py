@@ -27,9 +27,9 @@ import types
 import zipfile
 
 import torch
-from pinned_files import PINNED, pinned_or_skip
+from pinned_files import PINNED_DIR, pinned_or_skip
 
-WHEELS = PINNED / "fla"
+WHEELS = PINNED_DIR / "fla"
 STUBS = ("fla", "fla.modules", "fla.ops", "fla.ops.utils")
 _loaded: dict[str, types.SimpleNamespace] = {}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from pinned_files import PINNED, pinned_or_skip
+from pinned_files import PINNED_DIR, pinned_or_skip
 
 
 @contextlib.contextmanager
@@ -21,7 +21,7 @@ def megatron_core_for_spawned_ranks(version: str | None):
     if version is None:
         yield
         return
-    folder = PINNED / f"megatron-core-{version}"
+    folder = PINNED_DIR / f"megatron-core-{version}"
     pinned_or_skip(folder / "megatron" / "core")
     sys.path.insert(0, str(folder))
     try:

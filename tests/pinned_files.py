@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PINNED = ROOT / ".pins"
+PINNED_DIR = ROOT / ".pins"
 
 
 def pinned_or_skip(path: pathlib.Path) -> pathlib.Path:

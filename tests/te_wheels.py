@@ -23,10 +23,10 @@ import zipfile
 from collections.abc import Callable
 
 import torch
-from pinned_files import PINNED, ROOT, pinned_or_skip
+from pinned_files import PINNED_DIR, ROOT, pinned_or_skip
 
 PINS = ROOT / "tests" / "pins" / "transformer-engine.txt"
-WHEELS = PINNED / "wheels"
+WHEELS = PINNED_DIR / "wheels"
 FILES = ("transformer_engine/common/triton/cross_entropy.py",    # 2.10 on: the kernels
          "transformer_engine/pytorch/triton/cross_entropy.py",   # the launchers (and, to 2.9, the kernels)
          "transformer_engine/pytorch/cross_entropy.py")          # the autograd function and parallel_cross_entropy

@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from hf_trainer_driver import VOCAB, build
 from packaging.version import Version
+from pinned_files import PINNED_DIR, ROOT, pinned_or_skip
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ce_guard import SeamDriftError
 from ce_guard.demos.hf_models import tiny_causal_lm
 from ce_guard.seams import SeamRefused
 
-ROOT = Path(__file__).resolve().parents[1]
 PINNED = "5.14.1"  # the last release whose label smoother ignores num_items_in_batch (transformers issue 46731)
-PINS = ROOT / ".pins" / f"transformers-{PINNED}"
+PINS = PINNED_DIR / f"transformers-{PINNED}"
 INSTALL_PINS = ROOT / "tests" / "pins" / "install.sh"
 
 
@@ -71,10 +70,9 @@ def test_label_smoothing_with_accumulation_on_the_installed_release(tmp_path):
     assert trainer.label_smoother is smoother  # the wrap is gone after each check
 
 
-@pytest.mark.skipif(not PINS.is_dir(), reason=f"needs transformers {PINNED} in .pins/: run the README's test command"
-                    f" (it runs `{INSTALL_PINS}`)")
 def test_label_smoothing_with_accumulation_on_the_pinned_release(tmp_path):
     """Each check names the missing divide with its factor: the window's counted tokens over the recorded micro-batch's."""
+    pinned_or_skip(PINS)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PINS), str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "hf_trainer_driver.py"), str(tmp_path),
