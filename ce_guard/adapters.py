@@ -22,9 +22,9 @@ from ce_guard._dist import all_gather_dim0, all_reduce, group_size, is_distribut
 from ce_guard.contract import CEContract, GradSync, NormalizeBy, Reduction
 from ce_guard.fused import make_output_weight
 
-__all__ = ["CutCrossEntropy", "FlaFusedLinearCrossEntropy", "FlaL2WarpCrossEntropy", "LigerFusedLinearCrossEntropy",
-           "LossParallelCrossEntropy", "MegatronOutputLayer", "TorchLinearCrossEntropy", "TransformerEngineCrossEntropy",
-           "megatron_tensor_parallel"]
+__all__ = ["CutCrossEntropy", "FlaFusedLinearCrossEntropy", "FlaL2WarpCrossEntropy",
+           "LigerFusedLinearCrossEntropy", "LossParallelCrossEntropy", "MegatronOutputLayer", "TorchLinearCrossEntropy",
+           "TransformerEngineCrossEntropy", "megatron_tensor_parallel"]
 
 
 def _require(module: str, *, extra: str, owner: str) -> ModuleType:

@@ -106,7 +106,8 @@ def check_seam(
         fit = fit_signatures(hidden, record.weight, targets, fused.grad_hidden, reference.grad_hidden,
                              reference.token_weight, contract, loss_factor=report.loss_ratio - 1)
         report = judged(dataclasses.replace(report, signature=fit), thresholds)
-    if rows is None and candidate_transforms(contract, record.upstream) and _over_budget_anywhere(report, contract, record.hidden.device):
+    if (rows is None and candidate_transforms(contract, record.upstream)
+            and _over_budget_anywhere(report, contract, record.hidden.device)):
         transform = fit_output_transform(record.hidden, record.weight, record.targets, contract, fused.loss,
                                          fused.grad_hidden, record.upstream, budget, given_count=record.given_count,
                                          chunk_elements=chunk_elements)

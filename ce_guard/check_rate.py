@@ -44,4 +44,5 @@ class CheckRate:
         if self.clean_checks_owed:
             return None
         self.clean_checks_owed = None
-        return f"{self.clean_checks_to_relax} clean checks in a row by step {step}: back to every {self.every_n_steps} steps."
+        return (f"{self.clean_checks_to_relax} clean checks in a row by step {step}: back to every"
+                f" {self.every_n_steps} steps.")

@@ -61,7 +61,8 @@ class CEContract:
             term, the loss value unchanged. Each row t, ignored ones included, gets ``g * c * max_v z_tv / R`` added
             to dL/dz at its argmax (g the upstream gradient of the loss, R per ``l2_warp_rows``): the gradient of
             ``(c / 2) * mean_t max_v z_tv**2``, the max and argmax read from the logits in the input dtype (as
-            the model holds them; the first index on a tie). Only with layout ``[N,V]`` and reduction ``mean`` or ``sum``.
+            the model holds them; the first index on a tie). Only with layout ``[N,V]`` and reduction ``mean`` or
+            ``sum``.
         l2_warp_rows: the R the penalty averages over: ``all``, every row this rank holds (fla's ``l2_warp``,
             ``B*T``); ``counted``, the mean's divisor (the non-ignored tokens under a local mean; 1 for ``sum``, fla
             0.5.0's fused path).
@@ -186,7 +187,8 @@ class CEContract:
             parts.append(f"z-loss {self.z_loss:g}*lse^2" if self.z_loss_positions == "counted"
                          else f"z-loss {self.z_loss:g}*mean lse^2 over all positions")
         if self.l2_warp:
-            parts.append(f"L2-warp {self.l2_warp:g} over {'every row' if self.l2_warp_rows == 'all' else 'the divisor'}")
+            rows = "every row" if self.l2_warp_rows == "all" else "the divisor"
+            parts.append(f"L2-warp {self.l2_warp:g} over {rows}")
         if self.logit_multiplier != 1:
             parts.append(f"logits x {self.logit_multiplier:g}")
         parts.append(f"softcap {self.softcap:g}" if self.softcap else "no softcap")

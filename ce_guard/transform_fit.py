@@ -6,9 +6,9 @@ scale of the loss or the gradients: the softmax itself changes. A z-loss can be 
 than the contract's (every row, ignored ones included, as transformers' Bamba does, or the counted tokens only),
 which puts a gradient on ignored rows or takes it away. fla's L2-warp penalty can be averaged over the counted
 tokens instead of every row (fla 0.5.0's fused path), or its gradient left unscaled by the upstream gradient (fla
-0.3.0-0.5.1's ``l2_warp``: the reference's factor divided by a scalar upstream reproduces that). So the reference runs again under each such mistake of
-the contract's own terms, and the first one that reproduces the seam's loss and dL/dh within their budgets names
-it. Run only on checks over budget whose contract has a transform, a z-loss or an L2-warp.
+0.3.0-0.5.1's ``l2_warp``: the reference's factor divided by a scalar upstream reproduces that). So the reference
+runs again under each such mistake of the contract's own terms, and the first one that reproduces the seam's loss
+and dL/dh within their budgets names it. Run only on checks over budget whose contract has a transform, a z-loss or an L2-warp.
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ class TransformFit:
     l2_warp_rows: str = "all"
 
 
-
-def candidate_transforms(contract: CEContract, upstream: torch.Tensor | float | None = None,
-                         ) -> list[tuple[str, dict[str, object]]]:
+def candidate_transforms(contract: CEContract,
+                         upstream: torch.Tensor | float | None = None) -> list[tuple[str, dict[str, object]]]:
     """The mistakes a seam makes with the contract's own terms: (name, the contract fields it amounts to).
 
     The L2-warp's upstream is a candidate only with a scalar upstream other than 1 and 0 (at 1 it cannot show)."""

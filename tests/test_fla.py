@@ -46,7 +46,8 @@ def fla_check(layer, *, dtype=torch.float32, upstream=1.0, seed=0):
 
 
 def fused(version: str, *, dtype=torch.float32, l2_warp=0.0):
-    return FlaFusedLinearCrossEntropy(D, V, l2_warp=l2_warp, loss_class=fla_or_skip(version).FusedLinearCrossEntropyLoss,
+    return FlaFusedLinearCrossEntropy(D, V, l2_warp=l2_warp,
+                                      loss_class=fla_or_skip(version).FusedLinearCrossEntropyLoss,
                                       dtype=dtype)
 
 

@@ -228,10 +228,11 @@ def handed_logits_cases(rank, world):
 
 @pytest.mark.parametrize("version", [None, "0.19.2"], ids=["installed", "0.19.2"])
 def test_fp32_logits_handed_to_vocab_parallel_cross_entropy_are_overwritten(version):
-    """megatron-core 0.16.1 and 0.19.2 (Megatron-LM PR 1594, open): ``vocab_parallel_cross_entropy`` subtracts the row max from
-    fp32 logits in place and exponentiates them into themselves (``exp(out=)``), then divides: the caller's logits
-    hold the softmax, and after backward the logit gradient (softmax - one-hot, times the upstream). bf16 logits are copied by ``.float()`` first and kept. Loss and gradients stay right, so only
-    the checksum shows it. When the fix lands (fp32 logits copied too), fp32 reads ``within_budget/clean`` as bf16
+    """megatron-core 0.16.1 and 0.19.2 (Megatron-LM PR 1594, open): ``vocab_parallel_cross_entropy`` subtracts the
+    row max from fp32 logits in place and exponentiates them into themselves (``exp(out=)``), then divides: the
+    caller's logits hold the softmax, and after backward the logit gradient (softmax - one-hot, times the upstream).
+    bf16 logits are copied by ``.float()`` first and kept. Loss and gradients stay right, so only the checksum
+    shows it. When the fix lands (fp32 logits copied too), fp32 reads ``within_budget/clean`` as bf16
     does, and the first assertion flips. A GPTModel's own logits have no reader after its loss, so the in-place
     guard of tests/test_megatron_gpt.py does not checksum them."""
     with megatron_core_for_spawned_ranks(version):

@@ -23,8 +23,8 @@ from ce_guard.agreement import Agreement, agree
 from ce_guard.callbacks.loop import WindowSeen, group_sizes, samples_micro_batch, window_ends
 from ce_guard.check import CheckResult, SeamRecord, check_seam, with_terms
 from ce_guard.check_options import check_options
-from ce_guard.contract import CEContract
 from ce_guard.check_rate import CheckRate
+from ce_guard.contract import CEContract
 from ce_guard.diagnosis import Thresholds
 from ce_guard.drift import Policy, SeamDriftError, drift_warning
 from ce_guard.evidence import check_receipt, write_bundle

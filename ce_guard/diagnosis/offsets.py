@@ -122,7 +122,8 @@ def penalty_normalization(r: ParityReport, sizes: Mapping[str, int], t: Threshol
         rows = {"all": "every row (ignored positions included, one mean apart from the tokens')",
                 "counted": "the counted tokens only (inside the tokens' mean)"}
     else:
-        what, field, default, fitted = "the L2-warp penalty's gradient is averaged", "l2_warp_rows", "all", fit.l2_warp_rows
+        what, field, default = "the L2-warp penalty's gradient is averaged", "l2_warp_rows", "all"
+        fitted = fit.l2_warp_rows
         rows = {"all": f"every row ({r.n_tokens}, fla's l2_warp)",
                 "counted": f"the loss's divisor ({r.divisor:g}: the non-ignored tokens of a mean)"}
     return Diagnosis.of(f"penalty_normalization/{fit.mistake}", True,
